@@ -1,0 +1,161 @@
+"""Weight algebra for structural re-parameterization: pure numpy, no ONNX, all in float64.
+
+BatchNorm is the per-channel affine map y = x * s + t with s = gamma / sqrt(var + eps) and
+t = beta - mean * s. An affine map after a linear layer folds into it: W' = W * s along the output
+channel axis, b' = b * s + t. Parallel linear branches on one input sum to one layer: kernels are
+zero-padded to a common size (embedding), regrouped to a common group count, then added; the bare
+input is the identity kernel and a per-channel scaling is a diagonal kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def bn_affine(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
+              eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (scale, shift) with BN(x) = x * scale + shift per channel."""
+    scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + float(eps))
+    return scale, np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * scale
+
+
+def scale_conv_weight(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Conv weight (C_out, C_in/g, k...): output channels are axis 0."""
+    scale = np.asarray(scale, np.float64)
+    return np.asarray(weight, np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+
+
+def scale_conv_transpose_weight(weight: np.ndarray, scale: np.ndarray, groups: int) -> np.ndarray:
+    """ConvTranspose weight (C_in, C_out/g, k...): output channel g_idx * C_out/g + j is axis 1 of
+    the rows of group g_idx, so the scale is laid out per group."""
+    c_in, out_per_group = weight.shape[:2]
+    spatial = weight.shape[2:]
+    grouped = np.asarray(weight, np.float64).reshape((groups, c_in // groups, out_per_group) + spatial)
+    per_group = np.asarray(scale, np.float64).reshape((groups, 1, out_per_group) + (1,) * len(spatial))
+    return (grouped * per_group).reshape(weight.shape)
+
+
+def scale_matrix_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int) -> np.ndarray:
+    """2-D weight of a Gemm/MatMul whose output features run along ``out_axis``."""
+    scale = np.asarray(scale, np.float64)
+    shape = (-1, 1) if out_axis == 0 else (1, -1)
+    return np.asarray(weight, np.float64) * scale.reshape(shape)
+
+
+def per_channel(const: np.ndarray, channels: int, axis: int, rank: int | None) -> np.ndarray | str:
+    """The constant as a vector over the channel axis of an output of rank ``rank`` (``axis`` counted
+    from the end), or why it is not one: ONNX broadcasting aligns shapes from the right."""
+    if const.ndim > 1 and (rank is None or const.ndim > rank):
+        return f"constant of shape {list(const.shape)} may broadcast the output to a larger rank"
+    pos = const.ndim + axis
+    for i, size in enumerate(const.shape):
+        if i != pos and size != 1:
+            return f"constant of shape {list(const.shape)} varies along a non-channel axis"
+    if pos >= 0 and const.shape[pos] not in (1, channels):
+        return f"constant has {const.shape[pos]} channels, the layer {channels}"
+    return np.broadcast_to(np.asarray(const, np.float64).reshape(-1), (channels,)).copy()
+
+
+def fold_bias(bias: np.ndarray | float, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Bias after applying y * scale + shift to the layer's output."""
+    return np.asarray(bias, np.float64) * scale + shift
+
+
+def regroup_kernel(weight: np.ndarray, groups: int, new_groups: int) -> np.ndarray:
+    """Rewrites a kernel with ``groups`` groups as an equal one with ``new_groups`` groups, which
+    must divide ``groups``: each group's block is placed at its input offset, zeros elsewhere."""
+    if groups % new_groups:
+        raise ValueError(f"{new_groups} groups do not divide {groups}")
+    c_out, in_per_group = weight.shape[:2]
+    c_in = in_per_group * groups
+    new_in_per_group = c_in // new_groups
+    out_per_group = c_out // groups
+    result = np.zeros((c_out, new_in_per_group) + weight.shape[2:], np.float64)
+    for g in range(groups):
+        rows = slice(g * out_per_group, (g + 1) * out_per_group)
+        first_input = g * in_per_group
+        start = first_input - (first_input // new_in_per_group) * new_in_per_group
+        result[rows, start:start + in_per_group] = weight[rows]
+    return result
+
+
+def diagonal_kernel(scale: np.ndarray, groups: int, spatial_rank: int) -> np.ndarray:
+    """1x..x1 kernel with ``groups`` groups computing y[c] = x[c] * scale[c]."""
+    scale = np.asarray(scale, np.float64)
+    channels = scale.shape[0]
+    per_group = channels // groups
+    kernel = np.zeros((channels, per_group) + (1,) * spatial_rank, np.float64)
+    index = np.arange(channels)
+    kernel[(index, index % per_group) + (0,) * spatial_rank] = scale
+    return kernel
+
+
+def embed_kernel(weight: np.ndarray, offsets: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+    """Zero-pads the spatial axes of ``weight`` so that it sits at ``offsets`` (in taps) inside a
+    kernel of ``size``."""
+    pads = [(0, 0), (0, 0)] + [(o, s - k - o) for o, s, k in zip(offsets, size, weight.shape[2:])]
+    return np.pad(np.asarray(weight, np.float64), pads)
+
+
+def conv_output_length(length: int, kernel: int, pad_begin: int, pad_end: int, stride: int,
+                       dilation: int) -> int:
+    return (length + pad_begin + pad_end - dilation * (kernel - 1) - 1) // stride + 1
+
+
+@dataclass(frozen=True)
+class AxisBranch:
+    """One branch on one spatial axis: kernel taps and the pads it reads with."""
+    kernel: int
+    pad_begin: int
+    pad_end: int
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """The merged conv on one axis, and where each branch's taps start inside it."""
+    kernel: int
+    pad_begin: int
+    pad_end: int
+    offsets: tuple[int, ...]
+
+
+def plan_axis(branches: list[AxisBranch], stride: int, dilation: int,
+              length: int | None) -> AxisPlan | str:
+    """Finds one kernel size and padding that holds every branch on this axis, or says why not.
+
+    Branch i reads input position o*stride - pb_i + j*dilation; the merged conv reads
+    o*stride - PB + j*dilation, so branch i sits at tap offset (PB - pb_i) / dilation. The merged
+    end pad must give the same output length as the branches: either every branch implies the same
+    PE (PE - pe_i = (K - k_i - offset_i) * dilation), or the input length is known and the lengths
+    are checked directly.
+    """
+    pad_begin = max(b.pad_begin for b in branches)
+    offsets = []
+    for b in branches:
+        gap = pad_begin - b.pad_begin
+        if gap % dilation:
+            return f"begin pads {b.pad_begin} and {pad_begin} differ by a non-multiple of dilation {dilation}"
+        offsets.append(gap // dilation)
+    kernel = max(o + b.kernel for o, b in zip(offsets, branches))
+    implied_ends = {b.pad_end + (kernel - b.kernel - o) * dilation for o, b in zip(offsets, branches)}
+    if len(implied_ends) == 1:
+        return AxisPlan(kernel, pad_begin, implied_ends.pop(), tuple(offsets))
+    if length is None:
+        return f"end pads {sorted(implied_ends)} disagree and the input length is unknown"
+    lengths = {conv_output_length(length, b.kernel, b.pad_begin, b.pad_end, stride, dilation)
+               for b in branches}
+    if len(lengths) != 1:
+        return f"branches give output lengths {sorted(lengths)}"
+    target = lengths.pop()
+    for pad_end in sorted(implied_ends):
+        if conv_output_length(length, kernel, pad_begin, pad_end, stride, dilation) == target:
+            return AxisPlan(kernel, pad_begin, pad_end, tuple(offsets))
+    return f"no end pad in {sorted(implied_ends)} gives output length {target}"
+
+
+def same_pads(length: int, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int]:
+    """Explicit (begin, end) pads of ONNX auto_pad SAME_UPPER / SAME_LOWER."""
+    total = max((-(-length // stride) - 1) * stride + (kernel - 1) * dilation + 1 - length, 0)
+    small, large = total // 2, total - total // 2
+    return (small, large) if upper else (large, small)

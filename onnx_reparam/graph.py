@@ -1,0 +1,120 @@
+"""The graph layer: an onnx-graphsurgeon graph plus the questions every pass asks of it.
+
+Passes never edit an initializer in place: fused weights are fresh constants with fresh names, so a
+weight shared with another node stays as that node needs it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+Node = gs.Node
+Tensor = gs.Tensor
+
+
+class Graph:
+    """A model being rewritten. ``gs`` is the onnx-graphsurgeon graph; the rest is bookkeeping."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.gs = gs.import_onnx(model)
+        self.output_names = {t.name for t in self.gs.outputs}
+        # An initializer that is also a graph input can be overridden at run time: not a constant.
+        self.overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
+        self._names = set(self.gs.tensors()) | {n.name for n in self.gs.nodes}
+        self._counter = 0
+
+    def nodes(self) -> list[Node]:
+        """A snapshot of the nodes, safe to iterate while rewriting."""
+        return list(self.gs.nodes)
+
+    def constant(self, tensor: Tensor | None) -> np.ndarray | None:
+        """The value of an initializer input, or None for anything computed or overridable."""
+        if not isinstance(tensor, gs.Constant) or tensor.name in self.overridable:
+            return None
+        return np.asarray(tensor.values)
+
+    @staticmethod
+    def producer(tensor: Tensor) -> Node | None:
+        return tensor.inputs[0] if tensor.inputs else None
+
+    def shared_reason(self, tensor: Tensor, consumers: int = 1) -> str | None:
+        """Why ``tensor`` cannot disappear in a rewrite (graph output, other readers), or None."""
+        if tensor.name in self.output_names:
+            return f"'{tensor.name}' is a graph output"
+        if len(tensor.outputs) > consumers:
+            others = ", ".join(sorted({n.name or n.op for n in tensor.outputs}))
+            return f"'{tensor.name}' is also read by {others}"
+        return None
+
+    @staticmethod
+    def rank(tensor: Tensor) -> int | None:
+        return len(tensor.shape) if tensor.shape is not None else None
+
+    @staticmethod
+    def static_shape(tensor: Tensor) -> tuple[int, ...] | None:
+        shape = tensor.shape
+        if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
+            return None
+        return tuple(shape)
+
+    def fresh_name(self, base: str) -> str:
+        while True:
+            self._counter += 1
+            name = f"{base}_reparam{self._counter}"
+            if name not in self._names:
+                self._names.add(name)
+                return name
+
+    def add_constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.fresh_name(base), np.ascontiguousarray(values))
+
+    def add_variable(self, base: str, like: Tensor) -> gs.Variable:
+        return gs.Variable(self.fresh_name(base), dtype=like.dtype, shape=like.shape)
+
+    def add_node(self, op: str, inputs: list[Tensor], outputs: list[Tensor], attrs: dict,
+                 name: str) -> Node:
+        """Adds a node writing ``outputs``; an output that had a producer is taken over from it, so
+        the old producer goes dead and clean-up removes it."""
+        for tensor in outputs:
+            tensor.inputs.clear()
+        node = gs.Node(op, name=self.fresh_name(name), attrs=attrs, inputs=inputs, outputs=outputs)
+        self.gs.nodes.append(node)
+        return node
+
+    def cleanup(self) -> None:
+        self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
+
+    def to_model(self, original: onnx.ModelProto) -> onnx.ModelProto:
+        """Exports the graph inside the original model's envelope: IR version, opsets, metadata,
+        doc strings and functions are kept as they were."""
+        model = gs.export_onnx(self.gs, do_type_check=False)
+        for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
+                      "doc_string"):
+            setattr(model, field, getattr(original, field))
+        for field in ("opset_import", "metadata_props", "functions"):
+            del getattr(model, field)[:]
+            getattr(model, field).extend(getattr(original, field))
+        model.graph.doc_string = original.graph.doc_string
+        return model
+
+
+def attr(node: Node, name: str, default):
+    return node.attrs.get(name, default)
+
+
+def conv_geometry(node: Node, weight: np.ndarray) -> dict:
+    """Conv attributes with ONNX defaults filled in; pads as (begin..., end...)."""
+    spatial = weight.ndim - 2
+    return {
+        "kernel": tuple(weight.shape[2:]),
+        "strides": tuple(attr(node, "strides", [1] * spatial)),
+        "dilations": tuple(attr(node, "dilations", [1] * spatial)),
+        "pads": tuple(attr(node, "pads", [0] * 2 * spatial)),
+        "group": int(attr(node, "group", 1)),
+        "auto_pad": _decode(attr(node, "auto_pad", "NOTSET")),
+    }
+
+
+def _decode(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

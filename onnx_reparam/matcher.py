@@ -1,0 +1,99 @@
+"""Pattern matching over the graph: fixed-shape chains declared as data, and Add/Sum/Sub trees.
+
+A chain is a tuple of op-type sets, one per node, each node reading the previous node's first
+output. The tree collector gathers the leaves of nested Add/Sum/Sub nodes with their signs; passes
+group the leaves by the tensor they are linear functions of.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .graph import Graph, Node, Tensor
+
+DEFAULT_DOMAINS = ("", "ai.onnx", None)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Nodes n0 -> n1 -> ..., where n_{i+1} reads n_i's first output (at any input)."""
+    name: str
+    steps: tuple[frozenset[str], ...]
+
+
+@dataclass
+class ChainMatch:
+    nodes: list[Node]
+    input_index: list[int]  # for each node after the first, which input reads the previous node
+    blocked: str | None  # why an inner value cannot be removed (graph output, other readers)
+
+
+def _is(node: Node, ops: frozenset[str]) -> bool:
+    return node.op in ops and node.domain in DEFAULT_DOMAINS
+
+
+def find_chains(graph: Graph, chain: Chain, skip: set[int]) -> Iterator[ChainMatch]:
+    """Yields every occurrence of ``chain`` whose nodes are not in ``skip`` (ids of nodes already
+    rewritten in this sweep). A match whose inner values are shared comes with ``blocked`` set."""
+    for first in graph.nodes():
+        if id(first) in skip or not _is(first, chain.steps[0]):
+            continue
+        nodes, indices, blocked = [first], [], None
+        for step in chain.steps[1:]:
+            value = nodes[-1].outputs[0]
+            readers = [n for n in value.outputs if _is(n, step) and id(n) not in skip]
+            if not readers:
+                break
+            blocked = blocked or graph.shared_reason(value)
+            nodes.append(readers[0])
+            indices.append(next(i for i, t in enumerate(readers[0].inputs) if t is value))
+        else:
+            yield ChainMatch(nodes, indices, blocked)
+
+
+TREE_OPS = frozenset({"Add", "Sum", "Sub"})
+
+
+@dataclass
+class Leaf:
+    tensor: Tensor
+    sign: float
+
+
+@dataclass
+class Tree:
+    root: Node
+    nodes: list[Node]
+    leaves: list[Leaf]
+
+
+def _inner_tree_node(graph: Graph, tensor: Tensor) -> Node | None:
+    node = graph.producer(tensor)
+    if node is not None and _is(node, TREE_OPS) and graph.shared_reason(tensor) is None:
+        return node
+    return None
+
+
+def find_trees(graph: Graph, skip: set[int]) -> Iterator[Tree]:
+    """Yields each maximal Add/Sum/Sub tree: inner nodes feed only their parent and are not graph
+    outputs; the root's output may go anywhere."""
+    for root in graph.nodes():
+        if id(root) in skip or not _is(root, TREE_OPS):
+            continue
+        out = root.outputs[0]
+        if len(out.outputs) == 1 and out.name not in graph.output_names and _is(out.outputs[0], TREE_OPS):
+            continue  # an inner node: its root collects it
+        nodes, leaves = [], []
+        _collect(graph, root, 1.0, nodes, leaves)
+        yield Tree(root, nodes, leaves)
+
+
+def _collect(graph: Graph, node: Node, sign: float, nodes: list[Node], leaves: list[Leaf]) -> None:
+    nodes.append(node)
+    for i, tensor in enumerate(node.inputs):
+        child_sign = -sign if node.op == "Sub" and i == 1 else sign
+        child = _inner_tree_node(graph, tensor)
+        if child is not None:
+            _collect(graph, child, child_sign, nodes, leaves)
+        else:
+            leaves.append(Leaf(tensor, child_sign))

@@ -1,0 +1,204 @@
+"""Loading and saving ONNX models: validation with one-line errors, external data, atomic writes."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, numpy_helper
+
+from .errors import ReparamError, first_line
+
+MIN_OPSET = 9  # BatchNormalization lost `spatial`/`consumed_inputs` quirks by opset 9
+TWO_GB = 2**31 - 1
+SKELETON_LIMIT = 1 << 20  # tensors above this size are stripped before checker/shape inference
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Reads and validates a model; a ModelProto is copied, never modified."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        external_dir = None
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ReparamError(f"{path}: no such file")
+        if not path.is_file():
+            raise ReparamError(f"{path}: not a file")
+        model = _parse(path)
+        external_dir = path.parent
+    _check_structure(model)
+    if external_dir is not None and _external_tensors(model):
+        _load_external(model, external_dir)
+    _check_tensor_sizes(model)
+    _check(model)
+    constants_to_initializers(model.graph)
+    _infer_shapes(model)
+    return model
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(path.read_bytes())
+    except DecodeError as exc:
+        raise ReparamError(f"{path}: not an ONNX model or truncated ({exc})") from None
+    except OSError as exc:
+        raise ReparamError(f"{path}: cannot read ({exc.strerror})") from None
+    return model
+
+
+def _check_structure(model: onnx.ModelProto) -> None:
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise ReparamError("not an ONNX model, or truncated: no IR version, graph or opset")
+    default = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    latest = onnx.defs.onnx_opset_version()
+    if not default or not MIN_OPSET <= default[0] <= latest:
+        found = default[0] if default else "none"
+        raise ReparamError(f"unsupported opset {found} for the default domain "
+                           f"(supported: {MIN_OPSET} to {latest})")
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [t for t in external_data_helper._get_all_tensors(model)
+            if external_data_helper.uses_external_data(t)]
+
+
+def _load_external(model: onnx.ModelProto, base_dir: Path) -> None:
+    for tensor in _external_tensors(model):
+        info = external_data_helper.ExternalDataInfo(tensor)
+        location = base_dir / info.location
+        if not location.is_file():
+            raise ReparamError(f"missing external data: {location} (needed by tensor '{tensor.name}')")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base_dir))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ReparamError(f"cannot read external data: {exc}") from None
+
+
+def _check_tensor_sizes(model: onnx.ModelProto) -> None:
+    """A truncated file or external data file shows up as raw data shorter than the dims say."""
+    for tensor in model.graph.initializer:
+        if not tensor.HasField("raw_data") or tensor.data_type == onnx.TensorProto.STRING:
+            continue
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            continue
+        if len(tensor.raw_data) != expected:
+            raise ReparamError(f"initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
+                               f"its shape needs {expected}: the file or its external data is truncated")
+
+
+def _light(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model itself, or for one over 2 GB a copy whose large initializers are graph inputs of
+    the same type and shape: enough for checker and shape inference, which cannot take 2 GB."""
+    if model.ByteSize() < TWO_GB:
+        return model
+    graph = model.graph
+    light = onnx.helper.make_model(
+        onnx.helper.make_graph(graph.node, graph.name, list(graph.input), list(graph.output),
+                               value_info=graph.value_info),
+        ir_version=model.ir_version, opset_import=model.opset_import)
+    for tensor in graph.initializer:
+        if len(tensor.raw_data) > SKELETON_LIMIT:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(
+                tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            light.graph.initializer.append(tensor)
+    return light
+
+
+def _check(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(_light(model))
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise ReparamError(f"invalid ONNX model: {first_line(exc)}") from None
+
+
+def _infer_shapes(model: onnx.ModelProto) -> None:
+    """Adds value_info for intermediate tensors where ONNX can infer them; failure is harmless."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_light(model), strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is an optional aid, its errors do not matter here
+        return
+    known = {v.name for v in model.graph.value_info} | {v.name for v in model.graph.output} | \
+        {v.name for v in model.graph.input}
+    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
+
+
+def constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Constant nodes become initializers so that every pass sees one kind of constant."""
+    keep = []
+    for node in graph.node:
+        value = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") \
+            else None
+        if value is None:
+            keep.append(node)
+            continue
+        value.name = node.output[0]
+        graph.initializer.append(value)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
+def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    attr = node.attribute[0] if len(node.attribute) == 1 else None
+    if attr is None:
+        return None
+    if attr.name == "value":
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attr.t)
+        return tensor
+    simple = {"value_float": np.float32(attr.f), "value_floats": np.asarray(attr.floats, np.float32),
+              "value_int": np.int64(attr.i), "value_ints": np.asarray(attr.ints, np.int64)}
+    if attr.name in simple:
+        return numpy_helper.from_array(np.asarray(simple[attr.name]))
+    return None
+
+
+def external_data_files(source: str | os.PathLike) -> set[Path]:
+    """The external data files a model file refers to (resolved paths)."""
+    path = Path(source)
+    model = _parse(path)
+    return {(path.parent / external_data_helper.ExternalDataInfo(t).location).resolve()
+            for t in _external_tensors(model)}
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
+               protected: set[Path] = frozenset()) -> None:
+    """Writes ``model`` to ``path`` atomically (temporary files in the same folder, then renames).
+
+    External data is used when asked, or when the model does not fit in one protobuf (2 GB); it goes
+    to ``<name>.data`` beside the model. ``protected`` files (the input's own data) are never written.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ReparamError(f"{path}: folder {folder} does not exist")
+    if external_data is None:
+        external_data = model.ByteSize() >= TWO_GB
+    data_name = path.name + ".data"
+    if external_data and (folder / data_name).resolve() in protected:
+        raise ReparamError(f"{folder / data_name} is the input's external data; choose another output name")
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-reparam-") as tmp:
+            tmp_model = Path(tmp) / path.name
+            if external_data:
+                onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data_name, size_threshold=1024)
+                # save_as_external_data rewrote the tensors to point at the file; restore them.
+                external_data_helper.load_external_data_for_model(model, tmp)
+                if (Path(tmp) / data_name).exists():
+                    os.replace(Path(tmp) / data_name, folder / data_name)
+            else:
+                with open(tmp_model, "wb") as f:
+                    f.write(model.SerializeToString())
+            os.replace(tmp_model, path)
+    except OSError as exc:
+        raise ReparamError(f"cannot write {path}: {exc.strerror or exc}") from None

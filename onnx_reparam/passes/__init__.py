@@ -1,0 +1,36 @@
+"""The rewrite passes, in the order the pipeline runs them."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..graph import Graph
+from ..report import Refusal
+
+
+@dataclass
+class PassLog:
+    """What one pass did in one sweep over the graph."""
+    rewrites: list[str] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+
+    def rewrote(self, what: str, node: str) -> None:
+        self.rewrites.append(f"{what}: {node}")
+
+    def refused(self, node: str, reason: str) -> None:
+        self.refusals.append(Refusal(node, reason))
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str
+    run: Callable[[Graph, PassLog], None]
+    doc: str
+
+
+def default_passes() -> tuple[Pass, ...]:
+    from . import fold_affine, merge_branches
+    return (
+        Pass("fold_affine", fold_affine.run, fold_affine.__doc__.strip().splitlines()[0]),
+        Pass("merge_branches", merge_branches.run, merge_branches.__doc__.strip().splitlines()[0]),
+    )

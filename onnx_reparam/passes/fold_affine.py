@@ -1,0 +1,158 @@
+"""Folds a per-channel affine op that follows a linear layer into the layer's weight and bias.
+
+BatchNormalization(y) = y * s + t with s = gamma / sqrt(var + eps) and t = beta - mean * s; Mul,
+Add, Sub and Div by a per-channel constant are the same map with s or t trivial. For y = W x + b,
+s * y + t = (W * s) x + (b * s + t), s applied along W's output-channel axis (axis 0 of a Conv
+weight, axis 1 of each group of a ConvTranspose weight, the N axis of a Gemm/MatMul weight).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import algebra
+from ..graph import Graph, Node, attr
+from ..matcher import Chain, ChainMatch, find_chains
+from . import PassLog
+
+LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+AFFINE = frozenset({"BatchNormalization", "Mul", "Add", "Sub", "Div"})
+PATTERNS = (
+    Chain("matmul+bias+affine", (frozenset({"MatMul"}), frozenset({"Add", "Sub"}), AFFINE)),
+    Chain("linear+affine", (LINEAR, AFFINE)),
+)
+
+
+@dataclass
+class Linear:
+    """A linear layer as (weight, bias) and where its output channels lie."""
+    weight: np.ndarray
+    bias: np.ndarray  # float64, one entry per output channel
+    channel_axis: int  # negative: counted from the end of the output shape
+    rank: int | None  # rank of the output, None when unknown
+
+
+def linear_of(graph: Graph, node: Node) -> Linear | None:
+    """The layer's weight and bias if they are constants; None for anything else."""
+    weight = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None or graph.constant(node.inputs[0]) is not None:
+        return None
+    bias_input = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
+    if bias is None:
+        return None
+    if node.op == "Conv":
+        return Linear(weight, _vector(bias, weight.shape[0]), 1 - weight.ndim, weight.ndim)
+    if node.op == "ConvTranspose":
+        channels = weight.shape[1] * int(attr(node, "group", 1))
+        return Linear(weight, _vector(bias, channels), 1 - weight.ndim, weight.ndim)
+    if weight.ndim != 2:
+        return None
+    if node.op == "Gemm":
+        channels = weight.shape[0] if attr(node, "transB", 0) else weight.shape[1]
+        bias = algebra.per_channel(bias, channels, -1, 2)
+        if isinstance(bias, str):
+            return None
+        return Linear(np.asarray(weight, np.float64) * attr(node, "alpha", 1.0), bias * attr(node, "beta", 1.0), -1, 2)
+    return Linear(weight, np.zeros(weight.shape[1]), -1, Graph.rank(node.inputs[0]))  # MatMul
+
+
+def _vector(bias: np.ndarray, channels: int) -> np.ndarray:
+    return np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,)).copy()
+
+
+def affine_of(graph: Graph, node: Node, index: int, layer: Linear,
+              channels: int) -> tuple[np.ndarray, np.ndarray] | str | None:
+    """(scale, shift) of the op reading the layer's output at input ``index``; a reason if it is
+    an affine op that cannot fold; None if it is not this pattern at all."""
+    if node.op == "BatchNormalization":
+        if attr(node, "training_mode", 0) or len([t for t in node.outputs if t.name]) > 1:
+            return "BatchNormalization in training mode"
+        params = [graph.constant(t) for t in node.inputs[1:5]]
+        if any(p is None for p in params):
+            return "BatchNormalization parameters are not constants"
+        if layer.rank is None or 1 - layer.rank != layer.channel_axis:
+            return "BatchNormalization normalizes axis 1, which is not the layer's channel axis"
+        return algebra.bn_affine(*params, attr(node, "epsilon", 1e-5))
+    const = graph.constant(node.inputs[1 - index])
+    if const is None:
+        return None
+    vector = algebra.per_channel(const, channels, layer.channel_axis, layer.rank)
+    if isinstance(vector, str):
+        return vector
+    ones, zeros = np.ones(channels), np.zeros(channels)
+    if node.op == "Mul":
+        return vector, zeros
+    if node.op == "Add":
+        return ones, vector
+    if node.op == "Sub":
+        return (ones, -vector) if index == 0 else (-ones, vector)
+    if index == 1:
+        return None  # c / y is not affine in y
+    if not np.all(vector):
+        return "division by a constant with zeros"
+    return 1.0 / vector, zeros
+
+
+def scaled_weight(node: Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    if node.op == "Conv":
+        return algebra.scale_conv_weight(weight, scale)
+    if node.op == "ConvTranspose":
+        return algebra.scale_conv_transpose_weight(weight, scale, int(attr(node, "group", 1)))
+    out_axis = 0 if node.op == "Gemm" and attr(node, "transB", 0) else 1
+    return algebra.scale_matrix_weight(weight, scale, out_axis)
+
+
+def run(graph: Graph, log: PassLog) -> None:
+    done: set[int] = set()
+    for pattern in PATTERNS:
+        for match in find_chains(graph, pattern, done):
+            if _fold(graph, match, log):
+                done.update(id(n) for n in match.nodes)
+
+
+def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
+    layer_node, *affine_nodes = match.nodes
+    layer = linear_of(graph, layer_node)
+    if layer is None:
+        return False
+    channels = layer.bias.shape[0]
+    if layer_node.op == "MatMul" and len(affine_nodes) == 1 and affine_nodes[0].op in ("Add", "Sub"):
+        return False  # that Add is the MatMul's bias; the three-node pattern folds what follows it
+    bias_node = affine_nodes[0] if len(affine_nodes) == 2 else None
+    scale, shift = np.ones(channels), layer.bias
+    for node, index in zip(affine_nodes, match.input_index):
+        affine = affine_of(graph, node, index, layer, channels)
+        if affine is None:
+            return False
+        if isinstance(affine, str):
+            log.refused(node.name, affine)
+            return False
+        scale, shift = scale * affine[0], algebra.fold_bias(shift, *affine)
+    if match.blocked:
+        log.refused(layer_node.name, f"cannot fold {affine_nodes[-1].op} into {layer_node.op}: "
+                    f"{match.blocked}")
+        return False
+    _emit(graph, layer_node, scaled_weight(layer_node, layer.weight, scale), shift,
+          affine_nodes[-1].outputs[0], bias_node is not None or np.any(shift))
+    log.rewrote(f"{layer_node.op}+" + "+".join(n.op for n in affine_nodes), layer_node.name)
+    return True
+
+
+def _emit(graph: Graph, layer: Node, weight: np.ndarray, bias: np.ndarray, output, needs_bias: bool):
+    dtype = layer.inputs[1].values.dtype
+    new_weight = graph.add_constant(layer.inputs[1].name, weight.astype(dtype))
+    new_bias = graph.add_constant(f"{layer.name}_bias", bias.astype(dtype))
+    data = layer.inputs[0]
+    if layer.op != "MatMul":
+        attrs = dict(layer.attrs)
+        if layer.op == "Gemm":
+            attrs.update(alpha=1.0, beta=1.0)
+        graph.add_node(layer.op, [data, new_weight, new_bias], [output], attrs, layer.name)
+    elif not needs_bias:
+        graph.add_node("MatMul", [data, new_weight], [output], {}, layer.name)
+    else:
+        product = graph.add_variable(f"{layer.name}_out", output)
+        graph.add_node("MatMul", [data, new_weight], [product], {}, layer.name)
+        graph.add_node("Add", [product, new_bias], [output], {}, f"{layer.name}_bias")

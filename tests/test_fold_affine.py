@@ -1,0 +1,208 @@
+"""fold_affine: a per-channel affine op after Conv/ConvTranspose/Gemm/MatMul folds into the layer."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from conftest import GraphBuilder, ops, refusals, rewrite
+
+GEOMETRIES = list(itertools.product([1, 2, 3], [1, 2], [True, False], [1, 2], [0, 1], [1, 2]))
+
+
+@pytest.mark.parametrize("rank,groups,bias,stride,pad,dilation", GEOMETRIES)
+def test_conv_bn(rank, groups, bias, stride, pad, dilation):
+    b = GraphBuilder()
+    x = b.input("x", [2, 4] + [7] * rank)
+    y = b.conv(x, 4, 6, 3, groups, bias, rank, strides=[stride] * rank, pads=[pad] * 2 * rank,
+               dilations=[dilation] * rank)
+    model, report = rewrite(b.model([b.bn(y, 6)]))
+    assert ops(model) == {"Conv": 1}
+    assert report.verification.passed
+
+
+@pytest.mark.parametrize("groups,bias,stride", list(itertools.product([1, 2, 3], [True, False], [1, 2])))
+def test_conv_transpose_bn_per_group_axis(groups, bias, stride):
+    b = GraphBuilder()
+    x = b.input("x", [1, 6, 5, 5])
+    w = b.const(b.rand(6, 12 // groups, 3, 3))
+    inputs = [x, w] + ([b.const(b.rand(12))] if bias else [])
+    y = b.node("ConvTranspose", inputs, group=groups, strides=[stride, stride], pads=[1, 1, 1, 1])
+    model, _ = rewrite(b.model([b.bn(y, 12)]))
+    assert ops(model) == {"ConvTranspose": 1}
+
+
+@pytest.mark.parametrize("trans_b,with_c", list(itertools.product([0, 1], [True, False])))
+def test_gemm_bn(trans_b, with_c):
+    b = GraphBuilder()
+    x = b.input("x", [3, 5])
+    w = b.const(b.rand(4, 5) if trans_b else b.rand(5, 4))
+    inputs = [x, w] + ([b.const(b.rand(4))] if with_c else [])
+    y = b.node("Gemm", inputs, transB=trans_b, alpha=0.5, beta=2.0)
+    model, _ = rewrite(b.model([b.bn(y, 4)]))
+    assert ops(model) == {"Gemm": 1}
+
+
+def test_matmul_bias_bn_becomes_matmul_add():
+    b = GraphBuilder()
+    x = b.input("x", [3, 5])
+    y = b.node("Add", [b.node("MatMul", [x, b.const(b.rand(5, 4))]), b.const(b.rand(4))])
+    model, _ = rewrite(b.model([b.bn(y, 4)]))
+    assert ops(model) == {"MatMul": 1, "Add": 1}
+
+
+def test_matmul_mul_folds_into_weight_any_rank():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 5])
+    y = b.node("Mul", [b.node("MatMul", [x, b.const(b.rand(5, 4))]), b.const(b.rand(4))])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"MatMul": 1}
+
+
+def test_matmul_bias_then_affine_chain_on_3d():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 5])
+    y = b.node("Add", [b.node("MatMul", [x, b.const(b.rand(5, 4))]), b.const(b.rand(4))])
+    y = b.node("Mul", [y, b.const(b.rand(1, 1, 4))])
+    model, _ = rewrite(b.model([b.node("Sub", [y, b.const(b.rand(4))])]))
+    assert ops(model) == {"MatMul": 1, "Add": 1}
+
+
+def test_matmul_bias_alone_is_left_silently():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 5])
+    y = b.node("Add", [b.node("MatMul", [x, b.const(b.rand(5, 4))]), b.const(b.rand(4))])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"MatMul": 1, "Add": 1} and report.rewrites == 0 and not refusals(report)
+
+
+def test_bn_on_3d_matmul_is_not_the_feature_axis():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 5])
+    y = b.node("MatMul", [x, b.const(b.rand(5, 4))])
+    model, report = rewrite(b.model([b.bn(y, 3)]))
+    assert ops(model) == {"MatMul": 1, "BatchNormalization": 1}
+    assert any("not the layer's channel axis" in r for r in refusals(report))
+
+
+@pytest.mark.parametrize("op,const_first", [("Mul", False), ("Mul", True), ("Add", False), ("Add", True),
+                                            ("Sub", False), ("Sub", True), ("Div", False)])
+@pytest.mark.parametrize("shape", [(1, 6, 1, 1), (6, 1, 1), (1,), ()])
+def test_conv_elementwise_constant(op, const_first, shape):
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 6, 6])
+    y = b.conv(x, 3, 6, 3, pads=[1, 1, 1, 1])
+    c = b.const(b.rng.uniform(0.5, 1.5, shape).astype(np.float32))
+    z = b.node(op, [c, y] if const_first else [y, c])
+    model, _ = rewrite(b.model([z]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_chain_conv_bn_mul_add_folds_completely():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 6, 6])
+    y = b.bn(b.conv(x, 3, 4, 1, bias=False), 4)
+    y = b.node("Add", [b.node("Mul", [y, b.const(b.rand(4, 1, 1))]), b.const(b.rand(1, 4, 1, 1))])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1} and report.rewrites == 3
+
+
+# --- must not fire -------------------------------------------------------------------------------
+
+def test_training_mode_bn_is_left_with_reason():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 5, 5])
+    model, report = rewrite(b.model([b.bn(b.conv(x, 3, 4), 4, n_out=3, training_mode=1)]), verify=False)
+    assert ops(model) == {"Conv": 1, "BatchNormalization": 1}
+    assert "BatchNormalization in training mode" in refusals(report)
+
+
+def test_constant_varying_over_space_is_not_per_channel():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    y = b.node("Mul", [b.conv(x, 3, 4, 3, pads=[1, 1, 1, 1]), b.const(b.rand(1, 4, 4, 4))])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1, "Mul": 1}
+    assert any("non-channel axis" in r for r in refusals(report))
+
+
+def test_constant_of_higher_rank_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    y = b.node("Add", [b.conv(x, 3, 4), b.const(b.rand(1, 1, 4, 1, 1))])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1, "Add": 1}
+    assert any("larger rank" in r for r in refusals(report))
+
+
+def test_division_of_constant_by_output_is_not_affine():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    model, report = rewrite(b.model([b.node("Div", [b.const(b.rand(4, 1, 1)), b.conv(x, 3, 4)])]))
+    assert ops(model) == {"Conv": 1, "Div": 1} and report.rewrites == 0
+
+
+def test_division_by_zero_constant_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    c = b.const(np.array([1, 0, 2, 3], np.float32).reshape(4, 1, 1))
+    model, report = rewrite(b.model([b.node("Div", [b.conv(x, 3, 4), c])]))
+    assert ops(model) == {"Conv": 1, "Div": 1}
+    assert "division by a constant with zeros" in refusals(report)
+
+
+def test_conv_output_that_is_a_graph_output_is_kept():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 5, 5])
+    y = b.conv(x, 3, 4)
+    model, report = rewrite(b.model([b.bn(y, 4), y]))
+    assert ops(model) == {"Conv": 1, "BatchNormalization": 1}
+    assert any("is a graph output" in r for r in refusals(report))
+
+
+def test_conv_output_read_elsewhere_is_kept():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 5, 5])
+    y = b.conv(x, 3, 4)
+    model, report = rewrite(b.model([b.bn(y, 4), b.node("Relu", [y])]))
+    assert ops(model) == {"Conv": 1, "BatchNormalization": 1, "Relu": 1}
+    assert any("is also read by" in r for r in refusals(report))
+
+
+def test_shared_weight_is_copied_not_edited():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 5, 5])
+    w = b.const(b.rand(4, 3, 3, 3))
+    folded = b.bn(b.conv(x, 3, 4, weight=w, bias=False), 4)
+    plain = b.conv(x, 3, 4, weight=w, bias=False)
+    model, _ = rewrite(b.model([folded, plain]))
+    assert ops(model) == {"Conv": 2}
+    weights = {n.input[1] for n in model.graph.node}
+    assert w in weights and len(weights) == 2  # the plain conv still reads the original weight
+
+
+def test_bn_parameters_that_are_graph_inputs_are_not_constants():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 5, 5])
+    y = b.conv(x, 3, 4)
+    params = [b.input(n, [4]) for n in ("g", "beta", "mean", "var")]
+    model, report = rewrite(b.model([b.node("BatchNormalization", [y] + params)]), verify=False)
+    assert ops(model) == {"Conv": 1, "BatchNormalization": 1}
+    assert "BatchNormalization parameters are not constants" in refusals(report)
+
+
+def test_conv_with_runtime_weight_is_left():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 5, 5])
+    w = b.input("w", [4, 3, 3, 3])
+    model, report = rewrite(b.model([b.bn(b.node("Conv", [x, w]), 4)]), verify=False)
+    assert ops(model) == {"Conv": 1, "BatchNormalization": 1} and report.rewrites == 0
+
+
+def test_fp16_conv_bn_is_computed_in_float64_and_cast_back():
+    b = GraphBuilder(dtype=np.float16)
+    x = b.input("x", [1, 4, 6, 6])
+    model, report = rewrite(b.model([b.bn(b.conv(x, 4, 8, 3, pads=[1, 1, 1, 1]), 8)]))
+    assert ops(model) == {"Conv": 1}
+    assert model.graph.initializer[0].data_type == 10  # FLOAT16

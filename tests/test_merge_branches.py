@@ -1,0 +1,242 @@
+"""merge_branches: an Add/Sum/Sub tree of linear branches of one tensor becomes one Conv."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from conftest import GraphBuilder, ops, refusals, rewrite
+
+
+def repvgg_block(b: GraphBuilder, x: str, c_in: int, c_out: int, groups=1, stride=1, dilation=1,
+                 bias=False, identity=True, rank=2) -> str:
+    """BN(Conv kxk) + BN(Conv 1x1) (+ BN(x)), the RepVGG training block without its ReLU."""
+    s, d = [stride] * rank, [dilation] * rank
+    dense = b.bn(b.conv(x, c_in, c_out, 3, groups, bias, rank, strides=s, dilations=d,
+                        pads=[dilation] * 2 * rank), c_out)
+    point = b.bn(b.conv(x, c_in, c_out, 1, groups, bias, rank, strides=s), c_out)
+    y = b.node("Add", [dense, point])
+    return b.node("Add", [y, b.bn(x, c_in)]) if identity else y
+
+
+@pytest.mark.parametrize("groups,stride,dilation,bias,rank", [
+    (g, s, d, bias, r) for g, s, d, bias, r in itertools.product([1, 2, 4], [1, 2], [1, 2], [True, False], [1, 2, 3])
+    if not (r == 3 and g == 2)])
+def test_repvgg_block_merges_to_one_conv(groups, stride, dilation, bias, rank):
+    b = GraphBuilder()
+    x = b.input("x", [2, 8] + [9] * rank)
+    y = repvgg_block(b, x, 8, 8, groups, stride, dilation, bias, identity=stride == 1, rank=rank)
+    model, report = rewrite(b.model([b.node("Relu", [y])]))
+    assert ops(model) == {"Conv": 1, "Relu": 1}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    attrs = {a.name: list(a.ints) if a.ints else a.i for a in conv.attribute}
+    assert attrs["group"] == groups and attrs["kernel_shape"] == [3] * rank
+    assert attrs["pads"] == [dilation] * 2 * rank and attrs["strides"] == [stride] * rank
+
+
+def test_depthwise_block_with_identity():
+    b = GraphBuilder()
+    x = b.input("x", [1, 6, 8, 8])
+    model, _ = rewrite(b.model([repvgg_block(b, x, 6, 6, groups=6)]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_channel_change_block_has_no_identity_and_merges():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 8, 8])
+    model, _ = rewrite(b.model([repvgg_block(b, x, 4, 6, identity=False)]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_sum_node_and_bare_identity_and_mul_scaling():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    k3 = b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1])
+    scaled = b.node("Mul", [x, b.const(b.rand(1, 4, 1, 1))])
+    model, _ = rewrite(b.model([b.node("Sum", [k3, x, scaled, b.conv(x, 4, 4, 1)])]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_identity_and_bn_only_become_a_depthwise_conv():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    model, _ = rewrite(b.model([b.node("Add", [x, b.bn(x, 4)])]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_sub_in_the_tree_is_a_negative_branch():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    y = b.node("Sub", [b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1]), b.bn(x, 4)])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_constant_leaf_becomes_bias():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    y = b.node("Add", [b.node("Add", [b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1]), x]), b.const(b.rand(4, 1, 1))])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_residual_from_another_tensor_stays_in_the_add():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    other = b.input("r", [1, 4, 6, 6])
+    y = b.node("Add", [repvgg_block(b, x, 4, 4), other])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1, "Add": 1}
+
+
+def test_two_sources_merge_separately():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    z = b.input("z", [1, 4, 6, 6])
+    y = b.node("Add", [repvgg_block(b, x, 4, 4), repvgg_block(b, z, 4, 4)])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 2, "Add": 1}
+
+
+def test_mixed_groups_use_the_gcd():
+    b = GraphBuilder()
+    x = b.input("x", [1, 8, 6, 6])
+    y = b.node("Add", [b.conv(x, 8, 8, 3, groups=4, pads=[1, 1, 1, 1]), b.conv(x, 8, 8, 1, groups=2)])
+    model, _ = rewrite(b.model([b.node("Add", [y, x])]))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert ops(model) == {"Conv": 1} and next(a.i for a in conv.attribute if a.name == "group") == 2
+
+
+def test_auto_pad_same_with_known_shape():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 7, 7])
+    y = b.node("Add", [b.conv(x, 4, 4, 3, auto_pad="SAME_UPPER"), b.conv(x, 4, 4, 1)])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_stride_two_pad_disagreement_resolved_by_known_length():
+    # On length 8 at stride 2, a 3x3 with pads (1, 0) and a 1x1 with none both give 4 outputs, but
+    # they imply end pads 0 and 1 for the merged 3x3: only the known length shows 0 is exact.
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 8, 8])
+    y = b.node("Add", [b.conv(x, 4, 4, 3, strides=[2, 2], pads=[1, 1, 0, 0]),
+                       b.conv(x, 4, 4, 1, strides=[2, 2])])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_asymmetric_kernels_embed_by_the_general_rule():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 7, 7])
+    y = b.node("Sum", [b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1]), b.conv(x, 4, 4, (1, 3), pads=[0, 1, 0, 1]),
+                       b.conv(x, 4, 4, (3, 1), pads=[1, 0, 1, 0])])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_fp16_block():
+    b = GraphBuilder(dtype=np.float16)
+    x = b.input("x", [1, 4, 6, 6])
+    model, report = rewrite(b.model([repvgg_block(b, x, 4, 4)]))
+    assert ops(model) == {"Conv": 1}
+
+
+# --- must not fire, or only partly ---------------------------------------------------------------
+
+def test_identity_with_stride_two_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 1, 1])  # a 1x1 map keeps the Add legal at stride 2
+    model, report = rewrite(b.model([b.node("Add", [b.conv(x, 4, 4, 1, strides=[2, 2]), x])]))
+    assert ops(model) == {"Conv": 1, "Add": 1}
+    assert any("needs stride 1" in r for r in refusals(report))
+
+
+def test_different_strides_are_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 1, 1])
+    y = b.node("Add", [b.conv(x, 4, 4, 3, strides=[2, 2], pads=[1, 1, 1, 1]),
+                       b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1])])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 2, "Add": 1}
+    assert any("strides differ" in r for r in refusals(report))
+
+
+def test_dilation_mismatch_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 9, 9])
+    y = b.node("Add", [b.conv(x, 4, 4, 3, pads=[2, 2, 2, 2], dilations=[2, 2]),
+                       b.conv(x, 4, 4, 5, pads=[2, 2, 2, 2])])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 2, "Add": 1}
+    assert any("dilations differ" in r for r in refusals(report))
+
+
+def test_offset_not_on_the_dilated_grid_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 9, 9])
+    y = b.node("Add", [b.conv(x, 4, 4, 3, pads=[1, 1, 3, 3], dilations=[2, 2]),
+                       b.conv(x, 4, 4, 1)])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 2, "Add": 1}
+    assert any("non-multiple of dilation" in r for r in refusals(report))
+
+
+def test_identity_with_channel_change_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    y = b.node("Add", [b.conv(x, 4, 1, 3, pads=[1, 1, 1, 1]), x])  # broadcasts over channels
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1, "Add": 1}
+    assert any("channel counts differ" in r for r in refusals(report))
+
+
+def test_unknown_length_with_disagreeing_end_pads_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, "H", "W"])
+    y = b.node("Add", [b.conv(x, 4, 4, 3, strides=[2, 2], pads=[1, 1, 0, 0]),
+                       b.conv(x, 4, 4, 1, strides=[2, 2])])
+    model, report = rewrite(b.model([y]), input_shapes={"x": (1, 4, 8, 8)})
+    assert ops(model) == {"Conv": 2, "Add": 1}
+    assert any("input length is unknown" in r for r in refusals(report))
+
+
+def test_branch_output_that_is_a_graph_output_stays_apart():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    k3 = b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1])
+    k1 = b.conv(x, 4, 4, 1)
+    y = b.node("Add", [b.node("Add", [k3, k1]), x])
+    model, report = rewrite(b.model([y, k1]))
+    assert ops(model) == {"Conv": 2, "Add": 1}  # 3x3 + identity merged, 1x1 kept for its reader
+    assert any("kept apart" in r and "graph output" in r for r in refusals(report))
+
+
+def test_inner_add_read_elsewhere_is_a_leaf():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    inner = b.node("Add", [b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1]), b.conv(x, 4, 4, 1)])
+    outer = b.node("Add", [inner, b.bn(x, 4)])
+    model, report = rewrite(b.model([outer, b.node("Relu", [inner])]))
+    assert ops(model)["Conv"] == 1 and ops(model)["Add"] == 1  # inner merged; outer keeps BN + it
+    assert ops(model)["BatchNormalization"] == 1
+
+
+def test_shared_weights_between_branches_and_elsewhere():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    w = b.const(b.rand(4, 4, 3, 3))
+    y = b.node("Add", [b.conv(x, 4, 4, 3, weight=w, pads=[1, 1, 1, 1]), x])
+    other = b.conv(x, 4, 4, 3, weight=w, pads=[1, 1, 1, 1], bias=False)
+    model, _ = rewrite(b.model([y, other]))
+    assert ops(model) == {"Conv": 2}
+    assert w in {n.input[1] for n in model.graph.node}
+
+
+def test_add_of_unrelated_tensors_is_silent():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    z = b.input("z", [1, 4, 6, 6])
+    model, report = rewrite(b.model([b.node("Add", [b.conv(x, 4, 4, 1), b.conv(z, 4, 4, 1)])]))
+    assert report.rewrites == 0 and not refusals(report)

@@ -46,7 +46,7 @@ def _check_options(f):
     f = click.option("--atol", type=float, help="Absolute tolerance (default by dtype: fp32 1e-6).")(f)
     f = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224",
                      help="Shape for an input with dynamic dims (repeatable).")(f)
-    f = click.option("--inputs", "inputs_file", type=click.Path(dir_okay=False),
+    f = click.option("--inputs", "inputs_file", type=click.Path(),
                      help=".npz file with input arrays, by input name.")(f)
     f = click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the random inputs.")(f)
@@ -74,13 +74,13 @@ def main():
 
 
 @main.command()
-@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False))
-@click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False))
+@click.argument("input_path", metavar="IN", type=click.Path())
+@click.argument("output_path", metavar="OUT", type=click.Path())
 @_pass_options
 @_check_options
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
 @click.option("--force", is_flag=True, help="Write OUT even if verification fails.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report.")
+@click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @_one_line_errors
 def optimize(input_path, output_path, skip, only, provider, rtol, atol, input_shapes, inputs_file,
@@ -92,6 +92,8 @@ def optimize(input_path, output_path, skip, only, provider, rtol, atol, input_sh
             source.resolve() == target.resolve():
         raise ReparamError("OUT is the same file as IN; the input is never overwritten")
     folder = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ReparamError(f"{target}: is a directory")
     if not folder.is_dir() or not os.access(folder, os.W_OK) or \
             target.exists() and not os.access(target, os.W_OK):
         raise ReparamError(f"{target}: not writable")
@@ -122,10 +124,10 @@ def optimize(input_path, output_path, skip, only, provider, rtol, atol, input_sh
 
 
 @main.command()
-@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("input_path", metavar="IN", type=click.Path())
 @_pass_options
 @click.option("--check", is_flag=True, help="Exit 1 if anything would be rewritten.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write a JSON report.")
+@click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @_one_line_errors
 def inspect(input_path, skip, only, check, report_path):
     """Dry run: what would be rewritten in IN, what would be left and why."""
@@ -137,8 +139,8 @@ def inspect(input_path, skip, only, check, report_path):
 
 
 @main.command()
-@click.argument("reference", metavar="A", type=click.Path(dir_okay=False))
-@click.argument("candidate", metavar="B", type=click.Path(dir_okay=False))
+@click.argument("reference", metavar="A", type=click.Path())
+@click.argument("candidate", metavar="B", type=click.Path())
 @_check_options
 @_one_line_errors
 def verify(reference, candidate, provider, rtol, atol, input_shapes, inputs_file, seed):

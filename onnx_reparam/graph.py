@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .model_io import inferred_value_info
+
 Node = gs.Node
 Tensor = gs.Tensor
 
@@ -17,7 +19,13 @@ class Graph:
     """A model being rewritten. ``gs`` is the onnx-graphsurgeon graph; the rest is bookkeeping."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.gs = gs.import_onnx(model)
+        # Inferred shapes go into the import, then out of the caller's model again.
+        known = len(model.graph.value_info)
+        model.graph.value_info.extend(inferred_value_info(model))
+        try:
+            self.gs = gs.import_onnx(model)
+        finally:
+            del model.graph.value_info[known:]
         self.output_names = {t.name for t in self.gs.outputs}
         # An initializer that is also a graph input can be overridden at run time: not a constant.
         self.overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
@@ -29,10 +37,15 @@ class Graph:
         return list(self.gs.nodes)
 
     def constant(self, tensor: Tensor | None) -> np.ndarray | None:
-        """The value of an initializer input, or None for anything computed or overridable."""
-        if not isinstance(tensor, gs.Constant) or tensor.name in self.overridable:
+        """The value of an initializer or Constant node output; None for anything computed or
+        overridable at run time."""
+        if isinstance(tensor, gs.Constant):
+            return None if tensor.name in self.overridable else np.asarray(tensor.values)
+        node = self.producer(tensor) if tensor is not None else None
+        if node is None or node.op != "Constant" or len(node.attrs) != 1:
             return None
-        return np.asarray(tensor.values)
+        value = next(iter(node.attrs.values()))
+        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
 
     @staticmethod
     def producer(tensor: Tensor) -> Node | None:

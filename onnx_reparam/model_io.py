@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, numpy_helper
+from onnx import external_data_helper
 
 from .errors import ReparamError, first_line
 
@@ -36,8 +36,6 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         _load_external(model, external_dir)
     _check_tensor_sizes(model)
     _check(model)
-    constants_to_initializers(model.graph)
-    _infer_shapes(model)
     return model
 
 
@@ -120,46 +118,16 @@ def _check(model: onnx.ModelProto) -> None:
         raise ReparamError(f"invalid ONNX model: {first_line(exc)}") from None
 
 
-def _infer_shapes(model: onnx.ModelProto) -> None:
-    """Adds value_info for intermediate tensors where ONNX can infer them; failure is harmless."""
+def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """Shapes ONNX can infer for intermediate tensors; none where inference fails (it is an aid,
+    and the passes refuse what they cannot prove without it)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(_light(model), strict_mode=False)
-    except Exception:  # noqa: BLE001 - inference is an optional aid, its errors do not matter here
-        return
+    except Exception:  # noqa: BLE001 - any failure just means fewer known shapes
+        return []
     known = {v.name for v in model.graph.value_info} | {v.name for v in model.graph.output} | \
         {v.name for v in model.graph.input}
-    model.graph.value_info.extend(v for v in inferred.graph.value_info if v.name not in known)
-
-
-def constants_to_initializers(graph: onnx.GraphProto) -> None:
-    """Constant nodes become initializers so that every pass sees one kind of constant."""
-    keep = []
-    for node in graph.node:
-        value = _constant_value(node) if node.op_type == "Constant" and node.domain in ("", "ai.onnx") \
-            else None
-        if value is None:
-            keep.append(node)
-            continue
-        value.name = node.output[0]
-        graph.initializer.append(value)
-    if len(keep) != len(graph.node):
-        del graph.node[:]
-        graph.node.extend(keep)
-
-
-def _constant_value(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    attr = node.attribute[0] if len(node.attribute) == 1 else None
-    if attr is None:
-        return None
-    if attr.name == "value":
-        tensor = onnx.TensorProto()
-        tensor.CopyFrom(attr.t)
-        return tensor
-    simple = {"value_float": np.float32(attr.f), "value_floats": np.asarray(attr.floats, np.float32),
-              "value_int": np.int64(attr.i), "value_ints": np.asarray(attr.ints, np.int64)}
-    if attr.name in simple:
-        return numpy_helper.from_array(np.asarray(simple[attr.name]))
-    return None
+    return [v for v in inferred.graph.value_info if v.name not in known]
 
 
 def external_data_files(source: str | os.PathLike) -> set[Path]:

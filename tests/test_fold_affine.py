@@ -5,6 +5,7 @@ import itertools
 
 import numpy as np
 import pytest
+from onnx import numpy_helper
 
 from conftest import GraphBuilder, ops, refusals, rewrite
 
@@ -106,6 +107,14 @@ def test_chain_conv_bn_mul_add_folds_completely():
     y = b.node("Add", [b.node("Mul", [y, b.const(b.rand(4, 1, 1))]), b.const(b.rand(1, 4, 1, 1))])
     model, report = rewrite(b.model([y]))
     assert ops(model) == {"Conv": 1} and report.rewrites == 3
+
+
+def test_weights_from_constant_nodes():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 5, 5])
+    w = b.node("Constant", [], value=numpy_helper.from_array(b.rand(4, 3, 3, 3)))
+    model, _ = rewrite(b.model([b.bn(b.node("Conv", [x, w]), 4)]))
+    assert ops(model) == {"Conv": 1}
 
 
 # --- must not fire -------------------------------------------------------------------------------

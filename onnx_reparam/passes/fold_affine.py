@@ -31,6 +31,7 @@ class Linear:
     bias: np.ndarray  # float64, one entry per output channel
     channel_axis: int  # negative: counted from the end of the output shape
     rank: int | None  # rank of the output, None when unknown
+    dtype: np.dtype  # of the stored weight, which the folded one keeps
 
 
 def linear_of(graph: Graph, node: Node) -> Linear | None:
@@ -43,10 +44,10 @@ def linear_of(graph: Graph, node: Node) -> Linear | None:
     if bias is None:
         return None
     if node.op == "Conv":
-        return Linear(weight, _vector(bias, weight.shape[0]), 1 - weight.ndim, weight.ndim)
+        return Linear(weight, _vector(bias, weight.shape[0]), 1 - weight.ndim, weight.ndim, weight.dtype)
     if node.op == "ConvTranspose":
         channels = weight.shape[1] * int(attr(node, "group", 1))
-        return Linear(weight, _vector(bias, channels), 1 - weight.ndim, weight.ndim)
+        return Linear(weight, _vector(bias, channels), 1 - weight.ndim, weight.ndim, weight.dtype)
     if weight.ndim != 2:
         return None
     if node.op == "Gemm":
@@ -54,8 +55,9 @@ def linear_of(graph: Graph, node: Node) -> Linear | None:
         bias = algebra.per_channel(bias, channels, -1, 2)
         if isinstance(bias, str):
             return None
-        return Linear(np.asarray(weight, np.float64) * attr(node, "alpha", 1.0), bias * attr(node, "beta", 1.0), -1, 2)
-    return Linear(weight, np.zeros(weight.shape[1]), -1, Graph.rank(node.inputs[0]))  # MatMul
+        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+        return Linear(np.asarray(weight, np.float64) * alpha, bias * beta, -1, 2, weight.dtype)
+    return Linear(weight, np.zeros(weight.shape[1]), -1, Graph.rank(node.inputs[0]), weight.dtype)  # MatMul
 
 
 def _vector(bias: np.ndarray, channels: int) -> np.ndarray:
@@ -134,16 +136,16 @@ def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
         log.refused(layer_node.name, f"cannot fold {affine_nodes[-1].op} into {layer_node.op}: "
                     f"{match.blocked}")
         return False
-    _emit(graph, layer_node, scaled_weight(layer_node, layer.weight, scale), shift,
-          affine_nodes[-1].outputs[0], bias_node is not None or np.any(shift))
+    weight = scaled_weight(layer_node, layer.weight, scale).astype(layer.dtype)
+    _emit(graph, layer_node, weight, shift.astype(layer.dtype), affine_nodes[-1].outputs[0],
+          bias_node is not None or np.any(shift))
     log.rewrote(f"{layer_node.op}+" + "+".join(n.op for n in affine_nodes), layer_node.name)
     return True
 
 
 def _emit(graph: Graph, layer: Node, weight: np.ndarray, bias: np.ndarray, output, needs_bias: bool):
-    dtype = layer.inputs[1].values.dtype
-    new_weight = graph.add_constant(layer.inputs[1].name, weight.astype(dtype))
-    new_bias = graph.add_constant(f"{layer.name}_bias", bias.astype(dtype))
+    new_weight = graph.add_constant(layer.inputs[1].name, weight)
+    new_bias = graph.add_constant(f"{layer.name}_bias", bias)
     data = layer.inputs[0]
     if layer.op != "MatMul":
         attrs = dict(layer.attrs)

@@ -1,0 +1,211 @@
+"""The command line: the main job, bad input (one line, non-zero exit), atomic and safe output."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from conftest import GraphBuilder, ops
+from onnx_reparam.cli import main
+
+
+def block_model(shape=(1, 4, 6, 6)) -> onnx.ModelProto:
+    b = GraphBuilder()
+    x = b.input("x", list(shape))
+    c = shape[1]
+    dense = b.bn(b.conv(x, c, c, 3, bias=False, pads=[1, 1, 1, 1]), c)
+    point = b.bn(b.conv(x, c, c, 1, bias=False), c)
+    y = b.node("Add", [b.node("Add", [dense, point]), b.bn(x, c)])
+    return b.model([b.node("Relu", [y])])
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    path = tmp_path / "in.onnx"
+    onnx.save(block_model(), path)
+    return path
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def one_line_error(output: str) -> bool:
+    lines = [line for line in output.strip().splitlines() if line]
+    return len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in output
+
+
+def test_optimize_writes_deploy_structure_and_keeps_input(model_path, tmp_path):
+    before = digest(model_path)
+    code, output = run("optimize", model_path, tmp_path / "out.onnx", "--report", tmp_path / "r.json")
+    assert code == 0, output
+    assert "verification PASSED on CPUExecutionProvider" in output
+    assert "nodes 8 -> 2" in output
+    assert ops(onnx.load(tmp_path / "out.onnx")) == {"Conv": 1, "Relu": 1}
+    assert digest(model_path) == before
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verification"]["passed"] and report["after"]["nodes"] == 2
+    assert {p["name"] for p in report["passes"]} == {"fold_affine", "merge_branches"}
+
+
+def test_quiet_prints_nothing(model_path, tmp_path):
+    assert run("optimize", model_path, tmp_path / "out.onnx", "--quiet") == (0, "")
+
+
+def test_skip_and_only(model_path, tmp_path):
+    code, output = run("optimize", model_path, tmp_path / "a.onnx", "--only", "fold_affine")
+    assert code == 0 and ops(onnx.load(tmp_path / "a.onnx"))["Add"] == 2
+    code, output = run("optimize", model_path, tmp_path / "b.onnx", "--skip", "fold_affine")
+    assert code == 0 and "nothing to rewrite" in output  # BN(conv) leaves are not branches of x
+    code, output = run("optimize", model_path, tmp_path / "c.onnx", "--skip", "nope")
+    assert code == 2 and one_line_error(output) and "unknown pass nope" in output
+
+
+@pytest.mark.parametrize("case", ["missing", "not_onnx", "truncated", "empty", "directory"])
+def test_unreadable_input_is_one_line(case, model_path, tmp_path):
+    path = tmp_path / "bad.onnx"
+    if case == "not_onnx":
+        path.write_text("this is not a model\n" * 10)
+    elif case == "truncated":
+        path.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2])
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "directory":
+        path.mkdir()
+    code, output = run("optimize", path, tmp_path / "out.onnx")
+    assert code == 2 and one_line_error(output), output
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_missing_external_data(tmp_path):
+    path = tmp_path / "ext.onnx"
+    onnx.save(block_model(), path, save_as_external_data=True, location="ext.bin", size_threshold=0)
+    (tmp_path / "ext.bin").unlink()
+    code, output = run("optimize", path, tmp_path / "out.onnx")
+    assert code == 2 and one_line_error(output) and "missing external data" in output
+
+
+def test_external_data_input_gives_external_data_output(tmp_path):
+    path = tmp_path / "ext.onnx"
+    onnx.save(block_model((1, 16, 6, 6)), path, save_as_external_data=True, location="ext.bin",
+              size_threshold=0)
+    before = digest(tmp_path / "ext.bin")
+    code, output = run("optimize", path, tmp_path / "out.onnx")
+    assert code == 0, output
+    assert (tmp_path / "out.onnx.data").exists() and digest(tmp_path / "ext.bin") == before
+    assert ops(onnx.load(tmp_path / "out.onnx")) == {"Conv": 1, "Relu": 1}
+
+
+def test_unsupported_opset(tmp_path):
+    model = block_model()
+    model.opset_import[0].version = 6
+    path = tmp_path / "old.onnx"
+    path.write_bytes(model.SerializeToString())
+    code, output = run("optimize", path, tmp_path / "out.onnx")
+    assert code == 2 and one_line_error(output) and "unsupported opset 6" in output
+
+
+def test_training_mode_bn_is_skipped_not_an_error(tmp_path):
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 5, 5])
+    path = tmp_path / "train.onnx"
+    onnx.save(b.model([b.bn(b.conv(x, 3, 4), 4, n_out=3, training_mode=1)]), path)
+    code, output = run("optimize", path, tmp_path / "out.onnx")
+    assert code == 0, output
+    assert "BatchNormalization in training mode" in output and "unchanged" in output
+
+
+def test_dynamic_dims_need_input_shape(tmp_path):
+    path = tmp_path / "dyn.onnx"
+    onnx.save(block_model(("N", 4, "H", "W")), path)
+    code, output = run("optimize", path, tmp_path / "out.onnx")
+    assert code == 2 and one_line_error(output) and "--input-shape" in output
+    code, output = run("optimize", path, tmp_path / "out.onnx", "--input-shape", "x:2x4x7x7")
+    assert code == 0 and "PASSED" in output
+    dims = onnx.load(tmp_path / "out.onnx").graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["N", "", "H", "W"]  # the model keeps its dynamic dims
+    code, output = run("optimize", path, tmp_path / "out.onnx", "--input-shape", "x:2by4")
+    assert code == 2 and one_line_error(output)
+    code, output = run("optimize", path, tmp_path / "out.onnx", "--input-shape", "y:1x4x7x7")
+    assert code == 2 and "has no input 'y'" in output
+
+
+def test_output_equal_to_input_is_refused(model_path):
+    before = digest(model_path)
+    code, output = run("optimize", model_path, model_path)
+    assert code == 2 and one_line_error(output) and digest(model_path) == before
+
+
+def test_unwritable_output(model_path, tmp_path):
+    code, output = run("optimize", model_path, tmp_path / "no" / "such" / "dir" / "out.onnx")
+    assert code == 2 and one_line_error(output)
+    (tmp_path / "file").write_text("")
+    code, output = run("optimize", model_path, tmp_path / "file" / "out.onnx")
+    assert code == 2 and one_line_error(output)
+
+
+def test_nothing_to_rewrite_writes_unchanged(tmp_path):
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    model = b.model([b.node("Relu", [b.conv(x, 3, 4)])])
+    path = tmp_path / "plain.onnx"
+    onnx.save(model, path)
+    code, output = run("optimize", path, tmp_path / "out.onnx")
+    assert code == 0 and "nothing to rewrite" in output
+    assert onnx.load(tmp_path / "out.onnx").graph == onnx.load(path).graph
+
+
+def test_failed_verification_writes_nothing_unless_forced(model_path, tmp_path):
+    out = tmp_path / "out.onnx"
+    code, output = run("optimize", model_path, out, "--rtol", "0", "--atol", "0")
+    assert code == 1 and "FAILED" in output and not out.exists()
+    assert not list(tmp_path.glob(".onnx-reparam-*"))  # no temporary files left behind
+    code, output = run("optimize", model_path, out, "--rtol", "0", "--atol", "0", "--force")
+    assert code == 1 and out.exists()
+
+
+def test_user_inputs_from_npz(model_path, tmp_path):
+    np.savez(tmp_path / "in.npz", x=np.ones((1, 4, 6, 6), np.float32))
+    code, output = run("optimize", model_path, tmp_path / "out.onnx", "--inputs", tmp_path / "in.npz")
+    assert code == 0 and "PASSED" in output
+
+
+def test_inspect_and_check(model_path, tmp_path):
+    code, output = run("inspect", model_path)
+    assert code == 0 and "merge_branches: rewrote 1 x branches" in output
+    assert run("inspect", model_path, "--check")[0] == 1
+    run("optimize", model_path, tmp_path / "out.onnx")
+    code, output = run("inspect", tmp_path / "out.onnx", "--check")
+    assert code == 0 and "nothing to rewrite" in output
+
+
+def test_verify_two_models(model_path, tmp_path):
+    run("optimize", model_path, tmp_path / "out.onnx")
+    code, output = run("verify", model_path, tmp_path / "out.onnx")
+    assert code == 0 and "PASSED" in output
+    other = tmp_path / "other.onnx"
+    model = block_model()
+    model.graph.initializer[0].raw_data = np.ones(4 * 4 * 9, np.float32).tobytes()
+    onnx.save(model, other)
+    code, output = run("verify", model_path, other)
+    assert code == 1 and "MISMATCH" in output
+    code, output = run("verify", model_path, other, "--provider", "cuda")
+    assert code == 2 or "CUDAExecutionProvider" in output
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "onnx_reparam.cli", "optimize", str(tmp_path / "nope.onnx"),
+                             str(tmp_path / "out.onnx")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:")
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -67,6 +67,8 @@ def regroup_kernel(weight: np.ndarray, groups: int, new_groups: int) -> np.ndarr
     must divide ``groups``: each group's block is placed at its input offset, zeros elsewhere."""
     if groups % new_groups:
         raise ValueError(f"{new_groups} groups do not divide {groups}")
+    if groups == new_groups:
+        return weight
     c_out, in_per_group = weight.shape[:2]
     c_in = in_per_group * groups
     new_in_per_group = c_in // new_groups
@@ -91,11 +93,14 @@ def diagonal_kernel(scale: np.ndarray, groups: int, spatial_rank: int) -> np.nda
     return kernel
 
 
-def embed_kernel(weight: np.ndarray, offsets: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
-    """Zero-pads the spatial axes of ``weight`` so that it sits at ``offsets`` (in taps) inside a
-    kernel of ``size``."""
-    pads = [(0, 0), (0, 0)] + [(o, s - k - o) for o, s, k in zip(offsets, size, weight.shape[2:])]
-    return np.pad(np.asarray(weight, np.float64), pads)
+def add_embedded(target: np.ndarray, weight: np.ndarray, offsets: tuple[int, ...], factor: float) -> None:
+    """target += factor * weight, with ``weight`` zero-padded so that it sits at ``offsets`` (in
+    taps) on the spatial axes of ``target``. Accumulates in place: no padded copy is made."""
+    window = (slice(None), slice(None)) + tuple(slice(o, o + k) for o, k in zip(offsets, weight.shape[2:]))
+    if factor == 1:
+        target[window] += weight
+    else:
+        target[window] += factor * np.asarray(weight, np.float64)
 
 
 def conv_output_length(length: int, kernel: int, pad_begin: int, pad_end: int, stride: int,

@@ -13,8 +13,9 @@ from onnx import external_data_helper
 from .errors import ReparamError, first_line
 
 MIN_OPSET = 9  # BatchNormalization lost `spatial`/`consumed_inputs` quirks by opset 9
-TWO_GB = 2**31 - 1
-SKELETON_LIMIT = 1 << 20  # tensors above this size are stripped before checker/shape inference
+# Protobuf cannot serialize 2 GB; keep a margin for everything that is not tensor data.
+PROTOBUF_LIMIT = 2**31 - 2**27
+LARGE_TENSOR = 1 << 16  # bytes: larger initializers are left out of checker and shape inference
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
@@ -92,22 +93,28 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
                                f"its shape needs {expected}: the file or its external data is truncated")
 
 
+def fits_in_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether the model serializes as one protobuf (ByteSize itself is slow on big models)."""
+    tensors = external_data_helper._get_all_tensors(model)
+    return sum(len(t.raw_data) + 8 * (len(t.float_data) + len(t.int64_data) + len(t.double_data)
+                                      + len(t.int32_data)) for t in tensors) < PROTOBUF_LIMIT
+
+
 def _light(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model itself, or for one over 2 GB a copy whose large initializers are graph inputs of
-    the same type and shape: enough for checker and shape inference, which cannot take 2 GB."""
-    if model.ByteSize() < TWO_GB:
-        return model
+    """A copy whose large initializers are graph inputs of the same type and shape: all that
+    checker and shape inference need, without serializing the weights (or failing at 2 GB)."""
     graph = model.graph
-    light = onnx.helper.make_model(
-        onnx.helper.make_graph(graph.node, graph.name, list(graph.input), list(graph.output),
-                               value_info=graph.value_info),
-        ir_version=model.ir_version, opset_import=model.opset_import)
+    light = onnx.ModelProto(
+        ir_version=model.ir_version, opset_import=list(model.opset_import), functions=list(model.functions),
+        graph=onnx.helper.make_graph(graph.node, graph.name, list(graph.input), list(graph.output),
+                                     value_info=graph.value_info))
+    inputs = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if len(tensor.raw_data) > SKELETON_LIMIT:
+        if len(tensor.raw_data) <= LARGE_TENSOR:
+            light.graph.initializer.append(tensor)
+        elif tensor.name not in inputs:
             light.graph.input.append(onnx.helper.make_tensor_value_info(
                 tensor.name, tensor.data_type, list(tensor.dims)))
-        else:
-            light.graph.initializer.append(tensor)
     return light
 
 
@@ -150,7 +157,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if not folder.is_dir():
         raise ReparamError(f"{path}: folder {folder} does not exist")
     if external_data is None:
-        external_data = model.ByteSize() >= TWO_GB
+        external_data = not fits_in_protobuf(model)
     data_name = path.name + ".data"
     if external_data and (folder / data_name).resolve() in protected:
         raise ReparamError(f"{folder / data_name} is the input's external data; choose another output name")

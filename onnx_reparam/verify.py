@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import ReparamError, first_line
-from .model_io import TWO_GB, save_model
+from .model_io import fits_in_protobuf, save_model
 from .report import OutputCheck, Verification
 
 # (rtol, atol) by output dtype: pass when max |a - b| <= atol + rtol * max |a|.
@@ -92,7 +92,7 @@ class Runner:
 
 
 def _session_source(model: onnx.ModelProto, tmp: Path):
-    if model.ByteSize() < TWO_GB:
+    if fits_in_protobuf(model):
         return model.SerializeToString()
     path = tmp / "model.onnx"
     save_model(model, path, external_data=True)

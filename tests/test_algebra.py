@@ -52,11 +52,12 @@ def test_diagonal_kernel_scales_each_channel(groups):
     np.testing.assert_allclose(out, x * scale[None, :, None, None], atol=1e-12)
 
 
-def test_embed_kernel_with_offsets_equals_the_small_conv():
+def test_embedded_kernel_with_offsets_equals_the_small_conv():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((3, 3, 1, 3))  # a 1x3 kernel with pads (0, 1)
     x = rng.standard_normal((1, 3, 6, 6))
-    big = algebra.embed_kernel(w, (1, 0), (3, 3))
+    big = np.zeros((3, 3, 3, 3))
+    algebra.add_embedded(big, w, (1, 0), 1.0)
     np.testing.assert_allclose(conv(x, big, padding=1), conv(x, w, padding=(0, 1)), atol=1e-12)
 
 
@@ -96,7 +97,7 @@ def test_plan_axis_is_exact_or_refuses(branches, stride, dilation, length, seed)
         w = rng.standard_normal((1, 1, 1, spec.kernel))
         padded = np.pad(x, [(0, 0)] * 3 + [(spec.pad_begin, spec.pad_end)])
         total = total + conv(padded, w, stride=(1, stride), dilation=(1, dilation))
-        merged += algebra.embed_kernel(w, (0, offset), (1, plan.kernel))
+        algebra.add_embedded(merged, w, (0, offset), 1.0)
     padded = np.pad(x, [(0, 0)] * 3 + [(plan.pad_begin, plan.pad_end)])
     np.testing.assert_allclose(conv(padded, merged, stride=(1, stride), dilation=(1, dilation)), total,
                                atol=1e-10)

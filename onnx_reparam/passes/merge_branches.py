@@ -212,7 +212,7 @@ def _merge_group(graph: Graph, group: Group) -> tuple[np.ndarray, np.ndarray, di
     for i, term in enumerate(convs + diagonals):
         small = algebra.regroup_kernel(term.kernel, term.geometry["group"], groups) if term.is_conv \
             else algebra.diagonal_kernel(np.broadcast_to(term.scale, (out_channels,)), groups, spatial)
-        kernel += term.leaf.sign * algebra.embed_kernel(small, tuple(p.offsets[i] for p in plans), size)
+        algebra.add_embedded(kernel, small, tuple(p.offsets[i] for p in plans), term.leaf.sign)
         bias += term.leaf.sign * np.broadcast_to(term.bias, (out_channels,))
     attrs = {"kernel_shape": list(size), "strides": list(stride), "dilations": dilations,
              "pads": [p.pad_begin for p in plans] + [p.pad_end for p in plans], "group": groups}

@@ -40,6 +40,10 @@ def latencies(paths: dict[str, Path], rounds: int, warmup: int = 3) -> dict[str,
     machine noise hits them alike."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
+    # Idle ORT worker threads spin by default; with several sessions in one process the spinning
+    # threads of one steal the cores of the next and the order decides the numbers (seen: 25 ms
+    # vs 17 ms for identical graphs). Without spinning the interleaved medians agree.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                 for k, p in paths.items()}
     feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}

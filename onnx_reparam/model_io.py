@@ -95,9 +95,15 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
 
 def fits_in_protobuf(model: onnx.ModelProto) -> bool:
     """Whether the model serializes as one protobuf (ByteSize itself is slow on big models)."""
-    tensors = external_data_helper._get_all_tensors(model)
-    return sum(len(t.raw_data) + 8 * (len(t.float_data) + len(t.int64_data) + len(t.double_data)
-                                      + len(t.int32_data)) for t in tensors) < PROTOBUF_LIMIT
+    return sum(_nbytes(t) for t in external_data_helper._get_all_tensors(model)) < PROTOBUF_LIMIT
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    """Size from the dims: reading raw_data would copy the bytes."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return sum(len(s) for s in tensor.string_data)
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def _light(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -110,7 +116,7 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
                                      value_info=graph.value_info))
     inputs = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if len(tensor.raw_data) <= LARGE_TENSOR:
+        if _nbytes(tensor) <= LARGE_TENSOR:
             light.graph.initializer.append(tensor)
         elif tensor.name not in inputs:
             light.graph.input.append(onnx.helper.make_tensor_value_info(

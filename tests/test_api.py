@@ -1,0 +1,88 @@
+"""The Python API: what optimize returns, what it leaves alone, and the report."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_reparam
+from conftest import GraphBuilder, ops
+from test_cli import block_model
+
+
+def test_optimize_returns_model_and_report_and_leaves_the_input_alone():
+    model = block_model()
+    before = model.SerializeToString()
+    optimized, report = onnx_reparam.optimize(model)
+    assert model.SerializeToString() == before
+    assert isinstance(optimized, onnx.ModelProto) and ops(optimized) == {"Conv": 1, "Relu": 1}
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["before"]["nodes"] == 8 and data["after"]["nodes"] == 2
+    assert data["verification"]["provider"] == report.verification.provider
+    assert set(data["seconds"]) == {"load", "rewrite", "verify"}
+
+
+def test_envelope_is_kept():
+    model = block_model()
+    model.doc_string, model.producer_name, model.graph.doc_string = "doc", "exporter", "graph doc"
+    onnx.helper.set_model_props(model, {"author": "me"})
+    optimized, _ = onnx_reparam.optimize(model)
+    assert (optimized.doc_string, optimized.producer_name, optimized.graph.doc_string) == \
+        ("doc", "exporter", "graph doc")
+    assert optimized.metadata_props[0].key == "author" and optimized.ir_version == model.ir_version
+    assert list(optimized.opset_import) == list(model.opset_import)
+    assert [i.name for i in optimized.graph.input] == ["x"]
+    assert [o.name for o in optimized.graph.output] == [o.name for o in model.graph.output]
+
+
+def test_verification_failure_raises_with_model_and_report():
+    with pytest.raises(onnx_reparam.VerificationError) as failure:
+        onnx_reparam.optimize(block_model(), rtol=0, atol=0)
+    assert ops(failure.value.model) == {"Conv": 1, "Relu": 1}
+    assert not failure.value.report.verification.passed
+    assert "\n" not in str(failure.value)
+
+
+def test_inspect_does_not_verify():
+    report = onnx_reparam.inspect(block_model())
+    assert report.verification is None and report.rewrites == 3
+
+
+def test_verify_with_user_inputs():
+    model = block_model()
+    optimized, _ = onnx_reparam.optimize(model)
+    result = onnx_reparam.verify(model, optimized, inputs={"x": np.zeros((1, 4, 6, 6), np.float32)})
+    assert result.passed
+
+
+def test_cuda_request_without_cuda_is_a_clear_error_or_runs_on_cuda():
+    from onnx_reparam.verify import cuda_available
+    model = block_model()
+    if cuda_available():
+        _, report = onnx_reparam.optimize(model, provider="cuda")
+        assert report.verification.provider == "CUDAExecutionProvider"
+    else:
+        with pytest.raises(onnx_reparam.ReparamError, match="CUDA execution provider does not load"):
+            onnx_reparam.optimize(model, provider="cuda")
+        _, report = onnx_reparam.optimize(model, provider="auto")
+        assert report.verification.provider == "CPUExecutionProvider"
+
+
+def test_graph_output_names_survive_a_merge_at_the_output():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 5, 5])
+    y = b.node("Add", [b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1]), x])
+    optimized, _ = onnx_reparam.optimize(b.model([y]))
+    assert optimized.graph.output[0].name == y and optimized.graph.node[0].output[0] == y
+
+
+def test_initializer_that_is_a_graph_input_is_not_folded():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 5, 5])
+    model = b.model([b.bn(b.conv(x, 3, 4), 4)])
+    weight = model.graph.initializer[0]
+    model.graph.input.append(onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims))
+    optimized, report = onnx_reparam.optimize(model)
+    assert report.rewrites == 0 and ops(optimized) == {"Conv": 1, "BatchNormalization": 1}

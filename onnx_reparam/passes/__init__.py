@@ -4,7 +4,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..graph import Graph
+import numpy as np
+
+from .. import algebra
+from ..graph import Graph, Node, attr
 from ..report import Refusal
 
 
@@ -26,6 +29,16 @@ class Pass:
     name: str
     run: Callable[[Graph, PassLog], None]
     doc: str
+
+
+def inference_bn(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray] | str:
+    """(scale, shift) of a BatchNormalization in inference mode, or why it is not one."""
+    if attr(node, "training_mode", 0) or len([t for t in node.outputs if t.name]) > 1:
+        return "BatchNormalization in training mode"
+    params = [graph.constant(t) for t in node.inputs[1:5]]
+    if any(p is None for p in params):
+        return "BatchNormalization parameters are not constants"
+    return algebra.bn_affine(*params, attr(node, "epsilon", 1e-5))
 
 
 def default_passes() -> tuple[Pass, ...]:

@@ -14,7 +14,7 @@ import numpy as np
 from .. import algebra
 from ..graph import Graph, Node, attr
 from ..matcher import Chain, ChainMatch, find_chains
-from . import PassLog
+from . import PassLog, inference_bn
 
 LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 AFFINE = frozenset({"BatchNormalization", "Mul", "Add", "Sub", "Div"})
@@ -69,14 +69,10 @@ def affine_of(graph: Graph, node: Node, index: int, layer: Linear,
     """(scale, shift) of the op reading the layer's output at input ``index``; a reason if it is
     an affine op that cannot fold; None if it is not this pattern at all."""
     if node.op == "BatchNormalization":
-        if attr(node, "training_mode", 0) or len([t for t in node.outputs if t.name]) > 1:
-            return "BatchNormalization in training mode"
-        params = [graph.constant(t) for t in node.inputs[1:5]]
-        if any(p is None for p in params):
-            return "BatchNormalization parameters are not constants"
-        if layer.rank is None or 1 - layer.rank != layer.channel_axis:
+        affine = inference_bn(graph, node)
+        if not isinstance(affine, str) and (layer.rank is None or 1 - layer.rank != layer.channel_axis):
             return "BatchNormalization normalizes axis 1, which is not the layer's channel axis"
-        return algebra.bn_affine(*params, attr(node, "epsilon", 1e-5))
+        return affine
     const = graph.constant(node.inputs[1 - index])
     if const is None:
         return None

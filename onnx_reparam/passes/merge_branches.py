@@ -13,9 +13,9 @@ from math import gcd
 import numpy as np
 
 from .. import algebra
-from ..graph import Graph, Node, Tensor, attr, conv_geometry
+from ..graph import Graph, Node, Tensor, conv_geometry
 from ..matcher import DEFAULT_DOMAINS, Leaf, Tree, find_trees
-from . import PassLog
+from . import PassLog, inference_bn
 
 
 @dataclass
@@ -70,12 +70,11 @@ def _branch_term(graph: Graph, leaf: Leaf, node: Node) -> Term | None:
         return Term(leaf, source, np.asarray(bias, np.float64), weight.dtype, kernel=weight,
                     geometry=conv_geometry(node, weight), producer=node)
     if node.op == "BatchNormalization":
-        params = [graph.constant(t) for t in node.inputs[1:5]]
-        if attr(node, "training_mode", 0) or any(p is None for p in params) or \
-                len([t for t in node.outputs if t.name]) > 1:
+        affine = inference_bn(graph, node)
+        if isinstance(affine, str):
             return None
-        scale, shift = algebra.bn_affine(*params, attr(node, "epsilon", 1e-5))
-        return Term(leaf, source, shift, params[0].dtype, scale=scale, producer=node)
+        scale, shift = affine
+        return Term(leaf, source, shift, graph.constant(node.inputs[1]).dtype, scale=scale, producer=node)
     if node.op == "Mul":
         consts = [graph.constant(t) for t in node.inputs]
         if sum(c is not None for c in consts) != 1:

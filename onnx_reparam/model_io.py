@@ -15,6 +15,9 @@ from .errors import ReparamError, first_line
 MIN_OPSET = 9  # BatchNormalization lost `spatial`/`consumed_inputs` quirks by opset 9
 # Protobuf cannot serialize 2 GB; keep a margin for everything that is not tensor data.
 PROTOBUF_LIMIT = 2**31 - 2**27
+# Two values per byte: numpy's itemsize does not give their raw size.
+PACKED_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
+                if hasattr(onnx.TensorProto, name)}
 LARGE_TENSOR = 1 << 16  # bytes: larger initializers are left out of checker and shape inference
 
 
@@ -82,15 +85,12 @@ def _load_external(model: onnx.ModelProto, base_dir: Path) -> None:
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:
     """A truncated file or external data file shows up as raw data shorter than the dims say."""
     for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data") or tensor.data_type == onnx.TensorProto.STRING:
+        if not tensor.HasField("raw_data") or tensor.data_type in PACKED_TYPES:
             continue
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        expected = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            continue
-        if len(tensor.raw_data) != expected:
-            raise ReparamError(f"initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes, "
-                               f"its shape needs {expected}: the file or its external data is truncated")
+        expected, held = _nbytes(tensor), len(tensor.raw_data)
+        if held != expected:
+            raise ReparamError(f"initializer '{tensor.name}' holds {held} bytes, its shape needs "
+                               f"{expected}: the file or its external data is truncated")
 
 
 def fits_in_protobuf(model: onnx.ModelProto) -> bool:

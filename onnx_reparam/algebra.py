@@ -93,6 +93,49 @@ def diagonal_kernel(scale: np.ndarray, groups: int, spatial_rank: int) -> np.nda
     return kernel
 
 
+def average_kernel(channels: int, kernel: tuple[int, ...]) -> np.ndarray:
+    """Depthwise kernel of an average pool over ``kernel`` taps (padding counted)."""
+    return np.full((channels, 1) + tuple(kernel), 1.0 / np.prod(kernel))
+
+
+def compose_pointwise(outer: np.ndarray, outer_groups: int, inner: np.ndarray,
+                      inner_groups: int) -> tuple[np.ndarray, int] | None:
+    """Kernel and group count of outer(inner(x)) where ``inner`` is a 1x..x1 conv: per group
+    W[o, c] = sum_m outer[o, m] * inner[m, c]. Exact as one grouped conv when both have the same
+    groups, or when one of them is depthwise with one channel per group (then the other's grouping
+    stays); None otherwise."""
+    outer = np.asarray(outer, np.float64)
+    inner = np.asarray(inner, np.float64).reshape(inner.shape[:2])
+    middle = inner.shape[0]
+    if outer.shape[1] == 1 and outer_groups == middle == outer.shape[0]:  # outer depthwise
+        return outer * inner.reshape(inner.shape + (1,) * (outer.ndim - 2)), inner_groups
+    if inner.shape[1] == 1 and inner_groups == middle:  # inner depthwise: scales the outer's inputs
+        in_index = _input_channels(outer.shape[0], outer.shape[1], outer_groups)
+        return outer * inner[in_index, 0].reshape(in_index.shape + (1,) * (outer.ndim - 2)), outer_groups
+    if outer_groups != inner_groups:
+        return None
+    out_per_group, mid_per_group = outer.shape[0] // outer_groups, middle // inner_groups
+    result = np.empty((outer.shape[0], inner.shape[1]) + outer.shape[2:])
+    for g in range(outer_groups):
+        rows, mids = slice(g * out_per_group, (g + 1) * out_per_group), slice(g * mid_per_group, (g + 1) * mid_per_group)
+        result[rows] = np.einsum("om...,mc->oc...", outer[rows], inner[mids])
+    return result, outer_groups
+
+
+def input_shift_bias(weight: np.ndarray, groups: int, shift: np.ndarray) -> np.ndarray:
+    """What conv(x + shift) adds to conv(x) when no tap reads padding: per output channel, the
+    kernel's taps summed against the shift of the input channel each reads."""
+    in_index = _input_channels(weight.shape[0], weight.shape[1], groups)
+    tap_sums = np.asarray(weight, np.float64).reshape(weight.shape[:2] + (-1,)).sum(axis=2)
+    return (tap_sums * np.asarray(shift, np.float64)[in_index]).sum(axis=1)
+
+
+def _input_channels(out_channels: int, in_per_group: int, groups: int) -> np.ndarray:
+    """For each (output channel, column) of a grouped kernel, the input channel it reads."""
+    group_of_row = np.arange(out_channels) // (out_channels // groups)
+    return group_of_row[:, None] * in_per_group + np.arange(in_per_group)[None, :]
+
+
 def add_embedded(target: np.ndarray, weight: np.ndarray, offsets: tuple[int, ...], factor: float) -> None:
     """target += factor * weight, with ``weight`` zero-padded so that it sits at ``offsets`` (in
     taps) on the spatial axes of ``target``. Accumulates in place: no padded copy is made."""

@@ -4,10 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from .. import algebra
-from ..graph import Graph, Node, attr
+from ..graph import Graph
 from ..report import Refusal
 
 
@@ -31,19 +28,7 @@ class Pass:
     doc: str
 
 
-def inference_bn(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray] | str:
-    """(scale, shift) of a BatchNormalization in inference mode, or why it is not one."""
-    if attr(node, "training_mode", 0) or len([t for t in node.outputs if t.name]) > 1:
-        return "BatchNormalization in training mode"
-    params = [graph.constant(t) for t in node.inputs[1:5]]
-    if any(p is None for p in params):
-        return "BatchNormalization parameters are not constants"
-    return algebra.bn_affine(*params, attr(node, "epsilon", 1e-5))
-
-
 def default_passes() -> tuple[Pass, ...]:
-    from . import fold_affine, merge_branches
-    return (
-        Pass("fold_affine", fold_affine.run, fold_affine.__doc__.strip().splitlines()[0]),
-        Pass("merge_branches", merge_branches.run, merge_branches.__doc__.strip().splitlines()[0]),
-    )
+    from . import compose, fold_affine, fold_constants, merge_branches
+    return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, module.__doc__.strip().splitlines()[0])
+                 for module in (fold_constants, fold_affine, compose, merge_branches))

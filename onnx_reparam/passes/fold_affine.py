@@ -13,10 +13,11 @@ import numpy as np
 
 from .. import algebra
 from ..graph import Graph, Node, attr
+from ..linear import ChannelAffine, ConvForm, channel_affine, conv_form
 from ..matcher import Chain, ChainMatch, find_chains
-from . import PassLog, inference_bn
+from . import PassLog
 
-LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+LINEAR = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "AveragePool"})
 AFFINE = frozenset({"BatchNormalization", "Mul", "Add", "Sub", "Div"})
 PATTERNS = (
     Chain("matmul+bias+affine", (frozenset({"MatMul"}), frozenset({"Add", "Sub"}), AFFINE)),
@@ -32,10 +33,25 @@ class Linear:
     channel_axis: int  # negative: counted from the end of the output shape
     rank: int | None  # rank of the output, None when unknown
     dtype: np.dtype  # of the stored weight, which the folded one keeps
+    op: str  # what the folded layer is written as
+    attrs: dict
 
 
 def linear_of(graph: Graph, node: Node) -> Linear | None:
     """The layer's weight and bias if they are constants; None for anything else."""
+    if node.op == "AveragePool":  # folds as the depthwise conv it is
+        form = conv_form(graph, node)
+        if not isinstance(form, ConvForm):
+            return None
+        g = form.geometry
+        attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]),
+                 "dilations": list(g["dilations"]), "pads": list(g["pads"]), "group": g["group"]}
+        return Linear(form.weight, form.bias, 1 - form.weight.ndim, form.weight.ndim, form.dtype,
+                      "Conv", attrs)
+    return _weighted_layer(graph, node)
+
+
+def _weighted_layer(graph: Graph, node: Node) -> Linear | None:
     weight = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or graph.constant(node.inputs[0]) is not None:
         return None
@@ -44,10 +60,12 @@ def linear_of(graph: Graph, node: Node) -> Linear | None:
     if bias is None:
         return None
     if node.op == "Conv":
-        return Linear(weight, _vector(bias, weight.shape[0]), 1 - weight.ndim, weight.ndim, weight.dtype)
+        return Linear(weight, _vector(bias, weight.shape[0]), 1 - weight.ndim, weight.ndim, weight.dtype,
+                      node.op, dict(node.attrs))
     if node.op == "ConvTranspose":
         channels = weight.shape[1] * int(attr(node, "group", 1))
-        return Linear(weight, _vector(bias, channels), 1 - weight.ndim, weight.ndim, weight.dtype)
+        return Linear(weight, _vector(bias, channels), 1 - weight.ndim, weight.ndim, weight.dtype,
+                      node.op, dict(node.attrs))
     if weight.ndim != 2:
         return None
     if node.op == "Gemm":
@@ -56,8 +74,10 @@ def linear_of(graph: Graph, node: Node) -> Linear | None:
         if isinstance(bias, str):
             return None
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
-        return Linear(np.asarray(weight, np.float64) * alpha, bias * beta, -1, 2, weight.dtype)
-    return Linear(weight, np.zeros(weight.shape[1]), -1, Graph.rank(node.inputs[0]), weight.dtype)  # MatMul
+        attrs = {**node.attrs, "alpha": 1.0, "beta": 1.0}
+        return Linear(np.asarray(weight, np.float64) * alpha, bias * beta, -1, 2, weight.dtype, node.op, attrs)
+    return Linear(weight, np.zeros(weight.shape[1]), -1, Graph.rank(node.inputs[0]), weight.dtype,
+                  node.op, {})  # MatMul
 
 
 def _vector(bias: np.ndarray, channels: int) -> np.ndarray:
@@ -68,37 +88,18 @@ def affine_of(graph: Graph, node: Node, index: int, layer: Linear,
               channels: int) -> tuple[np.ndarray, np.ndarray] | str | None:
     """(scale, shift) of the op reading the layer's output at input ``index``; a reason if it is
     an affine op that cannot fold; None if it is not this pattern at all."""
-    if node.op == "BatchNormalization":
-        affine = inference_bn(graph, node)
-        if not isinstance(affine, str) and (layer.rank is None or 1 - layer.rank != layer.channel_axis):
-            return "BatchNormalization normalizes axis 1, which is not the layer's channel axis"
-        return affine
-    const = graph.constant(node.inputs[1 - index])
-    if const is None:
-        return None
-    vector = algebra.per_channel(const, channels, layer.channel_axis, layer.rank)
-    if isinstance(vector, str):
-        return vector
-    ones, zeros = np.ones(channels), np.zeros(channels)
-    if node.op == "Mul":
-        return vector, zeros
-    if node.op == "Add":
-        return ones, vector
-    if node.op == "Sub":
-        return (ones, -vector) if index == 0 else (-ones, vector)
-    if index == 1:
-        return None  # c / y is not affine in y
-    if not np.all(vector):
-        return "division by a constant with zeros"
-    return 1.0 / vector, zeros
+    affine = channel_affine(graph, node, channels, layer.channel_axis, layer.rank)
+    if isinstance(affine, ChannelAffine):
+        return (affine.scale, affine.shift) if affine.data_index == index else None
+    return affine
 
 
-def scaled_weight(node: Node, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    if node.op == "Conv":
+def scaled_weight(layer: Linear, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    if layer.op == "Conv":
         return algebra.scale_conv_weight(weight, scale)
-    if node.op == "ConvTranspose":
-        return algebra.scale_conv_transpose_weight(weight, scale, int(attr(node, "group", 1)))
-    out_axis = 0 if node.op == "Gemm" and attr(node, "transB", 0) else 1
+    if layer.op == "ConvTranspose":
+        return algebra.scale_conv_transpose_weight(weight, scale, int(layer.attrs.get("group", 1)))
+    out_axis = 0 if layer.op == "Gemm" and layer.attrs.get("transB", 0) else 1
     return algebra.scale_matrix_weight(weight, scale, out_axis)
 
 
@@ -132,25 +133,24 @@ def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
         log.refused(layer_node.name, f"cannot fold {affine_nodes[-1].op} into {layer_node.op}: "
                     f"{match.blocked}")
         return False
-    weight = scaled_weight(layer_node, layer.weight, scale).astype(layer.dtype)
-    _emit(graph, layer_node, weight, shift.astype(layer.dtype), affine_nodes[-1].outputs[0],
+    weight = scaled_weight(layer, layer.weight, scale).astype(layer.dtype)
+    _emit(graph, layer_node, layer, weight, shift.astype(layer.dtype), affine_nodes[-1].outputs[0],
           bias_node is not None or np.any(shift))
     log.rewrote(f"{layer_node.op}+" + "+".join(n.op for n in affine_nodes), layer_node.name)
     return True
 
 
-def _emit(graph: Graph, layer: Node, weight: np.ndarray, bias: np.ndarray, output, needs_bias: bool):
-    new_weight = graph.add_constant(layer.inputs[1].name, weight)
-    new_bias = graph.add_constant(f"{layer.name}_bias", bias)
-    data = layer.inputs[0]
+def _emit(graph: Graph, node: Node, layer: Linear, weight: np.ndarray, bias: np.ndarray, output,
+          needs_bias: bool):
+    weight_name = node.inputs[1].name if len(node.inputs) > 1 else f"{node.name}_weight"
+    new_weight = graph.add_constant(weight_name, weight)
+    new_bias = graph.add_constant(f"{node.name}_bias", bias)
+    data = node.inputs[0]
     if layer.op != "MatMul":
-        attrs = dict(layer.attrs)
-        if layer.op == "Gemm":
-            attrs.update(alpha=1.0, beta=1.0)
-        graph.add_node(layer.op, [data, new_weight, new_bias], [output], attrs, layer.name)
+        graph.add_node(layer.op, [data, new_weight, new_bias], [output], layer.attrs, node.name)
     elif not needs_bias:
-        graph.add_node("MatMul", [data, new_weight], [output], {}, layer.name)
+        graph.add_node("MatMul", [data, new_weight], [output], {}, node.name)
     else:
-        product = graph.add_variable(f"{layer.name}_out", output)
-        graph.add_node("MatMul", [data, new_weight], [product], {}, layer.name)
-        graph.add_node("Add", [product, new_bias], [output], {}, f"{layer.name}_bias")
+        product = graph.add_variable(f"{node.name}_out", output)
+        graph.add_node("MatMul", [data, new_weight], [product], {}, node.name)
+        graph.add_node("Add", [product, new_bias], [output], {}, f"{node.name}_bias")

@@ -1,9 +1,12 @@
-"""Merges parallel linear branches of one tensor, summed by Add/Sum/Sub, into one Conv.
+"""Merges parallel linear branches of one tensor, summed by Add/Sum/Sub, into one Conv or Gemm.
 
-Each leaf of the sum is a linear function of some tensor X: Conv(X) is its kernel, BN(X) or a
-per-channel Mul(X, c) a diagonal kernel, X itself the identity kernel, a constant a bias. Leaves of
-the same X are embedded in one kernel size (offset (PB - pb) / dilation on each axis), regrouped to
-the gcd of their group counts and added, with their signs. Leaves of other tensors stay in the sum.
+Each leaf of the sum is a linear function of some tensor X: Conv(X) is its kernel (seen through
+padding/cropping and a pointwise layer before it, linear.conv_chain), AveragePool a 1/k^2 depthwise
+kernel, BN(X) or a per-channel Mul(X, c) a diagonal kernel, X itself the identity kernel, a constant
+a bias. Leaves of the same X are embedded in one kernel size (offset (PB - pb) / dilation on each
+axis; a crop is a negative pad), regrouped to the gcd of their group counts and added, with their
+signs. Gemm/MatMul leaves (features on the last axis) add up to one weight matrix the same way.
+Leaves of other tensors stay in the sum.
 """
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from math import gcd
 import numpy as np
 
 from .. import algebra
-from ..graph import Graph, Node, Tensor, conv_geometry
+from ..graph import Graph, Node, Tensor, attr
+from ..linear import ConvForm, conv_chain, inference_bn
 from ..matcher import DEFAULT_DOMAINS, Leaf, Tree, find_trees
-from . import PassLog, inference_bn
+from . import PassLog
 
 
 @dataclass
@@ -25,15 +29,33 @@ class Term:
     source: Tensor
     bias: np.ndarray | float
     dtype: np.dtype | None
-    kernel: np.ndarray | None = None  # conv weight
-    geometry: dict | None = None  # conv attributes, see conv_geometry
+    kernel: np.ndarray | None = None  # conv weight, or (out, in) matrix of a Gemm/MatMul
+    geometry: dict | None = None  # conv attributes (explicit pads); None for a matrix
     scale: np.ndarray | float = 1.0  # diagonal scale (1.0: the identity); unused for convs
     scale_const: np.ndarray | None = None  # Mul's constant, checked once the rank is known
-    producer: Node | None = None
+    nodes: list[Node] = field(default_factory=list)  # what computes the leaf from ``source``
 
     @property
     def is_conv(self) -> bool:
-        return self.kernel is not None
+        return self.kernel is not None and self.geometry is not None
+
+    @property
+    def is_matrix(self) -> bool:
+        return self.kernel is not None and self.geometry is None
+
+
+@dataclass
+class Merged:
+    """One group's terms as one layer: Conv (attrs set) or fully connected (weight (out, in))."""
+    group: Group
+    weight: np.ndarray
+    bias: np.ndarray
+    attrs: dict | None
+
+    @property
+    def node_count(self) -> int:
+        matmul_with_bias = self.attrs is None and Graph.rank(self.group.source) != 2 and np.any(self.bias)
+        return 2 if matmul_with_bias else 1
 
 
 @dataclass
@@ -62,27 +84,46 @@ def _branch_term(graph: Graph, leaf: Leaf, node: Node) -> Term | None:
     source = node.inputs[0] if node.inputs else None
     if source is None or graph.constant(source) is not None:
         return None
-    if node.op == "Conv":
-        weight = graph.constant(node.inputs[1])
-        bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
-        if weight is None or bias is None:
+    if node.op in ("Conv", "AveragePool"):
+        form, _ = conv_chain(graph, node)
+        if not isinstance(form, ConvForm):
             return None
-        return Term(leaf, source, np.asarray(bias, np.float64), weight.dtype, kernel=weight,
-                    geometry=conv_geometry(node, weight), producer=node)
+        return Term(leaf, form.source, form.bias, form.dtype, kernel=form.weight,
+                    geometry=form.geometry, nodes=form.nodes)
     if node.op == "BatchNormalization":
         affine = inference_bn(graph, node)
         if isinstance(affine, str):
             return None
         scale, shift = affine
-        return Term(leaf, source, shift, graph.constant(node.inputs[1]).dtype, scale=scale, producer=node)
+        return Term(leaf, source, shift, graph.constant(node.inputs[1]).dtype, scale=scale, nodes=[node])
     if node.op == "Mul":
         consts = [graph.constant(t) for t in node.inputs]
         if sum(c is not None for c in consts) != 1:
             return None
         index = 0 if consts[1] is not None else 1
         const = consts[1 - index]
-        return Term(leaf, node.inputs[index], 0.0, const.dtype, scale_const=const, producer=node)
+        return Term(leaf, node.inputs[index], 0.0, const.dtype, scale_const=const, nodes=[node])
+    if node.op in ("Gemm", "MatMul"):
+        return _matrix_term(graph, leaf, node, source)
     return None
+
+
+def _matrix_term(graph: Graph, leaf: Leaf, node: Node, source: Tensor) -> Term | None:
+    """Gemm/MatMul with a constant 2-D weight as an (out, in) matrix and a bias vector."""
+    weight = graph.constant(node.inputs[1])
+    if weight is None or weight.ndim != 2 or (node.op == "Gemm" and attr(node, "transA", 0)):
+        return None
+    matrix = np.asarray(weight, np.float64)
+    if node.op == "MatMul":
+        return Term(leaf, source, 0.0, weight.dtype, kernel=matrix.T, nodes=[node])
+    if not attr(node, "transB", 0):
+        matrix = matrix.T
+    bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
+    bias = algebra.per_channel(np.asarray(bias), matrix.shape[0], -1, 2) if bias is not None else "computed"
+    if isinstance(bias, str):
+        return None
+    return Term(leaf, source, bias * attr(node, "beta", 1.0), weight.dtype,
+                kernel=matrix * attr(node, "alpha", 1.0), nodes=[node])
 
 
 def run(graph: Graph, log: PassLog) -> None:
@@ -104,13 +145,13 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
         groups.setdefault(term.source.name, Group(term.source)).terms.append(term)
         if note:
             kept_apart[graph.producer(leaf.tensor).inputs[0].name] = note
-    merged: list[tuple[Group, np.ndarray, np.ndarray, dict]] = []
+    merged: list[Merged] = []
     rest: list[Leaf] = []
     for name, group in groups.items():
-        mergeable = len(group.terms) >= 2 and any(t.producer is not None for t in group.terms)
+        mergeable = len(group.terms) >= 2 and any(t.nodes for t in group.terms)
         result = _merge_group(graph, group) if mergeable else None
-        if isinstance(result, tuple):
-            merged.append((group,) + result)
+        if isinstance(result, Merged):
+            merged.append(result)
             continue
         if isinstance(result, str):
             log.refused(tree.root.name, f"branches of '{name}' not merged: {result}")
@@ -120,14 +161,14 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     if not merged:
         return False
     rest += _absorb_constants(merged[0], constants)
-    removed = len(tree.nodes) + sum(1 for g, *_ in merged for t in g.terms if t.producer is not None)
-    added = len(merged) + _combination_nodes(len(merged) + len(rest), rest)
+    removed = len(tree.nodes) + sum(len(t.nodes) for m in merged for t in m.group.terms)
+    added = sum(m.node_count for m in merged) + _combination_nodes(len(merged) + len(rest), rest)
     if added > removed:
         log.refused(tree.root.name, "merging would not reduce the number of nodes")
         return False
     _emit(graph, tree, merged, rest)
-    for group, *_ in merged:
-        ops = "+".join(sorted(t.producer.op if t.producer else "identity" for t in group.terms))
+    for m in merged:
+        ops = "+".join(sorted("+".join(n.op for n in reversed(t.nodes)) or "identity" for t in m.group.terms))
         log.rewrote(f"branches({ops})", tree.root.name)
     return True
 
@@ -140,22 +181,26 @@ def _combination_nodes(addends: int, rest: list[Leaf]) -> int:
     return 1 + (negatives > 0) * ((positives > 1) + (negatives > 1))
 
 
-def _absorb_constants(first: tuple, constants: list[Leaf]) -> list[Leaf]:
-    """Per-channel constants in the sum become the merged conv's bias; others stay addends."""
-    group, kernel, bias, attrs = first
-    rank = kernel.ndim
+def _absorb_constants(first: Merged, constants: list[Leaf]) -> list[Leaf]:
+    """Per-channel constants in the sum become the merged layer's bias; others stay addends."""
+    if first.attrs is None:
+        axis, rank = -1, Graph.rank(first.group.source)
+    else:
+        axis, rank = 1 - first.weight.ndim, first.weight.ndim
     kept = []
     for leaf in constants:
-        value = algebra.per_channel(np.asarray(leaf.tensor.values), kernel.shape[0], 1 - rank, rank)
+        value = algebra.per_channel(np.asarray(leaf.tensor.values), first.weight.shape[0], axis, rank)
         if isinstance(value, str):
             kept.append(leaf)
         else:
-            bias += leaf.sign * value
+            first.bias += leaf.sign * value
     return kept
 
 
-def _merge_group(graph: Graph, group: Group) -> tuple[np.ndarray, np.ndarray, dict] | str:
-    """The merged kernel, bias and Conv attributes of a group's terms, or why they do not merge."""
+def _merge_group(graph: Graph, group: Group) -> Merged | str:
+    """The group's terms as one layer, or why they do not merge."""
+    if any(t.is_matrix for t in group.terms):
+        return _merge_matrices(group)
     convs = [t for t in group.terms if t.is_conv]
     diagonals = [t for t in group.terms if not t.is_conv]
     rank = convs[0].kernel.ndim if convs else graph.rank(group.source)
@@ -171,18 +216,12 @@ def _merge_group(graph: Graph, group: Group) -> tuple[np.ndarray, np.ndarray, di
     if isinstance(channels, str):
         return channels
     in_channels, out_channels = channels
-    for t in diagonals:
-        if t.scale_const is not None:
-            scale = algebra.per_channel(t.scale_const, out_channels, 1 - rank, rank)
-            if isinstance(scale, str):
-                return f"Mul branch: {scale}"
-            t.scale = scale
-    geometries = [_explicit_geometry(t.geometry, shape) for t in convs]
-    if any(isinstance(g, str) for g in geometries):
-        return next(g for g in geometries if isinstance(g, str))
+    scales = _diagonal_scales(diagonals, out_channels, 1 - rank, rank)
+    if isinstance(scales, str):
+        return scales
     unit = {"kernel": (1,) * spatial, "strides": (1,) * spatial, "dilations": (1,) * spatial,
             "pads": (0,) * 2 * spatial}
-    geometries += [unit] * len(diagonals)
+    geometries = [t.geometry for t in convs] + [unit] * len(diagonals)
     strides = {g["strides"] for g in geometries}
     if len(strides) != 1:
         reason = "an identity or diagonal branch needs stride 1" if diagonals else "strides differ"
@@ -200,6 +239,8 @@ def _merge_group(graph: Graph, group: Group) -> tuple[np.ndarray, np.ndarray, di
                                  shape[2 + axis] if shape else None)
         if isinstance(plan, str):
             return f"axis {axis}: {plan}"
+        if min(plan.pad_begin, plan.pad_end) < 0:
+            return f"axis {axis}: every branch crops its input (merged pads {plan.pad_begin}, {plan.pad_end})"
         plans.append(plan)
     groups = 0
     for t in convs:
@@ -210,12 +251,59 @@ def _merge_group(graph: Graph, group: Group) -> tuple[np.ndarray, np.ndarray, di
     bias = np.zeros(out_channels)
     for i, term in enumerate(convs + diagonals):
         small = algebra.regroup_kernel(term.kernel, term.geometry["group"], groups) if term.is_conv \
-            else algebra.diagonal_kernel(np.broadcast_to(term.scale, (out_channels,)), groups, spatial)
+            else algebra.diagonal_kernel(np.broadcast_to(scales[i - len(convs)], (out_channels,)), groups, spatial)
         algebra.add_embedded(kernel, small, tuple(p.offsets[i] for p in plans), term.leaf.sign)
         bias += term.leaf.sign * np.broadcast_to(term.bias, (out_channels,))
     attrs = {"kernel_shape": list(size), "strides": list(stride), "dilations": dilations,
              "pads": [p.pad_begin for p in plans] + [p.pad_end for p in plans], "group": groups}
-    return kernel, bias, attrs
+    return Merged(group, kernel, bias, attrs)
+
+
+def _diagonal_scales(diagonals: list[Term], channels: int, axis: int,
+                     rank: int | None) -> list[np.ndarray | float] | str:
+    """Each identity/diagonal term's scale, a Mul constant checked to be per channel."""
+    scales = []
+    for t in diagonals:
+        if t.scale_const is None:
+            scales.append(t.scale)
+            continue
+        scale = algebra.per_channel(t.scale_const, channels, axis, rank)
+        if isinstance(scale, str):
+            return f"Mul branch: {scale}"
+        scales.append(scale)
+    return scales
+
+
+def _merge_matrices(group: Group) -> Merged | str:
+    """Fully connected terms (features on the last axis) summed into one (out, in) matrix."""
+    matrices = [t for t in group.terms if t.is_matrix]
+    diagonals = [t for t in group.terms if not t.is_matrix]
+    if any(t.is_conv for t in diagonals):
+        return "convolution and fully connected branches on one tensor"
+    rank = Graph.rank(group.source)
+    shapes = {t.kernel.shape for t in matrices}
+    if len(shapes) != 1:
+        return f"fully connected weights differ in shape {sorted(shapes)}"
+    out_features, in_features = shapes.pop()
+    last = group.source.shape[-1] if group.source.shape else None
+    if isinstance(last, int) and last != in_features:
+        return f"input has {last} features, the weights {in_features}"
+    if diagonals and out_features != in_features:
+        return f"an identity or diagonal branch needs as many outputs as inputs ({out_features} vs {in_features})"
+    if any(t.nodes and t.nodes[0].op == "BatchNormalization" for t in diagonals) and rank != 2:
+        return "BatchNormalization normalizes axis 1, which is not the feature axis"
+    scales = _diagonal_scales(diagonals, out_features, -1, rank)
+    if isinstance(scales, str):
+        return scales
+    weight = np.zeros((out_features, in_features))
+    bias = np.zeros(out_features)
+    for term in matrices:
+        weight += term.leaf.sign * term.kernel
+        bias += term.leaf.sign * np.broadcast_to(term.bias, (out_features,))
+    for term, scale in zip(diagonals, scales):
+        weight[np.diag_indices(out_features)] += term.leaf.sign * np.broadcast_to(scale, (out_features,))
+        bias += term.leaf.sign * np.broadcast_to(term.bias, (out_features,))
+    return Merged(group, weight, bias, None)
 
 
 def _channels(source: Tensor, convs: list[Term], diagonals: list[Term],
@@ -242,41 +330,39 @@ def _channels(source: Tensor, convs: list[Term], diagonals: list[Term],
     return next(iter(ins), out_channels), out_channels
 
 
-def _explicit_geometry(geometry: dict, shape: tuple[int, ...] | None) -> dict | str:
-    """Turns auto_pad into explicit pads, which needs the input's spatial size for SAME_*."""
-    auto_pad = geometry["auto_pad"]
-    if auto_pad in ("NOTSET", ""):
-        return geometry
-    spatial = len(geometry["kernel"])
-    if auto_pad == "VALID":
-        return {**geometry, "pads": (0,) * 2 * spatial}
-    if shape is None:
-        return f"auto_pad {auto_pad} with an input of unknown size"
-    pairs = [algebra.same_pads(shape[2 + a], geometry["kernel"][a], geometry["strides"][a],
-                               geometry["dilations"][a], auto_pad == "SAME_UPPER") for a in range(spatial)]
-    return {**geometry, "pads": tuple(p[0] for p in pairs) + tuple(p[1] for p in pairs)}
-
-
-def _emit(graph: Graph, tree: Tree, merged: list, rest: list[Leaf]) -> None:
+def _emit(graph: Graph, tree: Tree, merged: list[Merged], rest: list[Leaf]) -> None:
     output = tree.root.outputs[0]
     direct = not rest and len(merged) == 1
     addends = list(rest)
-    for group, kernel, bias, attrs in merged:
-        dtype = next(t.dtype for t in group.terms if t.dtype is not None)
-        weight = graph.add_constant(f"{tree.root.name}_weight", kernel.astype(dtype))
-        bias_const = graph.add_constant(f"{tree.root.name}_bias", bias.astype(dtype))
-        target = output if direct else graph.add_variable(f"{tree.root.name}_branch", output)
-        graph.add_node("Conv", [group.source, weight, bias_const], [target], attrs, tree.root.name)
+    name = tree.root.name
+    for m in merged:
+        dtype = next(t.dtype for t in m.group.terms if t.dtype is not None)
+        bias = graph.add_constant(f"{name}_bias", m.bias.astype(dtype))
+        target = output if direct else graph.add_variable(f"{name}_branch", output)
+        if m.attrs is not None:
+            weight = graph.add_constant(f"{name}_weight", m.weight.astype(dtype))
+            graph.add_node("Conv", [m.group.source, weight, bias], [target], m.attrs, name)
+        elif Graph.rank(m.group.source) == 2:
+            weight = graph.add_constant(f"{name}_weight", m.weight.astype(dtype))
+            graph.add_node("Gemm", [m.group.source, weight, bias], [target], {"transB": 1}, name)
+        else:
+            weight = graph.add_constant(f"{name}_weight", m.weight.T.astype(dtype))
+            if m.node_count == 1:
+                graph.add_node("MatMul", [m.group.source, weight], [target], {}, name)
+            else:
+                product = graph.add_variable(f"{name}_product", output)
+                graph.add_node("MatMul", [m.group.source, weight], [product], {}, name)
+                graph.add_node("Add", [product, bias], [target], {}, name)
         addends.append(Leaf(target, 1.0))
     if not direct:
         positives = [leaf.tensor for leaf in addends if leaf.sign > 0]
         negatives = [leaf.tensor for leaf in addends if leaf.sign < 0]
         if not negatives:
-            _sum(graph, positives, output, tree.root.name)
+            _sum(graph, positives, output, name)
         else:
-            minuend = _sum(graph, positives, None, tree.root.name, like=output)
-            subtrahend = _sum(graph, negatives, None, tree.root.name, like=output)
-            graph.add_node("Sub", [minuend, subtrahend], [output], {}, tree.root.name)
+            minuend = _sum(graph, positives, None, name, like=output)
+            subtrahend = _sum(graph, negatives, None, name, like=output)
+            graph.add_node("Sub", [minuend, subtrahend], [output], {}, name)
 
 
 def _sum(graph: Graph, tensors: list[Tensor], output: Tensor | None, name: str,

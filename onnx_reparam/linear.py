@@ -1,0 +1,233 @@
+"""Nodes read as linear maps, for the passes to combine.
+
+- per-channel affine maps y = x * scale + shift: inference BatchNormalization, and Mul/Add/Sub/Div
+  by a constant that varies only along the channel axis;
+- convolutions with constant weights: Conv, and AveragePool as a depthwise conv with a 1/k^2 kernel;
+- conv chains: a conv whose input is a padded/cropped view (routing.py) of the output of a
+  pointwise conv or per-channel affine map composes into one conv on that map's input, when what
+  the padding writes equals what the pointwise map gives on a zero input (DESIGN.md section 4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import algebra
+from .graph import Graph, Node, Tensor, attr, conv_geometry
+from .routing import PadView, pad_view
+
+
+def inference_bn(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray] | str:
+    """(scale, shift) of a BatchNormalization in inference mode, or why it is not one."""
+    if attr(node, "training_mode", 0) or len([t for t in node.outputs if t.name]) > 1:
+        return "BatchNormalization in training mode"
+    params = [graph.constant(t) for t in node.inputs[1:5]]
+    if any(p is None for p in params):
+        return "BatchNormalization parameters are not constants"
+    return algebra.bn_affine(*params, attr(node, "epsilon", 1e-5))
+
+
+@dataclass
+class ChannelAffine:
+    data_index: int  # which input of the node is the data
+    scale: np.ndarray  # float64, per channel
+    shift: np.ndarray
+
+
+def channel_affine(graph: Graph, node: Node, channels: int, axis: int,
+                   rank: int | None) -> ChannelAffine | str | None:
+    """The node as y = x * scale + shift along the channel axis ``axis`` (negative, from the end)
+    of a ``channels``-channel tensor of rank ``rank``; a reason if it is such an op but not that
+    map; None if it is not an affine op with one constant."""
+    if node.op == "BatchNormalization":
+        affine = inference_bn(graph, node)
+        if isinstance(affine, str):
+            return affine
+        if rank is None or 1 - rank != axis:
+            return "BatchNormalization normalizes axis 1, which is not the layer's channel axis"
+        if len(affine[0]) != channels:
+            return f"BatchNormalization has {len(affine[0])} channels, the layer {channels}"
+        return ChannelAffine(0, *affine)
+    if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
+        return None
+    consts = [graph.constant(t) for t in node.inputs]
+    if (consts[0] is None) == (consts[1] is None):
+        return None
+    index = 0 if consts[1] is not None else 1
+    vector = algebra.per_channel(consts[1 - index], channels, axis, rank)
+    if isinstance(vector, str):
+        return vector
+    ones, zeros = np.ones(channels), np.zeros(channels)
+    if node.op == "Mul":
+        return ChannelAffine(index, vector, zeros)
+    if node.op == "Add":
+        return ChannelAffine(index, ones, vector)
+    if node.op == "Sub":
+        return ChannelAffine(index, ones, -vector) if index == 0 else ChannelAffine(index, -ones, vector)
+    if index == 1:
+        return None  # c / x is not affine in x
+    if not np.all(vector):
+        return "division by a constant with zeros"
+    return ChannelAffine(index, 1.0 / vector, zeros)
+
+
+@dataclass
+class ConvForm:
+    """A convolution y = conv(x, weight) + bias with explicit pads (possibly negative: a crop)."""
+    source: Tensor
+    weight: np.ndarray  # float64 unless it is the stored weight itself
+    bias: np.ndarray  # float64, one entry per output channel
+    geometry: dict  # see graph.conv_geometry; auto_pad resolved
+    dtype: np.dtype  # fused weights are cast back to this
+    nodes: list[Node] = field(default_factory=list)  # the nodes it replaces, last one first
+
+
+def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
+    """Conv or AveragePool with constant parameters as a conv; a reason if it is one of them but
+    not an exact conv; None otherwise."""
+    if node.domain not in ("", "ai.onnx", None) or not node.inputs:
+        return None
+    source = node.inputs[0]
+    if graph.constant(source) is not None:
+        return None
+    if node.op == "Conv" and len(node.inputs) > 1:
+        weight = graph.constant(node.inputs[1])
+        bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
+        if weight is None or bias is None:
+            return None
+        bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (weight.shape[0],)).copy()
+        geometry = conv_geometry(node, weight)
+    elif node.op == "AveragePool":
+        kernel = tuple(attr(node, "kernel_shape", ()))
+        channels = source.shape[1] if source.shape is not None and len(source.shape) == len(kernel) + 2 else None
+        if not isinstance(channels, int) or source.dtype is None:
+            return "AveragePool over an input of unknown channel count"
+        pads = tuple(attr(node, "pads", [0] * 2 * len(kernel)))
+        if any(pads) and not attr(node, "count_include_pad", 0):
+            return "AveragePool excludes padding from its count (count_include_pad=0)"
+        if attr(node, "ceil_mode", 0):
+            return "AveragePool with ceil_mode=1"
+        weight = algebra.average_kernel(channels, kernel)
+        bias = np.zeros(channels)
+        geometry = {**conv_geometry(node, weight), "group": channels}
+    else:
+        return None
+    geometry = explicit_geometry(geometry, Graph.static_shape(source))
+    if isinstance(geometry, str):
+        return geometry
+    dtype = np.dtype(source.dtype) if node.op == "AveragePool" else weight.dtype
+    return ConvForm(source, weight, bias, geometry, dtype, [node])
+
+
+def explicit_geometry(geometry: dict, shape: tuple[int, ...] | None) -> dict | str:
+    """Turns auto_pad into explicit pads, which needs the input's spatial size for SAME_*."""
+    auto_pad = geometry["auto_pad"]
+    if auto_pad in ("NOTSET", ""):
+        return geometry
+    spatial = len(geometry["kernel"])
+    if auto_pad == "VALID":
+        return {**geometry, "pads": (0,) * 2 * spatial, "auto_pad": "NOTSET"}
+    if shape is None:
+        return f"auto_pad {auto_pad} with an input of unknown size"
+    pairs = [algebra.same_pads(shape[2 + a], geometry["kernel"][a], geometry["strides"][a],
+                               geometry["dilations"][a], auto_pad == "SAME_UPPER") for a in range(spatial)]
+    return {**geometry, "pads": tuple(p[0] for p in pairs) + tuple(p[1] for p in pairs), "auto_pad": "NOTSET"}
+
+
+def pointwise_form(graph: Graph, tensor: Tensor) -> ConvForm | None:
+    """The producer of ``tensor`` as a pointwise conv (1x1 Conv with stride 1 and no padding, or a
+    per-channel affine map), when ``tensor`` is read by one node only."""
+    node = graph.producer(tensor)
+    if node is None or graph.shared_reason(tensor) is not None or tensor.shape is None:
+        return None
+    rank = len(tensor.shape)
+    form = conv_form(graph, node)
+    if isinstance(form, ConvForm):
+        g = form.geometry
+        pointwise = all(k == 1 for k in g["kernel"]) and all(s == 1 for s in g["strides"]) \
+            and not any(g["pads"])
+        return form if pointwise and node.op == "Conv" else None
+    channels = tensor.shape[1] if rank >= 3 else None
+    if not isinstance(channels, int):
+        return None
+    affine = channel_affine(graph, node, channels, 1 - rank, rank)
+    if not isinstance(affine, ChannelAffine):
+        return None
+    spatial = rank - 2
+    weight = algebra.diagonal_kernel(affine.scale, channels, spatial)
+    geometry = {"kernel": (1,) * spatial, "strides": (1,) * spatial, "dilations": (1,) * spatial,
+                "pads": (0,) * 2 * spatial, "group": channels, "auto_pad": "NOTSET"}
+    dtype = np.dtype(tensor.dtype)
+    return ConvForm(node.inputs[affine.data_index], weight, affine.shift, geometry, dtype, [node])
+
+
+def conv_chain(graph: Graph, node: Node) -> tuple[ConvForm | str | None, str | None]:
+    """``node`` as a conv on the furthest tensor it can be traced back to (through a pad/crop view
+    and one pointwise map), and, when it stops short, why."""
+    outer = conv_form(graph, node)
+    if not isinstance(outer, ConvForm):
+        return outer, None
+    view = pad_view(graph, outer.source) if graph.shared_reason(outer.source) is None else None
+    if isinstance(view, str):
+        return outer, None
+    data = view.source if view is not None else outer.source
+    inner = pointwise_form(graph, data)
+    note = None
+    if inner is not None:
+        composed = _compose(outer, view, inner)
+        if isinstance(composed, ConvForm):
+            return composed, None
+        note = composed
+    if view is not None:
+        viewed = _through_view(outer, view, np.zeros(outer.weight.shape[1] * outer.geometry["group"]))
+        if isinstance(viewed, ConvForm):
+            return viewed, note
+        note = note or viewed
+    return outer, note
+
+
+def _through_view(outer: ConvForm, view: PadView, ring_value: np.ndarray) -> ConvForm | str:
+    """The conv reading the view's source, its pads grown by the view's padding (shrunk by its
+    cropping), when the view pads with ``ring_value`` and the conv's own zero padding does not
+    land inside the source."""
+    spatial = len(outer.geometry["kernel"])
+    pads = list(outer.geometry["pads"])
+    for axis, (begin, end) in enumerate(zip(view.begins, view.ends)):
+        for side, amount in ((axis, begin), (axis + spatial, end)):
+            if amount < 0 and pads[side] > 0:
+                return "the conv pads a cropped input with zeros"
+            pads[side] += amount
+    if view.border is not None:
+        if len(view.border) != len(ring_value) or not _close(view.border, ring_value, outer.dtype):
+            return "the input is padded with values other than what the layer before gives on zeros"
+    return ConvForm(view.source, outer.weight, outer.bias, {**outer.geometry, "pads": tuple(pads)},
+                    outer.dtype, outer.nodes + view.nodes)
+
+
+def _compose(outer: ConvForm, view: PadView | None, inner: ConvForm) -> ConvForm | str:
+    """outer(view(inner(x))) as one conv on x, or why not: every value the outer conv reads from
+    padding must equal what ``inner`` gives on zero input, its bias."""
+    if any(outer.geometry["pads"]) and np.any(inner.bias):
+        return "the conv pads with zeros a tensor whose layer has a non-zero bias"
+    if view is not None:
+        outer = _through_view(outer, view, inner.bias)
+        if isinstance(outer, str):
+            return outer
+    composed = algebra.compose_pointwise(outer.weight, outer.geometry["group"], inner.weight,
+                                         inner.geometry["group"])
+    if composed is None:
+        return (f"groups {inner.geometry['group']} then {outer.geometry['group']} do not compose "
+                "into one grouped conv")
+    weight, groups = composed
+    bias = outer.bias + algebra.input_shift_bias(outer.weight, outer.geometry["group"], inner.bias)
+    geometry = {**outer.geometry, "group": groups}
+    return ConvForm(inner.source, weight, bias, geometry, outer.dtype, outer.nodes + inner.nodes)
+
+
+def _close(a: np.ndarray, b: np.ndarray, dtype: np.dtype) -> bool:
+    """Equal up to the rounding of values computed in ``dtype`` (the exporter computed one side in
+    it, this library the other in float64)."""
+    eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else 0.0
+    scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
+    return bool(np.all(np.abs(np.asarray(a, np.float64) - b) <= 16 * eps * scale))

@@ -1,0 +1,113 @@
+"""Composes a layer with the linear maps right before it: a conv with the padding/cropping
+subgraph and the pointwise conv or per-channel affine map (BN, Mul/Add by a constant) feeding it;
+a Gemm/MatMul with the per-feature affine map feeding it.
+
+conv_k(pad_v(conv_1x1(x))) is one conv_k on x with the pads added, exact when every padded value
+equals what the 1x1 conv gives on zeros (its bias): DBB's 1x1-then-kxk branch. BN(x) before a conv
+or FC folds into its input side (W' = W * s per input channel, b' = b + W t), exact when the conv
+reads no zero padding or the shift is zero. A composition that would cost more multiply-adds than
+the layers it replaces (a 1x1 bottleneck before a kxk conv) is left alone.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import algebra
+from ..graph import Graph, Node, attr
+from ..linear import ChannelAffine, ConvForm, channel_affine, conv_chain
+from . import PassLog
+
+
+def run(graph: Graph, log: PassLog) -> None:
+    done: set[int] = set()
+    for node in graph.nodes():
+        if id(node) in done:
+            continue
+        if node.op in ("Conv", "AveragePool"):
+            replaced = _compose_conv(graph, node, log)
+        elif node.op in ("Gemm", "MatMul"):
+            replaced = _compose_matrix(graph, node, log)
+        else:
+            continue
+        done.update(id(n) for n in replaced)
+
+
+def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
+    form, note = conv_chain(graph, node)
+    if note:
+        log.refused(node.name, note)
+    if not isinstance(form, ConvForm) or len(form.nodes) == 1:
+        return []
+    pads = form.geometry["pads"]
+    if min(pads) < 0:
+        log.refused(node.name, f"composing would need negative pads {list(pads)}")
+        return []
+    before = sum(_macs(graph, n) for n in form.nodes)
+    after = _macs(graph, node, form.weight)
+    if after > before:
+        log.refused(node.name, f"composing would add work ({after} multiply-adds per image, {before} now)")
+        return []
+    g = form.geometry
+    attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]),
+             "dilations": list(g["dilations"]), "pads": list(pads), "group": g["group"]}
+    weight = graph.add_constant(f"{node.name}_weight", np.asarray(form.weight).astype(form.dtype))
+    bias = graph.add_constant(f"{node.name}_bias", form.bias.astype(form.dtype))
+    graph.add_node("Conv", [form.source, weight, bias], [node.outputs[0]], attrs, node.name)
+    log.rewrote("+".join(n.op for n in reversed(form.nodes)), node.name)
+    return form.nodes
+
+
+def _macs(graph: Graph, node: Node, weight: np.ndarray | None = None) -> int:
+    """Multiply-adds per image of a conv-like node (with ``weight`` in its place), or one per
+    output element for an elementwise node; unknown sizes count as 1."""
+    out_shape = node.outputs[0].shape or ()
+    elements = int(np.prod([d for d in out_shape[1:] if isinstance(d, int)] or [1]))
+    if weight is None:
+        if node.op == "Conv":
+            weight = graph.constant(node.inputs[1])
+        elif node.op == "AveragePool":
+            return elements * int(np.prod(attr(node, "kernel_shape", [1])))
+        else:
+            return elements
+    return elements * int(np.prod(weight.shape[1:]))
+
+
+def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
+    """FC(affine(y)) = y @ (s * W) + (t @ W + b) along the feature axis K of the FC's input."""
+    weight = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    data = node.inputs[0]
+    prior = graph.producer(data)
+    if weight is None or weight.ndim != 2 or prior is None or graph.shared_reason(data) is not None:
+        return []
+    if node.op == "Gemm" and attr(node, "transA", 0):
+        return []
+    trans_b = node.op == "Gemm" and attr(node, "transB", 0)
+    features = weight.shape[1] if trans_b else weight.shape[0]
+    affine = channel_affine(graph, prior, features, -1, Graph.rank(data))
+    if not isinstance(affine, ChannelAffine):
+        if isinstance(affine, str):
+            log.refused(node.name, f"cannot fold {prior.op} into {node.op}: {affine}")
+        return []
+    matrix = np.asarray(weight, np.float64).T if trans_b else np.asarray(weight, np.float64)  # (K, N)
+    shift = affine.shift @ matrix
+    scaled = algebra.scale_matrix_weight(matrix, affine.scale, 0)
+    source = prior.inputs[affine.data_index]
+    if node.op == "Gemm":
+        bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
+        if bias is None:
+            return []
+        bias = algebra.per_channel(np.asarray(bias), matrix.shape[1], -1, 2)
+        if isinstance(bias, str):
+            return []
+        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
+        inputs = [source, graph.add_constant(node.inputs[1].name, (scaled * alpha).astype(weight.dtype)),
+                  graph.add_constant(f"{node.name}_bias", (shift * alpha + bias * beta).astype(weight.dtype))]
+        graph.add_node("Gemm", inputs, [node.outputs[0]], {}, node.name)
+    elif np.any(shift):
+        log.refused(node.name, f"folding {prior.op} into MatMul would need a bias Add (no fewer nodes)")
+        return []
+    else:
+        inputs = [source, graph.add_constant(node.inputs[1].name, scaled.astype(weight.dtype))]
+        graph.add_node("MatMul", inputs, [node.outputs[0]], {}, node.name)
+    log.rewrote(f"{prior.op}+{node.op}", node.name)
+    return [node, prior]

@@ -1,0 +1,133 @@
+"""Recognises a tensor that is another tensor padded (with per-channel values) or cropped, whatever
+data-movement ops an exporter used to build it: Pad, Slice, ScatterND writes of the border,
+Transpose pairs, Concat, Reshape...
+
+Such ops copy values without looking at them, so where each output element comes from does not
+depend on the values. Running the subgraph once on the input's element numbers 1..n and once on
+their negatives therefore shows exactly which output element is which input element (it flips
+sign) and which is a constant (it does not). The subgraph is a pad/crop view of its input when the
+copied elements are the input shifted by a fixed offset on the spatial axes and everything else is
+one constant per channel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from .graph import Graph, Node, Tensor
+
+ROUTING_OPS = frozenset({"Pad", "Slice", "ScatterND", "ScatterElements", "Concat", "Transpose",
+                         "Identity", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten",
+                         "Gather", "Tile"})
+MAX_NODES = 64  # a border written piecewise takes a handful of nodes; more is not this pattern
+EXACT_INTEGERS = {np.dtype(np.float16): 2**11, np.dtype(np.float32): 2**24, np.dtype(np.float64): 2**53}
+
+
+@dataclass
+class PadView:
+    """``tensor`` equals ``source`` padded by ``begins``/``ends`` on each spatial axis (negative:
+    cropped), the padding of channel c holding ``border[c]`` (None where nothing is padded)."""
+    source: Tensor
+    begins: tuple[int, ...]
+    ends: tuple[int, ...]
+    border: np.ndarray | None
+    nodes: list[Node]
+
+
+def pad_view(graph: Graph, tensor: Tensor) -> PadView | str | None:
+    """The view ``tensor`` is, why it is not one, or None when no data-movement op produces it."""
+    node = graph.producer(tensor)
+    if node is None or node.op not in ROUTING_OPS or node.domain not in ("", "ai.onnx", None):
+        return None
+    nodes, source = _subgraph(graph, tensor)
+    if isinstance(nodes, str):
+        return nodes
+    in_shape, out_shape = Graph.static_shape(source), Graph.static_shape(tensor)
+    if in_shape is None or out_shape is None or len(in_shape) != len(out_shape) or len(in_shape) < 3:
+        return "padding/cropping ops on a tensor of unknown or different shape"
+    dtype = np.dtype(source.dtype)
+    if np.prod(in_shape) >= EXACT_INTEGERS.get(dtype, 0):
+        return f"padding/cropping ops: {dtype} cannot number {int(np.prod(in_shape))} elements exactly"
+    numbers = np.arange(1, np.prod(in_shape) + 1, dtype=dtype).reshape(in_shape)
+    plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
+    return _as_view(source, tensor, nodes, plus, minus) or "not a pad or crop of one tensor"
+
+
+def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | None]:
+    """The routing nodes that compute ``tensor`` from one non-constant tensor, in graph order."""
+    found: dict[int, Node] = {}
+    sources: dict[str, Tensor] = {}
+    stack = [tensor]
+    while stack:
+        value = stack.pop()
+        if graph.constant(value) is not None:
+            continue
+        node = graph.producer(value)
+        if node is None or node.op not in ROUTING_OPS or node.op == "Constant":
+            sources[value.name] = value
+            continue
+        if id(node) in found:
+            continue
+        found[id(node)] = node
+        if len(found) > MAX_NODES:
+            return "padding/cropping subgraph too large", None
+        stack.extend(t for t in node.inputs if t.name)
+    if len(sources) != 1:
+        return f"padding/cropping ops read {len(sources)} computed tensors", None
+    order = {id(n): i for i, n in enumerate(graph.gs.nodes)}
+    return sorted(found.values(), key=lambda n: order[id(n)]), next(iter(sources.values()))
+
+
+def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
+              values: np.ndarray) -> np.ndarray:
+    constants, protos = {}, []
+    for node in nodes:
+        for t in node.inputs:
+            if t.name and t is not source and t.name not in constants:
+                constants[t.name] = numpy_helper.from_array(graph.constant(t), t.name)
+        protos.append(helper.make_node(node.op, [t.name for t in node.inputs],
+                                       [t.name for t in node.outputs], **node.attrs))
+    elem = helper.np_dtype_to_tensor_dtype(values.dtype)
+    model = helper.make_model(helper.make_graph(
+        protos, "view", [helper.make_tensor_value_info(source.name, elem, values.shape)],
+        [helper.make_tensor_value_info(output.name, elem, None)], list(constants.values())),
+        opset_imports=[helper.make_opsetid("", _opset(graph))])
+    return np.asarray(ReferenceEvaluator(model).run([output.name], {source.name: values})[0])
+
+
+def _opset(graph: Graph) -> int:
+    return graph.gs.opset or onnx.defs.onnx_opset_version()
+
+
+def _as_view(source: Tensor, tensor: Tensor, nodes: list[Node], plus: np.ndarray,
+             minus: np.ndarray) -> PadView | None:
+    copied = (plus == -minus) & (plus != 0)
+    if not copied.any():
+        return None
+    in_shape = np.array(source.shape)
+    first = np.argwhere(copied)[0]
+    origin = np.array(np.unravel_index(int(abs(plus[tuple(first)])) - 1, tuple(in_shape)))
+    begins = first - origin
+    if begins[0] or begins[1]:
+        return None  # moved along batch or channels: not a padding
+    # Where each output element must come from if this is a pad/crop by ``begins``.
+    grid = np.indices(plus.shape) - begins.reshape((-1,) + (1,) * plus.ndim)
+    inside = np.all((grid >= 0) & (grid < in_shape.reshape((-1,) + (1,) * plus.ndim)), axis=0)
+    expected = np.ravel_multi_index(tuple(np.where(inside, grid, 0)), tuple(in_shape)) + 1
+    if not np.array_equal(copied, inside) or not np.array_equal(np.abs(plus[inside]), expected[inside]):
+        return None
+    border = None
+    if not inside.all():
+        border = np.zeros(plus.shape[1])
+        for c in range(plus.shape[1]):
+            values = plus[:, c][~inside[:, c]]
+            if values.size and np.any(values != values[0]):
+                return None
+            border[c] = values[0] if values.size else 0.0
+    ends = np.array(plus.shape) - in_shape - begins
+    return PadView(source, tuple(int(b) for b in begins[2:]), tuple(int(e) for e in ends[2:]),
+                   border, nodes)

@@ -1,13 +1,14 @@
 """Exports the reference networks to ONNX, in training structure and in deploy structure.
 
-    python models/export.py OUT_DIR [--arch repvgg_a0 --arch repvgg_b1g4] [--scale 0.125]
-                            [--size 32] [--classes 10] [--exporter ts --exporter dynamo ...]
+    python models/export.py OUT_DIR [--arch repvgg_a0 --arch dbb ...] [--scale 0.125]
+                            [--size 32] [--classes 10] [--exporter ts --exporter dynamo ...] [--half]
 
 Exporters: ``ts`` TorchScript with do_constant_folding=False (BatchNormalization nodes stay),
 ``ts-fold`` TorchScript with its default constant folding (in eval mode it already folds Conv+BN),
 ``dynamo`` torch.export-based (its optimizer also folds Conv+BN). Files are named
 ``{arch}_{train|deploy}_{exporter}.onnx``. Weights are seeded and every BN gets random statistics,
-so folding is exercised for real.
+so folding is exercised for real. Archs: RepVGG (repvgg.py) and the block families (families.py);
+``--scale`` is the width multiplier (1.0: RepVGG's paper width, 128 channels for the families).
 """
 from __future__ import annotations
 
@@ -22,24 +23,38 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import families  # noqa: E402
 import repvgg  # noqa: E402
 
-ARCHS = {"repvgg_a0": repvgg.repvgg_a0, "repvgg_b1g4": repvgg.repvgg_b1g4}
+ARCHS = {"repvgg_a0": repvgg.repvgg_a0, "repvgg_b1g4": repvgg.repvgg_b1g4,
+         **{name: ctor for name, (ctor, _) in families.FAMILIES.items()}}
 EXPORTERS = ("ts", "ts-fold", "dynamo")
+FAMILY_WIDTH = 128  # channels of a family net at scale 1.0
 
 
 def build(arch: str, scale: float = 0.125, classes: int = 10, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(training-structure model, deploy-structure model), both in eval mode."""
     torch.manual_seed(seed)
+    if arch in families.FAMILIES:
+        train = repvgg.randomize_bn(ARCHS[arch](c=max(4, round(FAMILY_WIDTH * scale)), classes=classes), seed)
+        return train, families.to_deploy(train)
     train = repvgg.randomize_bn(ARCHS[arch](scale, classes), seed)
     return train, repvgg.to_deploy(train)
 
 
+def input_shape(arch: str, size: int | None = None) -> tuple[int, ...]:
+    """The input shape an arch is exported with; ``size`` replaces its spatial extent."""
+    shape = families.FAMILIES[arch][1] if arch in families.FAMILIES else (1, 3, 32, 32)
+    return shape[:2] + (size,) * (len(shape) - 2) if size else shape
+
+
 def export(model: torch.nn.Module, path: str | os.PathLike, exporter: str,
-           shape: tuple[int, ...] = (1, 3, 32, 32), dynamic_batch: bool = False) -> Path:
+           shape: tuple[int, ...] = (1, 3, 32, 32), dynamic_batch: bool = False,
+           dtype: torch.dtype = torch.float32) -> Path:
     """Writes ``model`` to ``path`` as one self-contained ONNX file; returns the path."""
     path = Path(path)
-    x = torch.randn(*shape)
+    model = model.to(dtype)
+    x = torch.randn(*shape, dtype=dtype)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
@@ -56,14 +71,15 @@ def export(model: torch.nn.Module, path: str | os.PathLike, exporter: str,
 
 
 def export_pair(arch: str, out_dir: str | os.PathLike, exporter: str, scale: float = 0.125,
-                size: int = 32, classes: int = 10) -> tuple[Path, Path]:
+                size: int | None = None, classes: int = 10, half: bool = False) -> tuple[Path, Path]:
     """Exports ``arch`` in both structures; returns (train path, deploy path)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, deploy = build(arch, scale, classes)
-    shape = (1, 3, size, size)
-    return (export(train, out_dir / f"{arch}_train_{exporter}.onnx", exporter, shape),
-            export(deploy, out_dir / f"{arch}_deploy_{exporter}.onnx", exporter, shape))
+    shape, dtype = input_shape(arch, size), torch.float16 if half else torch.float32
+    tag = f"{exporter}_fp16" if half else exporter
+    return (export(train, out_dir / f"{arch}_train_{tag}.onnx", exporter, shape, dtype=dtype),
+            export(deploy, out_dir / f"{arch}_deploy_{tag}.onnx", exporter, shape, dtype=dtype))
 
 
 def main() -> None:
@@ -72,12 +88,14 @@ def main() -> None:
     parser.add_argument("--arch", action="append", choices=sorted(ARCHS))
     parser.add_argument("--exporter", action="append", choices=EXPORTERS)
     parser.add_argument("--scale", type=float, default=0.125, help="width multiplier (1.0 = paper size)")
-    parser.add_argument("--size", type=int, default=32, help="input height and width")
+    parser.add_argument("--size", type=int, help="input extent on each spatial axis (default: the arch's)")
     parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--half", action="store_true", help="export in float16")
     args = parser.parse_args()
     for arch in args.arch or sorted(ARCHS):
         for exporter in args.exporter or EXPORTERS:
-            for path in export_pair(arch, args.out_dir, exporter, args.scale, args.size, args.classes):
+            for path in export_pair(arch, args.out_dir, exporter, args.scale, args.size, args.classes,
+                                    args.half):
                 print(f"{path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

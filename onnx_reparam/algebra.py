@@ -136,6 +136,15 @@ def _input_channels(out_channels: int, in_per_group: int, groups: int) -> np.nda
     return group_of_row[:, None] * in_per_group + np.arange(in_per_group)[None, :]
 
 
+def dilate_kernel(weight: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """The kernel with ``factor - 1`` zeros between taps on each spatial axis: a conv with dilation
+    d * factor equals one with dilation d and this kernel (UniRepLKNet's dilated branches)."""
+    spatial = weight.shape[2:]
+    result = np.zeros(weight.shape[:2] + tuple((k - 1) * f + 1 for k, f in zip(spatial, factors)))
+    result[(slice(None), slice(None)) + tuple(slice(None, None, f) for f in factors)] = weight
+    return result
+
+
 def add_embedded(target: np.ndarray, weight: np.ndarray, offsets: tuple[int, ...], factor: float) -> None:
     """target += factor * weight, with ``weight`` zero-padded so that it sits at ``offsets`` (in
     taps) on the spatial axes of ``target``. Accumulates in place: no padded copy is made."""

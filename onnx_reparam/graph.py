@@ -32,6 +32,19 @@ class Graph:
         self._names = set(self.gs.tensors()) | {n.name for n in self.gs.nodes}
         self._counter = 0
 
+    def infer_shapes(self) -> None:
+        """Fills in shapes ONNX can infer now that were unknown at import (after constant folding,
+        slice bounds and reshape targets are constants)."""
+        model = gs.export_onnx(self.gs, do_type_check=False)
+        del model.graph.value_info[:]
+        tensors = self.gs.tensors()
+        for info in inferred_value_info(model):
+            tensor = tensors.get(info.name)
+            if isinstance(tensor, gs.Variable) and self.static_shape(tensor) is None \
+                    and info.type.HasField("tensor_type"):
+                dims = info.type.tensor_type.shape.dim
+                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
     def nodes(self) -> list[Node]:
         """A snapshot of the nodes, safe to iterate while rewriting."""
         return list(self.gs.nodes)

@@ -85,9 +85,10 @@ def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | 
 def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
               values: np.ndarray) -> np.ndarray:
     constants, protos = {}, []
+    computed = {t.name for n in nodes for t in n.outputs} | {source.name}
     for node in nodes:
         for t in node.inputs:
-            if t.name and t is not source and t.name not in constants:
+            if t.name and t.name not in computed and t.name not in constants:
                 constants[t.name] = numpy_helper.from_array(graph.constant(t), t.name)
         protos.append(helper.make_node(node.op, [t.name for t in node.inputs],
                                        [t.name for t in node.outputs], **node.attrs))

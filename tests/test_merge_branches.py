@@ -102,10 +102,22 @@ def test_two_sources_merge_separately():
 def test_mixed_groups_use_the_gcd():
     b = GraphBuilder()
     x = b.input("x", [1, 8, 6, 6])
-    y = b.node("Add", [b.conv(x, 8, 8, 3, groups=4, pads=[1, 1, 1, 1]), b.conv(x, 8, 8, 1, groups=2)])
+    y = b.node("Add", [b.conv(x, 8, 8, 3, groups=4, pads=[1, 1, 1, 1]),
+                       b.conv(x, 8, 8, 3, groups=2, pads=[1, 1, 1, 1])])
     model, _ = rewrite(b.model([b.node("Add", [y, x])]))
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert ops(model) == {"Conv": 1} and next(a.i for a in conv.attribute if a.name == "group") == 2
+
+
+def test_merge_that_costs_more_multiply_adds_is_refused():
+    # groups 4 (3x3) and 2 (1x1) merge only at groups 2: 8*4*9 = 288 MACs per position against
+    # 144 + 32 + 8 for the three branches
+    b = GraphBuilder()
+    x = b.input("x", [1, 8, 6, 6])
+    y = b.node("Add", [b.conv(x, 8, 8, 3, groups=4, pads=[1, 1, 1, 1]), b.conv(x, 8, 8, 1, groups=2)])
+    model, report = rewrite(b.model([b.node("Add", [y, x])]))
+    assert ops(model) == {"Conv": 2, "Add": 2}
+    assert any("multiply-adds than the branches (288 vs 184" in r for r in refusals(report))
 
 
 def test_auto_pad_same_with_known_shape():
@@ -163,14 +175,39 @@ def test_different_strides_are_refused():
     assert any("strides differ" in r for r in refusals(report))
 
 
-def test_dilation_mismatch_is_refused():
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_dilated_branches_become_sparse_taps_of_the_large_kernel(rank):
+    # UniRepLKNet: 7x7 + 3x3 at dilation 3 + 3x3 at dilation 2 + 5x5 -> one 7x7 at dilation 1
+    b = GraphBuilder()
+    x = b.input("x", [1, 4] + [9] * rank)
+    branches = [b.conv(x, 4, 4, k, groups=4, rank=rank, pads=[p] * 2 * rank, dilations=[d] * rank)
+                for k, d, p in ((7, 1, 3), (3, 3, 3), (3, 2, 2), (5, 1, 2))]
+    model, _ = rewrite(b.model([b.node("Sum", branches)]))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert ops(model) == {"Conv": 1}
+    assert {a.name: list(a.ints) for a in conv.attribute}["dilations"] == [1] * rank
+
+
+def test_dilations_with_a_common_factor_keep_it():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 13, 13])
+    y = b.node("Add", [b.conv(x, 4, 4, 5, pads=[4] * 4, dilations=[2, 2]),
+                       b.conv(x, 4, 4, 3, pads=[4] * 4, dilations=[4, 4])])
+    model, _ = rewrite(b.model([y]))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    attrs = {a.name: list(a.ints) for a in conv.attribute}
+    assert ops(model) == {"Conv": 1} and attrs["dilations"] == [2, 2] and attrs["kernel_shape"] == [5, 5]
+
+
+def test_dilated_merge_that_grows_the_kernel_is_refused():
+    # 3x3 + 3x3 at dilation 2 would be a 5x5 of 400 taps against 144 + 144
     b = GraphBuilder()
     x = b.input("x", [1, 4, 9, 9])
     y = b.node("Add", [b.conv(x, 4, 4, 3, pads=[2, 2, 2, 2], dilations=[2, 2]),
-                       b.conv(x, 4, 4, 5, pads=[2, 2, 2, 2])])
+                       b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1])])
     model, report = rewrite(b.model([y]))
     assert ops(model) == {"Conv": 2, "Add": 1}
-    assert any("dilations differ" in r for r in refusals(report))
+    assert any("multiply-adds than the branches (400 vs 288" in r for r in refusals(report))
 
 
 def test_offset_not_on_the_dilated_grid_is_refused():

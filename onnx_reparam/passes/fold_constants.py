@@ -6,27 +6,34 @@ constant folding is off; onnx-graphsurgeon's fold_constants evaluates those in o
 """
 from __future__ import annotations
 
-import logging
-
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 
 from ..graph import Graph
 from . import PassLog
 
 SIZE_LIMIT = 1 << 26  # bytes: a folded value larger than this stays computed
+MAX_ROUNDS = 8
 
 
 def run(graph: Graph, log: PassLog) -> None:
-    before = _computing_nodes(graph)
+    start = _computing_nodes(graph)
     level = gs.logger.G_LOGGER.severity
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # it warns about every op it skips
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    ort.set_default_logger_severity(3)  # and ORT about every optimization it cannot apply
     try:
-        graph.gs.fold_constants(size_threshold=SIZE_LIMIT)
-        graph.cleanup()
+        # Folding fixes shapes (slice bounds become constants), shapes let Shape ops fold: repeat.
+        for _ in range(MAX_ROUNDS):
+            before = _computing_nodes(graph)
+            graph.gs.fold_constants(size_threshold=SIZE_LIMIT)
+            graph.cleanup()
+            if _computing_nodes(graph) == before:
+                break
+            graph.infer_shapes()
     finally:
         gs.logger.G_LOGGER.severity = level
-    folded = before - _computing_nodes(graph)
+        ort.set_default_logger_severity(2)  # ORT's default; it has no getter to restore from
+    folded = start - _computing_nodes(graph)
     if folded:
         log.rewrote("constant subgraphs", f"{folded} nodes evaluated")
 

@@ -221,6 +221,8 @@ def _merge_group(graph: Graph, group: Group) -> Merged | str:
         return scales
     unit = {"kernel": (1,) * spatial, "strides": (1,) * spatial, "dilations": (1,) * spatial,
             "pads": (0,) * 2 * spatial}
+    cost = sum(t.kernel.size for t in convs) + out_channels * len(diagonals)
+    _common_dilation(convs, spatial)
     geometries = [t.geometry for t in convs] + [unit] * len(diagonals)
     strides = {g["strides"] for g in geometries}
     if len(strides) != 1:
@@ -229,10 +231,7 @@ def _merge_group(graph: Graph, group: Group) -> Merged | str:
     stride = strides.pop()
     plans, dilations = [], []
     for axis in range(spatial):
-        dilation = {g["dilations"][axis] for g in geometries if g["kernel"][axis] > 1} or {1}
-        if len(dilation) != 1:
-            return f"dilations differ on axis {axis}: {sorted(dilation)}"
-        dilations.append(dilation.pop())
+        dilations.append(max({g["dilations"][axis] for g in geometries if g["kernel"][axis] > 1} or {1}))
         branches = [algebra.AxisBranch(g["kernel"][axis], g["pads"][axis], g["pads"][axis + spatial])
                     for g in geometries]
         plan = algebra.plan_axis(branches, stride[axis], dilations[-1],
@@ -248,6 +247,8 @@ def _merge_group(graph: Graph, group: Group) -> Merged | str:
     groups = groups or out_channels  # diagonal terms only: depthwise
     size = tuple(p.kernel for p in plans)
     kernel = np.zeros((out_channels, in_channels // groups) + size)
+    if kernel.size > cost:
+        return f"the merged conv would cost more multiply-adds than the branches ({kernel.size} vs {cost} per position)"
     bias = np.zeros(out_channels)
     for i, term in enumerate(convs + diagonals):
         small = algebra.regroup_kernel(term.kernel, term.geometry["group"], groups) if term.is_conv \
@@ -257,6 +258,23 @@ def _merge_group(graph: Graph, group: Group) -> Merged | str:
     attrs = {"kernel_shape": list(size), "strides": list(stride), "dilations": dilations,
              "pads": [p.pad_begin for p in plans] + [p.pad_end for p in plans], "group": groups}
     return Merged(group, kernel, bias, attrs)
+
+
+def _common_dilation(convs: list[Term], spatial: int) -> None:
+    """Gives every conv term the gcd of the dilations on each axis: a kernel dilated f times more
+    becomes one with f - 1 zeros between its taps."""
+    for axis in range(spatial):
+        common = 0
+        for t in convs:
+            if t.geometry["kernel"][axis] > 1:
+                common = gcd(common, t.geometry["dilations"][axis])
+        for t in convs:
+            factor = t.geometry["dilations"][axis] // common if t.geometry["kernel"][axis] > 1 else 1
+            if factor > 1:
+                factors = tuple(factor if a == axis else 1 for a in range(spatial))
+                t.kernel = algebra.dilate_kernel(t.kernel, factors)
+                dilations = tuple(common if a == axis else d for a, d in enumerate(t.geometry["dilations"]))
+                t.geometry = {**t.geometry, "kernel": t.kernel.shape[2:], "dilations": dilations}
 
 
 def _diagonal_scales(diagonals: list[Term], channels: int, axis: int,

@@ -24,7 +24,7 @@ ROUTING_OPS = frozenset({"Pad", "Slice", "ScatterND", "ScatterElements", "Concat
                          "Identity", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten",
                          "Gather", "Tile"})
 MAX_NODES = 64  # a border written piecewise takes a handful of nodes; more is not this pattern
-EXACT_INTEGERS = {np.dtype(np.float16): 2**11, np.dtype(np.float32): 2**24, np.dtype(np.float64): 2**53}
+FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 
 @dataclass
@@ -49,10 +49,11 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | str | None:
     in_shape, out_shape = Graph.static_shape(source), Graph.static_shape(tensor)
     if in_shape is None or out_shape is None or len(in_shape) != len(out_shape) or len(in_shape) < 3:
         return "padding/cropping ops on a tensor of unknown or different shape"
-    dtype = np.dtype(source.dtype)
-    if np.prod(in_shape) >= EXACT_INTEGERS.get(dtype, 0):
-        return f"padding/cropping ops: {dtype} cannot number {int(np.prod(in_shape))} elements exactly"
-    numbers = np.arange(1, np.prod(in_shape) + 1, dtype=dtype).reshape(in_shape)
+    if np.dtype(source.dtype) not in FLOATS:
+        return f"padding/cropping ops on {source.dtype} data"
+    # The ops copy values whatever their type, so the probe runs in float64, where every element
+    # number up to 2**53 is exact (float16 could number only 2048 elements).
+    numbers = np.arange(1, np.prod(in_shape) + 1, dtype=np.float64).reshape(in_shape)
     plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
     return _as_view(source, tensor, nodes, plus, minus) or "not a pad or crop of one tensor"
 
@@ -89,7 +90,10 @@ def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
     for node in nodes:
         for t in node.inputs:
             if t.name and t.name not in computed and t.name not in constants:
-                constants[t.name] = numpy_helper.from_array(graph.constant(t), t.name)
+                value = graph.constant(t)
+                if value.dtype == source.dtype:  # data written into the tensor: widened with it
+                    value = value.astype(np.float64)
+                constants[t.name] = numpy_helper.from_array(value, t.name)
         protos.append(helper.make_node(node.op, [t.name for t in node.inputs],
                                        [t.name for t in node.outputs], **node.attrs))
     elem = helper.np_dtype_to_tensor_dtype(values.dtype)

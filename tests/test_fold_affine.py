@@ -215,3 +215,18 @@ def test_fp16_conv_bn_is_computed_in_float64_and_cast_back():
     model, report = rewrite(b.model([b.bn(b.conv(x, 4, 8, 3, pads=[1, 1, 1, 1]), 8)]))
     assert ops(model) == {"Conv": 1}
     assert model.graph.initializer[0].data_type == 10  # FLOAT16
+
+
+@pytest.mark.parametrize("pads,count_include_pad,ceil_mode,folded", [
+    ([0, 0, 0, 0], 0, 0, True),
+    ([1, 1, 1, 1], 1, 0, True),
+    ([1, 1, 1, 1], 0, 0, False),  # the border average divides by fewer taps: not a conv
+    ([0, 0, 0, 0], 0, 1, False),
+])
+def test_average_pool_bn_becomes_a_depthwise_conv(pads, count_include_pad, ceil_mode, folded):
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    pool = b.node("AveragePool", [x], kernel_shape=[3, 3], strides=[2, 2], pads=pads,
+                  count_include_pad=count_include_pad, ceil_mode=ceil_mode)
+    model, _ = rewrite(b.model([b.bn(pool, 3)]))
+    assert ops(model) == ({"Conv": 1} if folded else {"AveragePool": 1, "BatchNormalization": 1})

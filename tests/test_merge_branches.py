@@ -277,3 +277,90 @@ def test_add_of_unrelated_tensors_is_silent():
     z = b.input("z", [1, 4, 6, 6])
     model, report = rewrite(b.model([b.node("Add", [b.conv(x, 4, 4, 1), b.conv(z, 4, 4, 1)])]))
     assert report.rewrites == 0 and not refusals(report)
+
+
+def test_average_pool_branch_is_a_depthwise_kernel():
+    # DBB's depthwise form: kxk conv + BN(AvgPool(x)) + x
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 8, 8])
+    pool = b.bn(b.node("AveragePool", [x], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1), 4)
+    y = b.node("Sum", [b.bn(b.conv(x, 4, 4, 3, groups=4, pads=[1, 1, 1, 1]), 4), pool, x])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1}
+
+
+@pytest.mark.parametrize("crop", [1, 2])
+def test_acnet_branches_reading_crops_merge_as_negative_pads(crop):
+    # K=5, p = 2 - crop: the 1x5 branch reads rows [crop, H - crop) with pads (0, p), the 5x1
+    # branch columns [crop, W - crop) with pads (p, 0)
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 9, 9])
+    p = 2 - crop
+
+    def cropped(axis):
+        return b.node("Slice", [x] + [b.const(np.array(v, np.int64)) for v in ([crop], [-crop], [axis])])
+
+    square = b.bn(b.conv(x, 4, 4, 5, pads=[p] * 4), 4)
+    hor = b.bn(b.conv(cropped(2), 4, 4, (1, 5), pads=[0, p, 0, p]), 4)
+    ver = b.bn(b.conv(cropped(3), 4, 4, (5, 1), pads=[p, 0, p, 0]), 4)
+    model, _ = rewrite(b.model([b.node("Add", [b.node("Add", [square, hor]), ver])]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_crop_padded_again_by_the_branch_is_refused():
+    # the branch pads its cropped input with zeros where the source has data: not the same conv
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 9, 9])
+    cropped = b.node("Slice", [x] + [b.const(np.array(v, np.int64)) for v in ([1], [-1], [2])])
+    y = b.node("Add", [b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1]), b.conv(cropped, 4, 4, (1, 3), pads=[1, 1, 1, 1])])
+    model, report = rewrite(b.model([y]), verify=False)
+    assert ops(model)["Conv"] == 2
+
+
+@pytest.mark.parametrize("trans_b,alpha,beta", [(0, 1.0, 1.0), (1, 0.5, 2.0)])
+def test_parallel_gemm_heads_averaged_become_one_gemm(trans_b, alpha, beta):
+    b = GraphBuilder()
+    x = b.input("x", [3, 6])
+
+    def head():
+        w = b.rand(5, 6) if trans_b else b.rand(6, 5)
+        return b.node("Gemm", [x, b.const(w), b.const(b.rand(5))], transB=trans_b, alpha=alpha, beta=beta)
+
+    y = b.node("Div", [b.node("Add", [head(), head()]), b.const(np.array(2.0, np.float32))])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Gemm": 1}
+
+
+def test_fc_residual_tree_with_sub_and_bn():
+    # fc(x) + x - BN(x) on (N, C): all linear in x, one Gemm
+    b = GraphBuilder()
+    x = b.input("x", [3, 6])
+    fc = b.node("Gemm", [x, b.const(b.rand(6, 6)), b.const(b.rand(6))], transB=1)
+    model, _ = rewrite(b.model([b.node("Sub", [b.node("Add", [fc, x]), b.bn(x, 6)])]))
+    assert ops(model) == {"Gemm": 1}
+
+
+def test_matmul_heads_on_tokens_keep_matmul_and_bias():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 6])
+    heads = [b.node("Add", [b.node("MatMul", [x, b.const(b.rand(6, 4))]), b.const(b.rand(4))]) for _ in range(3)]
+    model, _ = rewrite(b.model([b.node("Sum", heads)]))
+    assert ops(model) == {"MatMul": 1, "Add": 1}
+
+
+def test_fc_tree_with_bn_over_a_non_feature_axis_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [2, 6, 6])  # BN normalizes axis 1, the MatMul's features are axis 2
+    y = b.node("Add", [b.node("MatMul", [x, b.const(b.rand(6, 6))]), b.bn(x, 6)])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"MatMul": 1, "BatchNormalization": 1, "Add": 1}
+    assert any("not the feature axis" in r for r in refusals(report))
+
+
+def test_gemm_with_trans_a_is_not_a_branch():
+    b = GraphBuilder()
+    x = b.input("x", [6, 3])
+    y = b.node("Add", [b.node("Gemm", [x, b.const(b.rand(6, 5))], transA=1),
+                       b.node("Gemm", [x, b.const(b.rand(6, 5))], transA=1)])
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Gemm": 2, "Add": 1}

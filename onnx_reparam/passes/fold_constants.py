@@ -25,7 +25,8 @@ def run(graph: Graph, log: PassLog) -> None:
         # Folding fixes shapes (slice bounds become constants), shapes let Shape ops fold: repeat.
         for _ in range(MAX_ROUNDS):
             before = _computing_nodes(graph)
-            graph.gs.fold_constants(size_threshold=SIZE_LIMIT)
+            graph.gs.fold_constants(size_threshold=SIZE_LIMIT, should_exclude_node=lambda node: any(
+                t.name in graph.overridable for t in node.inputs))  # values the caller may replace
             graph.cleanup()
             if _computing_nodes(graph) == before:
                 break

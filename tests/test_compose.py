@@ -1,0 +1,153 @@
+"""compose: a layer with the padding and pointwise map before it becomes one layer (DBB's
+1x1-then-kxk, Pad folded into Conv, BN before Conv/Gemm), only where exact and not costlier."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import GraphBuilder, ops, refusals, rewrite
+from test_routing import border_scatter
+
+
+def pad(b: GraphBuilder, x: str, amount: int) -> str:
+    return b.node("Pad", [x, b.const(np.array([0, 0, amount, amount] * 2, np.int64))])
+
+
+def dbb_sequential(b: GraphBuilder, x: str, c: int, border: str = "bias", groups: int = 1,
+                   outer_groups: int | None = None, pads: int = 0, bias_zero: bool = False,
+                   internal: int | None = None) -> str:
+    """1x1 conv -> pad with per-channel values -> 3x3 conv (no padding of its own)."""
+    m = internal or c
+    b1 = np.zeros(m, np.float32) if bias_zero else b.rand(m)
+    inner = b.conv(x, c, m, 1, groups, weight=None, bias=False)
+    inner = b.node("Add", [inner, b.const(b1.reshape(1, m, 1, 1))])  # bias as a per-channel Add
+    values = {"bias": b1, "zeros": np.zeros(m, np.float32), "other": b1 + 1}[border]
+    padded = border_scatter(b, pad(b, inner, 1), (1, m, 8, 8), 1, values)
+    return b.conv(padded, m, c, 3, outer_groups or groups, pads=[pads] * 4)
+
+
+def test_1x1_then_padded_kxk_is_one_conv():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    model, report = rewrite(b.model([dbb_sequential(b, x, 4)]))
+    assert ops(model) == {"Conv": 1}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert {a.name: list(a.ints) for a in conv.attribute if a.ints}["pads"] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("groups,outer_groups,internal", [(2, 2, 4), (2, 2, 8), (1, 1, 8), (4, 4, 8)])
+def test_grouped_sequential_composes_per_group(groups, outer_groups, internal):
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    y = dbb_sequential(b, x, 4, groups=groups, outer_groups=outer_groups, internal=internal)
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Conv": 1}
+
+
+def test_border_other_than_the_bias_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    model, report = rewrite(b.model([dbb_sequential(b, x, 4, border="other")]))
+    assert ops(model)["Conv"] == 2 and ops(model)["ScatterND"] == 1
+    assert any("padded with values other than" in r for r in refusals(report))
+
+
+def test_zero_border_with_non_zero_bias_becomes_conv_padding_only():
+    # the zero border is the 3x3 conv's own padding; it still cannot absorb the biased 1x1
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    model, report = rewrite(b.model([dbb_sequential(b, x, 4, border="zeros")]))
+    assert ops(model) == {"Conv": 2}
+    assert any("non-zero bias" in r for r in refusals(report))
+
+
+@pytest.mark.parametrize("bias_zero,merged", [(True, True), (False, False)])
+def test_kxk_own_zero_padding_needs_a_zero_bias(bias_zero, merged):
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    inner = b.conv(x, 4, 4, 1, bias=not bias_zero)
+    model, report = rewrite(b.model([b.conv(inner, 4, 4, 3, pads=[1, 1, 1, 1])]))
+    assert ops(model) == ({"Conv": 1} if merged else {"Conv": 2})
+    if not merged:
+        assert any("non-zero bias" in r for r in refusals(report))
+
+
+def test_groups_that_do_not_compose_are_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 8, 6, 6])
+    inner = b.conv(x, 8, 8, 1, groups=2, bias=False)
+    model, report = rewrite(b.model([b.conv(inner, 8, 8, 3, groups=4)]))
+    assert ops(model) == {"Conv": 2}
+    assert any("groups 2 then 4 do not compose" in r for r in refusals(report))
+
+
+def test_bottleneck_composition_that_adds_work_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 16, 6, 6])
+    inner = b.conv(x, 16, 2, 1, bias=False)
+    model, report = rewrite(b.model([b.conv(inner, 2, 16, 3)]))
+    assert ops(model) == {"Conv": 2}
+    assert any("would add work" in r for r in refusals(report))
+
+
+def test_zero_pad_op_becomes_the_conv_padding():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    model, _ = rewrite(b.model([b.node("Relu", [b.conv(pad(b, b.node("Relu", [x]), 2), 4, 4, 3)])]))
+    assert ops(model) == {"Conv": 1, "Relu": 2}
+
+
+@pytest.mark.parametrize("conv_pads,merged", [([0, 0, 0, 0], False), ([1, 0, 1, 0], False)])
+def test_crop_before_a_standalone_conv_stays(conv_pads, merged):
+    # a crop alone would need negative conv pads; a crop padded again reads zeros, not data
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 8, 8])
+    cropped = b.node("Slice", [x] + [b.const(np.array(v, np.int64)) for v in ([1], [-1], [2])])
+    model, report = rewrite(b.model([b.conv(cropped, 4, 4, 3, pads=conv_pads)]), verify=False)
+    assert ops(model) == {"Conv": 1, "Slice": 1}
+    assert refusals(report)
+
+
+@pytest.mark.parametrize("op,kernel,pads,merged", [
+    ("bn", 1, 0, True),
+    ("bn", 3, 0, True),  # no padding: every tap reads data
+    ("bn", 3, 1, False),  # the shift would meet the zero padding
+    ("mul", 3, 1, True),  # a pure scale is fine with padding
+])
+def test_affine_before_conv(op, kernel, pads, merged):
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    y = b.bn(x, 4) if op == "bn" else b.node("Mul", [x, b.const(b.rand(4, 1, 1) + 2)])
+    model, report = rewrite(b.model([b.conv(y, 4, 6, kernel, pads=[pads] * 4)]))
+    assert ops(model) == ({"Conv": 1} if merged else {"Conv": 1, "BatchNormalization": 1})
+    if not merged:
+        assert any("non-zero bias" in r for r in refusals(report))
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_bn_before_gemm(trans_b):
+    b = GraphBuilder()
+    x = b.input("x", [3, 5])
+    w = b.rand(7, 5) if trans_b else b.rand(5, 7)
+    y = b.node("Gemm", [b.bn(x, 5), b.const(w), b.const(b.rand(7))], transB=trans_b, alpha=0.5, beta=2.0)
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Gemm": 1}
+
+
+def test_scale_before_matmul_folds_but_shift_would_need_an_add():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 5])
+    scaled = b.node("MatMul", [b.node("Mul", [x, b.const(b.rand(5))]), b.const(b.rand(5, 4))])
+    shifted = b.node("MatMul", [b.node("Add", [x, b.const(b.rand(5))]), b.const(b.rand(5, 4))])
+    model, report = rewrite(b.model([scaled, shifted]))
+    assert ops(model) == {"MatMul": 2, "Add": 1}
+    assert any("would need a bias Add" in r for r in refusals(report))
+
+
+def test_bn_over_the_wrong_axis_before_matmul_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [2, 5, 5])
+    y = b.node("MatMul", [b.bn(x, 5), b.const(b.rand(5, 4))])  # BN normalizes axis 1, MatMul reads axis 2
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == {"MatMul": 1, "BatchNormalization": 1}
+    assert any("not the layer's channel axis" in r for r in refusals(report))

@@ -136,7 +136,6 @@ def run(graph: Graph, log: PassLog) -> None:
 def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     groups: dict[str, Group] = {}
     constants: list[Leaf] = []
-    kept_apart: dict[str, str] = {}
     for leaf in tree.leaves:
         term, note = interpret(graph, leaf)
         if term is None:
@@ -144,7 +143,7 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
             continue
         groups.setdefault(term.source.name, Group(term.source)).terms.append(term)
         if note:
-            kept_apart[graph.producer(leaf.tensor).inputs[0].name] = note
+            log.refused(tree.root.name, note)
     merged: list[Merged] = []
     rest: list[Leaf] = []
     for name, group in groups.items():
@@ -155,8 +154,6 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
             continue
         if isinstance(result, str):
             log.refused(tree.root.name, f"branches of '{name}' not merged: {result}")
-        elif name in kept_apart and group.terms:
-            log.refused(tree.root.name, kept_apart[name])
         rest.extend(t.leaf for t in group.terms)
     if not merged:
         return False

@@ -64,9 +64,10 @@ class Group:
     terms: list[Term] = field(default_factory=list)
 
 
-def interpret(graph: Graph, leaf: Leaf) -> tuple[Term | None, str | None]:
+def interpret(graph: Graph, leaf: Leaf) -> tuple[Term | None, tuple[str, str] | None]:
     """The leaf as a term; a constant leaf gives (None, None). A branch whose output is also read
-    elsewhere is the identity of that output, with the reason it could not be taken apart."""
+    elsewhere is the identity of that output, with the tensor it is a branch of and the reason it
+    could not be taken apart."""
     tensor = leaf.tensor
     if graph.constant(tensor) is not None:
         return None, None
@@ -76,7 +77,7 @@ def interpret(graph: Graph, leaf: Leaf) -> tuple[Term | None, str | None]:
         shared = graph.shared_reason(tensor)
         if shared is None:
             return term, None
-        return Term(leaf, tensor, 0.0, None), f"{node.op} branch kept apart: {shared}"
+        return Term(leaf, tensor, 0.0, None), (term.source.name, f"{node.op} branch kept apart: {shared}")
     return Term(leaf, tensor, 0.0, None), None
 
 
@@ -136,6 +137,7 @@ def run(graph: Graph, log: PassLog) -> None:
 def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     groups: dict[str, Group] = {}
     constants: list[Leaf] = []
+    kept_apart: list[tuple[str, str]] = []
     for leaf in tree.leaves:
         term, note = interpret(graph, leaf)
         if term is None:
@@ -143,6 +145,9 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
             continue
         groups.setdefault(term.source.name, Group(term.source)).terms.append(term)
         if note:
+            kept_apart.append(note)
+    for source, note in kept_apart:
+        if source in groups:  # it had partners in this sum (a plain residual has none)
             log.refused(tree.root.name, note)
     merged: list[Merged] = []
     rest: list[Leaf] = []

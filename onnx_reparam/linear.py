@@ -4,7 +4,7 @@
   by a constant that varies only along the channel axis;
 - convolutions with constant weights: Conv, and AveragePool as a depthwise conv with a 1/k^2 kernel;
 - conv chains: a conv whose input is a padded/cropped view (routing.py) of the output of a
-  pointwise conv or per-channel affine map composes into one conv on that map's input, when what
+  pointwise conv or inference BN composes into one conv on that map's input, when what
   the padding writes equals what the pointwise map gives on a zero input (DESIGN.md section 4).
 """
 from __future__ import annotations
@@ -136,8 +136,10 @@ def explicit_geometry(geometry: dict, shape: tuple[int, ...] | None) -> dict | s
 
 
 def pointwise_form(graph: Graph, tensor: Tensor) -> ConvForm | None:
-    """The producer of ``tensor`` as a pointwise conv (1x1 Conv with stride 1 and no padding, or a
-    per-channel affine map), when ``tensor`` is read by one node only."""
+    """The producer of ``tensor`` as a pointwise conv (1x1 Conv with stride 1 and no padding, or an
+    inference BatchNormalization), when ``tensor`` is read by one node only. Mul/Add constants are
+    not taken: before a layer they are usually part of a formula ORT fuses (GELU's x * 0.5), and
+    folding them would break that fusion for no node saved in a deploy export."""
     node = graph.producer(tensor)
     if node is None or graph.shared_reason(tensor) is not None or tensor.shape is None:
         return None
@@ -149,7 +151,7 @@ def pointwise_form(graph: Graph, tensor: Tensor) -> ConvForm | None:
             and not any(g["pads"])
         return form if pointwise and node.op == "Conv" else None
     channels = tensor.shape[1] if rank >= 3 else None
-    if not isinstance(channels, int):
+    if not isinstance(channels, int) or node.op != "BatchNormalization":
         return None
     affine = channel_affine(graph, node, channels, 1 - rank, rank)
     if not isinstance(affine, ChannelAffine):

@@ -1,6 +1,5 @@
 """Composes a layer with the linear maps right before it: a conv with the padding/cropping
-subgraph and the pointwise conv or per-channel affine map (BN, Mul/Add by a constant) feeding it;
-a Gemm/MatMul with the per-feature affine map feeding it.
+subgraph and the pointwise conv or inference BN feeding it; a Gemm/MatMul with the BN feeding it.
 
 conv_k(pad_v(conv_1x1(x))) is one conv_k on x with the pads added, exact when every padded value
 equals what the 1x1 conv gives on zeros (its bias): DBB's 1x1-then-kxk branch. BN(x) before a conv
@@ -83,6 +82,8 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         return []
     trans_b = node.op == "Gemm" and attr(node, "transB", 0)
     features = weight.shape[1] if trans_b else weight.shape[0]
+    if prior.op != "BatchNormalization":  # see linear.pointwise_form: Mul/Add stay for ORT's fusions
+        return []
     affine = channel_affine(graph, prior, features, -1, Graph.rank(data))
     if not isinstance(affine, ChannelAffine):
         if isinstance(affine, str):

@@ -1,7 +1,11 @@
-"""Full-size RepVGG-A0 and B1g4 (224x224, batch 1): the training export rewritten by onnx-reparam
-against the deploy export, in one run.
+"""Every reference network at benchmark size (batch 1): the training export rewritten by
+onnx-reparam against the deploy export, in one run.
 
-    python benchmarks/repvgg.py [--arch repvgg_a0 ...] [--exporter ts ...] [--rounds 30] [--out DIR]
+    python benchmarks/reparam.py [--arch repvgg_a0 --arch dbb ...] [--exporter ts ...] [--rounds 30]
+                                 [--out DIR]
+
+Sizes: RepVGG-A0/B1g4 at paper width, 224x224, 1000 classes; the block families (models/families.py)
+at 128 channels on 56x56 (1-D: 1024, 3-D: 16^3), 1000 classes.
 
 Prints per model: node counts and op histograms (original / ours / deploy), max relative error
 (ours vs original, ours vs deploy), the time optimize takes split into load / match+rewrite /
@@ -29,15 +33,21 @@ sys.path.insert(0, str(HERE.parent / "models"))
 import export  # noqa: E402
 
 import onnx_reparam  # noqa: E402
+from onnx_reparam.verify import make_inputs  # noqa: E402
 
 
 def histogram(model: onnx.ModelProto) -> str:
     return " ".join(f"{op}:{n}" for op, n in sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
-def latencies(paths: dict[str, Path], rounds: int, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per inference, the models run one after another in each round so that
-    machine noise hits them alike."""
+SIZES = {1: 1024, 2: 56, 3: 16}  # families: input extent per spatial rank
+
+
+def latencies(paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int,
+              warmup: int = 3, min_seconds: float = 10.0) -> tuple[dict[str, float], int]:
+    """Median seconds per inference and the rounds run: the models run one after another in each
+    round so that machine noise hits them alike; small models get more rounds (at least
+    ``min_seconds`` of measuring), since their medians are noisier."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     # Idle ORT worker threads spin by default; with several sessions in one process the spinning
@@ -46,20 +56,26 @@ def latencies(paths: dict[str, Path], rounds: int, warmup: int = 3) -> dict[str,
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
                 for k, p in paths.items()}
-    feed = {"x": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    start = time.perf_counter()
+    for _ in range(warmup):
+        for session in sessions.values():
+            session.run(None, feed)
+    per_round = (time.perf_counter() - start) / warmup
+    rounds = max(rounds, min(int(min_seconds / per_round), 5000))
     times: dict[str, list[float]] = {k: [] for k in sessions}
-    for i in range(warmup + rounds):
+    for _ in range(rounds):
         for name, session in sessions.items():
             start = time.perf_counter()
             session.run(None, feed)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}, rounds
 
 
 def bench(arch: str, exporter: str, out_dir: Path, rounds: int) -> dict:
     start = time.perf_counter()
-    train_path, deploy_path = export.export_pair(arch, out_dir, exporter, scale=1.0, size=224,
+    spatial = len(export.input_shape(arch)) - 2
+    size = 224 if arch in ("repvgg_a0", "repvgg_b1g4") else SIZES[spatial]
+    train_path, deploy_path = export.export_pair(arch, out_dir, exporter, scale=1.0, size=size,
                                                  classes=1000)
     export_s = time.perf_counter() - start
     ours_path = out_dir / f"{arch}_ours_{exporter}.onnx"
@@ -71,13 +87,16 @@ def bench(arch: str, exporter: str, out_dir: Path, rounds: int) -> dict:
     total_s = time.perf_counter() - start
     original, deploy = onnx.load(train_path), onnx.load(deploy_path)
     vs_deploy = onnx_reparam.verify(deploy_path, ours_path)
-    lat = latencies({"original": train_path, "ours": ours_path, "deploy": deploy_path}, rounds)
+    feed = make_inputs(original)
+    lat, rounds = latencies({"original": train_path, "ours": ours_path, "deploy": deploy_path}, feed, rounds)
     size_mb = train_path.stat().st_size / 1e6
-    print(f"\n== {arch} / {exporter} (training export {size_mb:.0f} MB, exported in {export_s:.0f}s)")
+    shape = "x".join(str(d) for d in feed["x"].shape)
+    print(f"\n== {arch} / {exporter} ({shape}, training export {size_mb:.1f} MB, exported in {export_s:.0f}s)")
     for name, m in (("original", original), ("ours", model), ("deploy", deploy)):
         print(f"  {name:8} {len(m.graph.node):4} nodes  {histogram(m)}")
     same = histogram(model) == histogram(deploy)
-    print(f"  op histogram ours == deploy: {same}")
+    print(f"  op histogram ours == deploy: {same}; nodes ours <= deploy: "
+          f"{len(model.graph.node) <= len(deploy.graph.node)}")
     print(f"  max rel error ours vs original {report.verification.outputs[0].max_rel_error:.2e}, "
           f"ours vs deploy {vs_deploy.outputs[0].max_rel_error:.2e} ({report.verification.provider})")
     split = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
@@ -86,7 +105,9 @@ def bench(arch: str, exporter: str, out_dir: Path, rounds: int) -> dict:
           f"ours {lat['ours'] * 1e3:.2f} ms, deploy {lat['deploy'] * 1e3:.2f} ms")
     print(f"  ratios: ours/deploy {lat['ours'] / lat['deploy']:.3f}, "
           f"original/deploy {lat['original'] / lat['deploy']:.3f}")
-    return {"same_histogram": same, "ratio": lat["ours"] / lat["deploy"]}
+    return {"same_histogram": same, "ratio": lat["ours"] / lat["deploy"], "nodes": (
+        len(original.graph.node), len(model.graph.node), len(deploy.graph.node)),
+        "error": report.verification.outputs[0].max_rel_error}
 
 
 def main() -> None:
@@ -101,9 +122,10 @@ def main() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         results = {(a, e): bench(a, e, out_dir, args.rounds)
                    for a in args.arch or sorted(export.ARCHS) for e in args.exporter or ("ts", "dynamo")}
-    print("\nsummary: ours/deploy latency " + ", ".join(
-        f"{a}/{e} {r['ratio']:.3f}{'' if r['same_histogram'] else ' (histogram differs)'}"
-        for (a, e), r in results.items()))
+    print("\nsummary (nodes original -> ours (deploy), max rel error, ORT CPU latency ours/deploy):")
+    for (a, e), r in results.items():
+        print(f"  {a:12} {e:7} {r['nodes'][0]:5} -> {r['nodes'][1]:3} ({r['nodes'][2]:3})  "
+              f"{r['error']:.1e}  {r['ratio']:.3f}{'' if r['same_histogram'] else '  (histogram differs)'}")
 
 
 if __name__ == "__main__":

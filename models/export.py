@@ -7,8 +7,10 @@ Exporters: ``ts`` TorchScript with do_constant_folding=False (BatchNormalization
 ``ts-fold`` TorchScript with its default constant folding (in eval mode it already folds Conv+BN),
 ``dynamo`` torch.export-based (its optimizer also folds Conv+BN). Files are named
 ``{arch}_{train|deploy}_{exporter}.onnx``. Weights are seeded and every BN gets random statistics,
-so folding is exercised for real. Archs: RepVGG (repvgg.py) and the block families (families.py);
-``--scale`` is the width multiplier (1.0: RepVGG's paper width, 128 channels for the families).
+so folding is exercised for real. Archs: RepVGG (repvgg.py), the block families (families.py) and the
+RepMLP nets (repmlp.py);
+``--scale`` is the width multiplier (1.0: RepVGG's paper width, 128 channels for the
+families, 64 for the RepMLP nets, whose FC grows with the square of the width).
 """
 from __future__ import annotations
 
@@ -24,27 +26,31 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import families  # noqa: E402
+import repmlp  # noqa: E402
 import repvgg  # noqa: E402
 
+NETS = {**families.FAMILIES, **repmlp.NETS}  # name: (constructor(c, classes), input shape)
 ARCHS = {"repvgg_a0": repvgg.repvgg_a0, "repvgg_b1g4": repvgg.repvgg_b1g4,
-         **{name: ctor for name, (ctor, _) in families.FAMILIES.items()}}
+         **{name: ctor for name, (ctor, _) in NETS.items()}}
 EXPORTERS = ("ts", "ts-fold", "dynamo")
-FAMILY_WIDTH = 128  # channels of a family net at scale 1.0
+WIDTH = 128  # channels of a family net at scale 1.0
+REPMLP_WIDTH = 64  # RepMLP's FC grows with (channels * h * w)^2
 
 
 def build(arch: str, scale: float = 0.125, classes: int = 10, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(training-structure model, deploy-structure model), both in eval mode."""
     torch.manual_seed(seed)
-    if arch in families.FAMILIES:
-        train = repvgg.randomize_bn(ARCHS[arch](c=max(4, round(FAMILY_WIDTH * scale)), classes=classes), seed)
-        return train, families.to_deploy(train)
+    if arch in NETS:
+        width = REPMLP_WIDTH if arch in repmlp.NETS else WIDTH
+        train = repvgg.randomize_bn(ARCHS[arch](c=max(4, round(width * scale)), classes=classes), seed)
+        return train, (repmlp if arch in repmlp.NETS else families).to_deploy(train)
     train = repvgg.randomize_bn(ARCHS[arch](scale, classes), seed)
     return train, repvgg.to_deploy(train)
 
 
 def input_shape(arch: str, size: int | None = None) -> tuple[int, ...]:
     """The input shape an arch is exported with; ``size`` replaces its spatial extent."""
-    shape = families.FAMILIES[arch][1] if arch in families.FAMILIES else (1, 3, 32, 32)
+    shape = NETS[arch][1] if arch in NETS else (1, 3, 32, 32)
     return shape[:2] + (size,) * (len(shape) - 2) if size else shape
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PROBE_BATCH = 32  # impulses run through a block at once
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
@@ -65,16 +66,20 @@ def impulse_kernel(block: nn.Module, conv: nn.Module) -> tuple[torch.Tensor, tor
     size = [(2 * center[a] + 2) * s[a] + (k[a] - 1) * d[a] + 2 * p[a] for a in range(dims)]
     zero = block(torch.zeros([1, c_in] + size, dtype=torch.float64))
     in_per_group = c_in // groups
+    probes = [(column, phase) for column in range(in_per_group)
+              for phase in itertools.product(*(range(stride) for stride in s))]
     weight = torch.zeros(conv.weight.shape, dtype=torch.float64)
-    for column in range(in_per_group):
-        for phase in itertools.product(*(range(stride) for stride in s)):
-            x = torch.zeros([1, c_in] + size, dtype=torch.float64)
-            x[(0, slice(column, None, in_per_group)) + tuple(center[a] * s[a] - p[a] + phase[a] for a in range(dims))] = 1
-            response = block(x) - zero
+    for first in range(0, len(probes), PROBE_BATCH):
+        chunk = probes[first:first + PROBE_BATCH]
+        x = torch.zeros([len(chunk), c_in] + size, dtype=torch.float64)
+        for i, (column, phase) in enumerate(chunk):
+            x[(i, slice(column, None, in_per_group)) + tuple(center[a] * s[a] - p[a] + phase[a] for a in range(dims))] = 1
+        responses = block(x) - zero
+        for i, (column, phase) in enumerate(chunk):
             for taps in itertools.product(*(range(n) for n in k)):
                 if all((taps[a] * d[a] - phase[a]) % s[a] == 0 for a in range(dims)):
                     out = tuple(center[a] - (taps[a] * d[a] - phase[a]) // s[a] for a in range(dims))
-                    weight[(slice(None), column) + taps] = response[(0, slice(None)) + out]
+                    weight[(slice(None), column) + taps] = responses[(i, slice(None)) + out]
     return weight.float(), zero[(0, slice(None)) + tuple(center)].float()
 
 

@@ -8,6 +8,7 @@ input is the identity kernel and a per-channel scaling is a diagonal kernel.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,6 +143,48 @@ def dilate_kernel(weight: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     spatial = weight.shape[2:]
     result = np.zeros(weight.shape[:2] + tuple((k - 1) * f + 1 for k, f in zip(spatial, factors)))
     result[(slice(None), slice(None)) + tuple(slice(None, None, f) for f in factors)] = weight
+    return result
+
+
+def conv_as_matrix(weight: np.ndarray, spatial: tuple[int, ...], strides: tuple[int, ...],
+                   pads: tuple[int, ...], dilations: tuple[int, ...]) -> np.ndarray:
+    """The matrix M with conv(x).ravel() == M @ x.ravel() for one sample x of shape (C, *spatial)
+    (one group: ``weight`` is (O, C, *k)): RepMLP's conv applied to the identity basis, built tap by
+    tap. Rows are (O, *out) and columns (C, *spatial) in C order."""
+    out_channels, in_channels, *kernel = weight.shape
+    n = len(spatial)
+    out = tuple(conv_output_length(spatial[a], kernel[a], pads[a], pads[a + n], strides[a], dilations[a])
+                for a in range(n))
+    matrix = np.zeros(out + tuple(spatial) + (out_channels, in_channels))
+    for taps in itertools.product(*(range(k) for k in kernel)):
+        outs, ins = [], []
+        for a in range(n):
+            o = np.arange(out[a])
+            i = o * strides[a] - pads[a] + taps[a] * dilations[a]
+            valid = (i >= 0) & (i < spatial[a])
+            shape = [1] * n
+            shape[a] = -1
+            outs.append(o[valid].reshape(shape))
+            ins.append(i[valid].reshape(shape))
+        matrix[tuple(outs + ins)] += np.asarray(weight, np.float64)[(slice(None), slice(None)) + taps]
+    order = [2 * n] + list(range(n)) + [2 * n + 1] + list(range(n, 2 * n))
+    return matrix.transpose(order).reshape(out_channels * int(np.prod(out)), in_channels * int(np.prod(spatial)))
+
+
+def block_diagonal(blocks: list[np.ndarray], groups: int) -> list[np.ndarray]:
+    """Regroups a block-diagonal matrix given as ``len(blocks)`` blocks into ``groups`` blocks,
+    which must divide len(blocks): consecutive blocks are placed on the diagonal of larger ones."""
+    per = len(blocks) // groups
+    result = []
+    for g in range(groups):
+        part = blocks[g * per:(g + 1) * per]
+        rows, cols = sum(b.shape[0] for b in part), sum(b.shape[1] for b in part)
+        merged = np.zeros((rows, cols))
+        r = c = 0
+        for b in part:
+            merged[r:r + b.shape[0], c:c + b.shape[1]] = b
+            r, c = r + b.shape[0], c + b.shape[1]
+        result.append(merged)
     return result
 
 

@@ -97,3 +97,36 @@ def _collect(graph: Graph, node: Node, sign: float, nodes: list[Node], leaves: l
             _collect(graph, child, child_sign, nodes, leaves)
         else:
             leaves.append(Leaf(tensor, child_sign))
+
+
+def combination_nodes(addends: int, rest: list[Leaf]) -> int:
+    """Nodes emit_sum writes for ``addends`` tensors of which ``rest`` carry their signs (the
+    others are positive)."""
+    if addends == 1:
+        return 0
+    negatives = sum(1 for leaf in rest if leaf.sign < 0)
+    positives = addends - negatives
+    return 1 + (negatives > 0) * ((positives > 1) + (negatives > 1))
+
+
+def emit_sum(graph: Graph, addends: list[Leaf], output: Tensor, name: str) -> None:
+    """Writes the signed sum of the addends into ``output``: Add/Sum of the positive ones, minus
+    the sum of the negative ones."""
+    positives = [leaf.tensor for leaf in addends if leaf.sign > 0]
+    negatives = [leaf.tensor for leaf in addends if leaf.sign < 0]
+    if not negatives:
+        _sum(graph, positives, output, name)
+        return
+    minuend = _sum(graph, positives, None, name, like=output)
+    subtrahend = _sum(graph, negatives, None, name, like=output)
+    graph.add_node("Sub", [minuend, subtrahend], [output], {}, name)
+
+
+def _sum(graph: Graph, tensors: list[Tensor], output: Tensor | None, name: str,
+         like: Tensor | None = None) -> Tensor:
+    if output is None:
+        if len(tensors) == 1:
+            return tensors[0]
+        output = graph.add_variable(f"{name}_sum", like)
+    graph.add_node("Add" if len(tensors) == 2 else "Sum", tensors, [output], {}, name)
+    return output

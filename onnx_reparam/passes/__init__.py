@@ -29,6 +29,6 @@ class Pass:
 
 
 def default_passes() -> tuple[Pass, ...]:
-    from . import compose, fold_affine, fold_constants, merge_branches
+    from . import compose, conv_into_fc, fold_affine, fold_constants, merge_branches
     return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, module.__doc__.strip().splitlines()[0])
-                 for module in (fold_constants, fold_affine, compose, merge_branches))
+                 for module in (fold_constants, compose, fold_affine, merge_branches, conv_into_fc))

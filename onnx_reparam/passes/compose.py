@@ -72,43 +72,56 @@ def _macs(graph: Graph, node: Node, weight: np.ndarray | None = None) -> int:
 
 
 def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
-    """FC(affine(y)) = y @ (s * W) + (t @ W + b) along the feature axis K of the FC's input."""
+    """FC(BN(y)) = y @ (s * W) + (t @ W + b) along the feature axis K of the FC's input; through a
+    Reshape/Flatten of (N, C, ...) to (N, C * rest) the BN's channel values repeat ``rest`` times
+    (a pooled BN before a classifier or RepMLP's global perceptron)."""
     weight = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
     data = node.inputs[0]
-    prior = graph.producer(data)
-    if weight is None or weight.ndim != 2 or prior is None or graph.shared_reason(data) is not None:
+    if weight is None or weight.ndim != 2 or graph.shared_reason(data) is not None:
         return []
     if node.op == "Gemm" and attr(node, "transA", 0):
         return []
     trans_b = node.op == "Gemm" and attr(node, "transB", 0)
     features = weight.shape[1] if trans_b else weight.shape[0]
-    if prior.op != "BatchNormalization":  # see linear.pointwise_form: Mul/Add stay for ORT's fusions
+    flatten, prior = None, graph.producer(data)
+    channels, axis, rank, repeat = features, -1, Graph.rank(data), 1
+    if prior is not None and prior.op in ("Reshape", "Flatten"):
+        flatten, unflat = prior, prior.inputs[0]
+        before, after = Graph.static_shape(unflat), Graph.static_shape(data)
+        if graph.shared_reason(unflat) is not None or not before or not after or len(after) != 2 \
+                or len(before) < 2 or before[0] != after[0]:
+            return []
+        channels, rank, repeat = before[1], len(before), int(np.prod(before[2:]))
+        axis, prior = 1 - rank, graph.producer(unflat)
+    if prior is None or prior.op != "BatchNormalization":  # Mul/Add stay for ORT's fusions (GELU)
         return []
-    affine = channel_affine(graph, prior, features, -1, Graph.rank(data))
+    affine = channel_affine(graph, prior, channels, axis, rank)
     if not isinstance(affine, ChannelAffine):
         if isinstance(affine, str):
             log.refused(node.name, f"cannot fold {prior.op} into {node.op}: {affine}")
         return []
+    scale, shift = np.repeat(affine.scale, repeat), np.repeat(affine.shift, repeat)
     matrix = np.asarray(weight, np.float64).T if trans_b else np.asarray(weight, np.float64)  # (K, N)
-    shift = affine.shift @ matrix
-    scaled = algebra.scale_matrix_weight(matrix, affine.scale, 0)
+    bias_shift = shift @ matrix
+    scaled = algebra.scale_matrix_weight(matrix, scale, 0)
     source = prior.inputs[affine.data_index]
+    if node.op == "MatMul" and np.any(bias_shift):
+        log.refused(node.name, f"folding {prior.op} into MatMul would need a bias Add (no fewer nodes)")
+        return []
     if node.op == "Gemm":
         bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
-        if bias is None:
-            return []
-        bias = algebra.per_channel(np.asarray(bias), matrix.shape[1], -1, 2)
+        bias = algebra.per_channel(np.asarray(bias), matrix.shape[1], -1, 2) if bias is not None else "computed"
         if isinstance(bias, str):
             return []
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
-        inputs = [source, graph.add_constant(node.inputs[1].name, (scaled * alpha).astype(weight.dtype)),
-                  graph.add_constant(f"{node.name}_bias", (shift * alpha + bias * beta).astype(weight.dtype))]
-        graph.add_node("Gemm", inputs, [node.outputs[0]], {}, node.name)
-    elif np.any(shift):
-        log.refused(node.name, f"folding {prior.op} into MatMul would need a bias Add (no fewer nodes)")
-        return []
-    else:
-        inputs = [source, graph.add_constant(node.inputs[1].name, scaled.astype(weight.dtype))]
-        graph.add_node("MatMul", inputs, [node.outputs[0]], {}, node.name)
-    log.rewrote(f"{prior.op}+{node.op}", node.name)
-    return [node, prior]
+        scaled, bias = scaled * alpha, bias_shift * alpha + bias * beta
+    if flatten is not None:
+        flat = graph.add_variable(f"{flatten.name}_out", data)
+        graph.add_node(flatten.op, [source] + list(flatten.inputs[1:]), [flat], dict(flatten.attrs), flatten.name)
+        source = flat
+    inputs = [source, graph.add_constant(node.inputs[1].name, scaled.astype(weight.dtype))]
+    if node.op == "Gemm":
+        inputs.append(graph.add_constant(f"{node.name}_bias", bias.astype(weight.dtype)))
+    graph.add_node(node.op, inputs, [node.outputs[0]], {}, node.name)
+    log.rewrote(f"{prior.op}+{flatten.op + '+' if flatten else ''}{node.op}", node.name)
+    return [node, prior] + ([flatten] if flatten else [])

@@ -18,7 +18,7 @@ import numpy as np
 from .. import algebra
 from ..graph import Graph, Node, Tensor, attr
 from ..linear import ConvForm, conv_chain, inference_bn
-from ..matcher import DEFAULT_DOMAINS, Leaf, Tree, find_trees
+from ..matcher import DEFAULT_DOMAINS, Leaf, Tree, combination_nodes, emit_sum, find_trees
 from . import PassLog
 
 
@@ -164,7 +164,7 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
         return False
     rest += _absorb_constants(merged[0], constants)
     removed = len(tree.nodes) + sum(len(t.nodes) for m in merged for t in m.group.terms)
-    added = sum(m.node_count for m in merged) + _combination_nodes(len(merged) + len(rest), rest)
+    added = sum(m.node_count for m in merged) + combination_nodes(len(merged) + len(rest), rest)
     if added > removed:
         log.refused(tree.root.name, "merging would not reduce the number of nodes")
         return False
@@ -173,14 +173,6 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
         ops = "+".join(sorted("+".join(n.op for n in reversed(t.nodes)) or "identity" for t in m.group.terms))
         log.rewrote(f"branches({ops})", tree.root.name)
     return True
-
-
-def _combination_nodes(addends: int, rest: list[Leaf]) -> int:
-    if addends == 1:
-        return 0
-    negatives = sum(1 for leaf in rest if leaf.sign < 0)
-    positives = addends - negatives
-    return 1 + (negatives > 0) * ((positives > 1) + (negatives > 1))
 
 
 def _absorb_constants(first: Merged, constants: list[Leaf]) -> list[Leaf]:
@@ -375,21 +367,4 @@ def _emit(graph: Graph, tree: Tree, merged: list[Merged], rest: list[Leaf]) -> N
                 graph.add_node("Add", [product, bias], [target], {}, name)
         addends.append(Leaf(target, 1.0))
     if not direct:
-        positives = [leaf.tensor for leaf in addends if leaf.sign > 0]
-        negatives = [leaf.tensor for leaf in addends if leaf.sign < 0]
-        if not negatives:
-            _sum(graph, positives, output, name)
-        else:
-            minuend = _sum(graph, positives, None, name, like=output)
-            subtrahend = _sum(graph, negatives, None, name, like=output)
-            graph.add_node("Sub", [minuend, subtrahend], [output], {}, name)
-
-
-def _sum(graph: Graph, tensors: list[Tensor], output: Tensor | None, name: str,
-         like: Tensor | None = None) -> Tensor:
-    if output is None:
-        if len(tensors) == 1:
-            return tensors[0]
-        output = graph.add_variable(f"{name}_sum", like)
-    graph.add_node("Add" if len(tensors) == 2 else "Sum", tensors, [output], {}, name)
-    return output
+        emit_sum(graph, addends, output, name)

@@ -23,6 +23,7 @@ from .graph import Graph, Node, Tensor
 ROUTING_OPS = frozenset({"Pad", "Slice", "ScatterND", "ScatterElements", "Concat", "Transpose",
                          "Identity", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten",
                          "Gather", "Tile"})
+RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})  # these keep memory order
 MAX_NODES = 64  # a border written piecewise takes a handful of nodes; more is not this pattern
 FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 

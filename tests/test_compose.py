@@ -153,3 +153,19 @@ def test_bn_over_the_wrong_axis_before_matmul_is_refused():
     model, report = rewrite(b.model([y]))
     assert ops(model) == {"MatMul": 1, "BatchNormalization": 1}
     assert any("not the layer's channel axis" in r for r in refusals(report))
+
+
+def test_reshape_of_a_reshape_is_one_reshape():
+    b = GraphBuilder()
+    x = b.input("x", [2, 4, 6, 6])
+    y = b.node("Reshape", [b.node("Flatten", [x], axis=2), b.const(np.array([2, 144], np.int64))])
+    model, _ = rewrite(b.model([b.node("Relu", [y])]))
+    assert ops(model) == {"Reshape": 1, "Relu": 1}
+
+
+def test_pool_reading_a_padded_input_stays_a_pool():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    pool = b.node("AveragePool", [pad(b, b.node("Relu", [x]), 1)], kernel_shape=[3, 3])
+    model, _ = rewrite(b.model([pool]))
+    assert ops(model) == {"Relu": 1, "AveragePool": 1}

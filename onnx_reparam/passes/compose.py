@@ -1,5 +1,6 @@
 """Composes a layer with the linear maps right before it: a conv with the padding/cropping
-subgraph and the pointwise conv or inference BN feeding it; a Gemm/MatMul with the BN feeding it.
+subgraph and the pointwise conv or inference BN feeding it; a Gemm/MatMul with the BN feeding it;
+a reshape with the reshape feeding it.
 
 conv_k(pad_v(conv_1x1(x))) is one conv_k on x with the pads added, exact when every padded value
 equals what the 1x1 conv gives on zeros (its bias): DBB's 1x1-then-kxk branch. BN(x) before a conv
@@ -14,6 +15,7 @@ import numpy as np
 from .. import algebra
 from ..graph import Graph, Node, attr
 from ..linear import ChannelAffine, ConvForm, channel_affine, conv_chain
+from ..routing import RESHAPES, ROUTING_OPS
 from . import PassLog
 
 
@@ -26,6 +28,8 @@ def run(graph: Graph, log: PassLog) -> None:
             replaced = _compose_conv(graph, node, log)
         elif node.op in ("Gemm", "MatMul"):
             replaced = _compose_matrix(graph, node, log)
+        elif node.op in RESHAPES:
+            replaced = _compose_reshapes(graph, node, log)
         else:
             continue
         done.update(id(n) for n in replaced)
@@ -48,12 +52,32 @@ def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         return []
     g = form.geometry
     attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]),
-             "dilations": list(g["dilations"]), "pads": list(pads), "group": g["group"]}
-    weight = graph.add_constant(f"{node.name}_weight", np.asarray(form.weight).astype(form.dtype))
-    bias = graph.add_constant(f"{node.name}_bias", form.bias.astype(form.dtype))
-    graph.add_node("Conv", [form.source, weight, bias], [node.outputs[0]], attrs, node.name)
+             "dilations": list(g["dilations"]), "pads": list(pads)}
+    if node.op == "AveragePool" and all(n.op in ROUTING_OPS for n in form.nodes[1:]):
+        # only padding/reshaping was absorbed: it stays a pool (padding counted, as it was)
+        attrs["count_include_pad"] = 1
+        if not any(d > 1 for d in g["dilations"]):
+            del attrs["dilations"]  # an attribute only since opset 19
+        graph.add_node("AveragePool", [form.source], [node.outputs[0]], attrs, node.name)
+    else:
+        weight = graph.add_constant(f"{node.name}_weight", np.asarray(form.weight).astype(form.dtype))
+        bias = graph.add_constant(f"{node.name}_bias", form.bias.astype(form.dtype))
+        graph.add_node("Conv", [form.source, weight, bias], [node.outputs[0]], {**attrs, "group": g["group"]},
+                       node.name)
     log.rewrote("+".join(n.op for n in reversed(form.nodes)), node.name)
     return form.nodes
+
+
+def _compose_reshapes(graph: Graph, node: Node, log: PassLog) -> list[Node]:
+    """Reshape(Reshape(x)) is one Reshape of x to the (static) final shape."""
+    prior = graph.producer(node.inputs[0])
+    shape = Graph.static_shape(node.outputs[0])
+    if prior is None or prior.op not in RESHAPES or shape is None or graph.shared_reason(node.inputs[0]):
+        return []
+    target = graph.add_constant(f"{node.name}_shape", np.array(shape, np.int64))
+    graph.add_node("Reshape", [prior.inputs[0], target], [node.outputs[0]], {}, node.name)
+    log.rewrote(f"{prior.op}+{node.op}", node.name)
+    return [node, prior]
 
 
 def _macs(graph: Graph, node: Node, weight: np.ndarray | None = None) -> int:

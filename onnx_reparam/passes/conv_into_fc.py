@@ -21,9 +21,8 @@ from .. import algebra
 from ..graph import Graph, Node, Tensor, attr, conv_geometry
 from ..linear import explicit_geometry, inference_bn
 from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees
+from ..routing import RESHAPES
 from . import PassLog
-
-RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 
 
 MAX_ENTRIES = 1 << 27  # float64 entries of one folded matrix (1 GiB): larger ones are refused

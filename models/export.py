@@ -37,12 +37,15 @@ WIDTH = 128  # channels of a family net at scale 1.0
 REPMLP_WIDTH = 64  # RepMLP's FC grows with (channels * h * w)^2
 
 
-def build(arch: str, scale: float = 0.125, classes: int = 10, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(training-structure model, deploy-structure model), both in eval mode."""
+def build(arch: str, scale: float = 0.125, classes: int = 10, seed: int = 0,
+          size: int | None = None) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(training-structure model, deploy-structure model), both in eval mode. ``size``: the input
+    extent, which a RepMLP net's partitions are laid out for."""
     torch.manual_seed(seed)
     if arch in NETS:
         width = REPMLP_WIDTH if arch in repmlp.NETS else WIDTH
-        train = repvgg.randomize_bn(ARCHS[arch](c=max(4, round(width * scale)), classes=classes), seed)
+        options = {"size": size} if arch in repmlp.NETS and size else {}
+        train = repvgg.randomize_bn(ARCHS[arch](c=max(4, round(width * scale)), classes=classes, **options), seed)
         return train, (repmlp if arch in repmlp.NETS else families).to_deploy(train)
     train = repvgg.randomize_bn(ARCHS[arch](scale, classes), seed)
     return train, repvgg.to_deploy(train)
@@ -81,7 +84,7 @@ def export_pair(arch: str, out_dir: str | os.PathLike, exporter: str, scale: flo
     """Exports ``arch`` in both structures; returns (train path, deploy path)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, deploy = build(arch, scale, classes)
+    train, deploy = build(arch, scale, classes, size=size)
     shape, dtype = input_shape(arch, size), torch.float16 if half else torch.float32
     tag = f"{exporter}_fp16" if half else exporter
     return (export(train, out_dir / f"{arch}_train_{tag}.onnx", exporter, shape, dtype=dtype),

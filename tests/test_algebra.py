@@ -101,3 +101,60 @@ def test_plan_axis_is_exact_or_refuses(branches, stride, dilation, length, seed)
     padded = np.pad(x, [(0, 0)] * 3 + [(plan.pad_begin, plan.pad_end)])
     np.testing.assert_allclose(conv(padded, merged, stride=(1, stride), dilation=(1, dilation)), total,
                                atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel,stride,pads,dilation", [
+    ((3, 3), (1, 1), (1, 1, 1, 1), (1, 1)), ((5, 3), (2, 1), (2, 0, 1, 1), (1, 2)), ((1, 1), (1, 1), (0,) * 4, (1, 1)),
+    ((3, 1), (1, 2), (0, 0, 2, 0), (2, 1))])
+def test_conv_as_matrix_is_the_conv(kernel, stride, pads, dilation):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 2) + kernel)
+    x = rng.standard_normal((1, 2, 6, 5))
+    matrix = algebra.conv_as_matrix(w, (6, 5), stride, pads, dilation)
+    padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    expected = conv(padded, w, stride=stride, dilation=dilation)
+    np.testing.assert_allclose(matrix @ x.ravel(), expected.ravel(), atol=1e-12)
+
+
+@pytest.mark.parametrize("c_in,mid,c_out,inner_groups,outer_groups,composes", [
+    (4, 4, 6, 1, 1, True), (4, 8, 6, 2, 2, True), (4, 8, 8, 4, 8, True),  # outer depthwise
+    (6, 6, 4, 6, 2, True),  # inner depthwise (a BN): scales the outer's inputs
+    (4, 8, 8, 2, 4, False)])
+def test_compose_pointwise_is_the_sequence(c_in, mid, c_out, inner_groups, outer_groups, composes):
+    rng = np.random.default_rng(1)
+    inner = rng.standard_normal((mid, c_in // inner_groups, 1, 1))
+    outer = rng.standard_normal((c_out, mid // outer_groups, 3, 3))
+    result = algebra.compose_pointwise(outer, outer_groups, inner, inner_groups)
+    if not composes:
+        assert result is None
+        return
+    weight, groups = result
+    x = rng.standard_normal((1, c_in, 6, 6))
+    expected = conv(conv(x, inner, inner_groups), outer, outer_groups)
+    np.testing.assert_allclose(conv(x, weight, groups), expected, atol=1e-10)
+
+
+def test_input_shift_bias_is_what_a_shift_adds():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((6, 2, 3, 3))
+    shift = rng.standard_normal(4)
+    x = rng.standard_normal((1, 4, 5, 5))
+    delta = conv(x + shift[None, :, None, None], w, 2) - conv(x, w, 2)
+    np.testing.assert_allclose(delta[0, :, 1, 1], algebra.input_shift_bias(w, 2, shift), atol=1e-10)
+
+
+def test_dilate_kernel_moves_the_dilation_into_the_taps():
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2, 2, 3, 2))
+    x = rng.standard_normal((1, 2, 11, 11))
+    dense = algebra.dilate_kernel(w, (3, 2))
+    np.testing.assert_allclose(conv(x, dense, dilation=(1, 2)), conv(x, w, dilation=(3, 4)), atol=1e-10)
+
+
+def test_block_diagonal_regroups_blocks():
+    blocks = [np.full((2, 3), i + 1.0) for i in range(4)]
+    merged = algebra.block_diagonal(blocks, 2)
+    assert [m.shape for m in merged] == [(4, 6), (4, 6)]
+    np.testing.assert_array_equal(merged[1][2:, 3:], blocks[3])
+    assert not merged[1][:2, 3:].any()
+    np.testing.assert_array_equal(algebra.block_diagonal(blocks, 1)[0][6:, 9:], blocks[3])

@@ -10,7 +10,7 @@ at 128 channels on 56x56 (1-D: 1024, 3-D: 16^3), 1000 classes.
 Prints per model: node counts and op histograms (original / ours / deploy), max relative error
 (ours vs original, ours vs deploy), the time optimize takes split into load / match+rewrite /
 verify / save, and ORT CPU latency of original, ours and deploy measured interleaved (one run of
-each per round, medians over the rounds), with ratios. Latency sessions use ORT's default graph
+each per round in a random order, medians over the rounds), with ratios. Latency sessions use ORT's default graph
 optimizations, as a deployment would; verification runs with them off.
 """
 from __future__ import annotations
@@ -43,30 +43,36 @@ def histogram(model: onnx.ModelProto) -> str:
 SIZES = {1: 1024, 2: 56, 3: 16}  # families: input extent per spatial rank
 
 
+SESSIONS = 3  # per model: where a session's buffers land shifts its speed by a few percent
+
+
 def latencies(paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int,
               warmup: int = 3, min_seconds: float = 10.0) -> tuple[dict[str, float], int]:
     """Median seconds per inference and the rounds run: the models run one after another in each
     round so that machine noise hits them alike; small models get more rounds (at least
-    ``min_seconds`` of measuring), since their medians are noisier."""
+    ``min_seconds`` of measuring), since their medians are noisier. Each model runs in SESSIONS
+    sessions, taking turns, so that no one session's memory placement decides its number."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = os.cpu_count() or 1
     # Idle ORT worker threads spin by default; with several sessions in one process the spinning
     # threads of one steal the cores of the next and the order decides the numbers (seen: 25 ms
     # vs 17 ms for identical graphs). Without spinning the interleaved medians agree.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                for k, p in paths.items()}
+    sessions = {(k, i): ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                for k, p in paths.items() for i in range(SESSIONS)}
     start = time.perf_counter()
     for _ in range(warmup):
         for session in sessions.values():
             session.run(None, feed)
-    per_round = (time.perf_counter() - start) / warmup
+    per_round = (time.perf_counter() - start) / warmup / SESSIONS
     rounds = max(rounds, min(int(min_seconds / per_round), 5000))
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for name, session in sessions.items():
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    order = np.random.default_rng(0)
+    for r in range(rounds):
+        # a fresh order each round: whichever model runs after another does not always lose the cache
+        for name in order.permutation(list(paths)):
             start = time.perf_counter()
-            session.run(None, feed)
+            sessions[(name, r % SESSIONS)].run(None, feed)
             times[name].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}, rounds
 

@@ -30,5 +30,10 @@ class Pass:
 
 def default_passes() -> tuple[Pass, ...]:
     from . import compose, conv_into_fc, fold_affine, fold_constants, merge_branches
-    return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, module.__doc__.strip().splitlines()[0])
+    return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, _first_sentence(module.__doc__))
                  for module in (fold_constants, compose, fold_affine, merge_branches, conv_into_fc))
+
+
+def _first_sentence(doc: str) -> str:
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    return paragraph.split(". ")[0].rstrip(".") + "."

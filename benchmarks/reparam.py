@@ -5,7 +5,8 @@ onnx-reparam against the deploy export, in one run.
                                  [--out DIR]
 
 Sizes: RepVGG-A0/B1g4 at paper width, 224x224, 1000 classes; the block families (models/families.py)
-at 128 channels on 56x56 (1-D: 1024, 3-D: 16^3), 1000 classes.
+at 128 channels on 112x112 (1-D: 4096, 3-D: 16^3), the RepMLP nets at 64 channels on 112x112,
+1000 classes.
 
 Prints per model: node counts and op histograms (original / ours / deploy), max relative error
 (ours vs original, ours vs deploy), the time optimize takes split into load / match+rewrite /
@@ -40,7 +41,7 @@ def histogram(model: onnx.ModelProto) -> str:
     return " ".join(f"{op}:{n}" for op, n in sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
-SIZES = {1: 1024, 2: 56, 3: 16}  # families: input extent per spatial rank
+SIZES = {1: 4096, 2: 112, 3: 16}  # families: input extent per spatial rank
 
 
 SESSIONS = 3  # per model: where a session's buffers land shifts its speed by a few percent

@@ -5,6 +5,8 @@ weight shared with another node stays as that node needs it.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -13,6 +15,7 @@ from .model_io import inferred_value_info
 
 Node = gs.Node
 Tensor = gs.Tensor
+_FRESH_SUFFIX = re.compile(r"(_reparam\d+)+$")
 
 
 class Graph:
@@ -85,6 +88,7 @@ class Graph:
         return tuple(shape)
 
     def fresh_name(self, base: str) -> str:
+        base = _FRESH_SUFFIX.sub("", base)  # a rewrite of a rewrite keeps one suffix
         while True:
             self._counter += 1
             name = f"{base}_reparam{self._counter}"

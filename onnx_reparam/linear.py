@@ -3,6 +3,7 @@
 - per-channel affine maps y = x * scale + shift: inference BatchNormalization, and Mul/Add/Sub/Div
   by a constant that varies only along the channel axis;
 - convolutions with constant weights: Conv, and AveragePool as a depthwise conv with a 1/k^2 kernel;
+- fully connected layers with constant weights: Gemm and MatMul as an (out, in) matrix and a bias;
 - conv chains: a conv whose input is a padded/cropped view (routing.py) of the output of a
   pointwise conv or inference BN composes into one conv on that map's input, when what
   the padding writes equals what the pointwise map gives on a zero input (DESIGN.md section 4).
@@ -96,7 +97,7 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
         bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
         if weight is None or bias is None:
             return None
-        bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (weight.shape[0],)).copy()
+        bias = bias_vector(bias, weight.shape[0])
         geometry = conv_geometry(node, weight)
     elif node.op == "AveragePool":
         kernel = tuple(attr(node, "kernel_shape", ()))
@@ -118,6 +119,43 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
         return geometry
     dtype = np.dtype(source.dtype) if node.op == "AveragePool" else weight.dtype
     return ConvForm(source, weight, bias, geometry, dtype, [node])
+
+
+def bias_vector(bias: np.ndarray, channels: int) -> np.ndarray:
+    """A stored bias (scalar or per channel) as a float64 vector over the channels."""
+    return np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,)).copy()
+
+
+@dataclass
+class FCForm:
+    """A fully connected layer y = x @ matrix.T + bias over the last axis of ``source``."""
+    source: Tensor
+    matrix: np.ndarray  # (out, in), float64, Gemm's alpha applied
+    bias: np.ndarray  # (out,), float64, Gemm's beta applied
+    dtype: np.dtype  # of the stored weight
+
+
+def fc_form(graph: Graph, node: Node) -> FCForm | None:
+    """Gemm (transA 0) or MatMul with a constant 2-D weight and a constant per-feature bias."""
+    if node.op not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx", None) or len(node.inputs) < 2:
+        return None
+    weight = graph.constant(node.inputs[1])
+    if weight is None or weight.ndim != 2 or graph.constant(node.inputs[0]) is not None:
+        return None
+    if node.op == "Gemm" and attr(node, "transA", 0):
+        return None
+    matrix = np.asarray(weight, np.float64)
+    if node.op == "MatMul" or not attr(node, "transB", 0):
+        matrix = matrix.T
+    bias = graph.constant(node.inputs[2]) if node.op == "Gemm" and len(node.inputs) > 2 else np.zeros(())
+    if bias is None:
+        return None
+    bias = algebra.per_channel(np.asarray(bias), matrix.shape[0], -1, 2)
+    if isinstance(bias, str):
+        return None
+    if node.op == "Gemm":
+        matrix, bias = matrix * attr(node, "alpha", 1.0), bias * attr(node, "beta", 1.0)
+    return FCForm(node.inputs[0], matrix, bias, weight.dtype)
 
 
 def explicit_geometry(geometry: dict, shape: tuple[int, ...] | None) -> dict | str:

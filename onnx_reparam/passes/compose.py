@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import algebra
 from ..graph import Graph, Node, attr
-from ..linear import ChannelAffine, ConvForm, channel_affine, conv_chain
+from ..linear import ChannelAffine, ConvForm, channel_affine, conv_chain, fc_form
 from ..routing import RESHAPES, ROUTING_OPS
 from . import PassLog
 
@@ -96,19 +96,15 @@ def _macs(graph: Graph, node: Node, weight: np.ndarray | None = None) -> int:
 
 
 def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
-    """FC(BN(y)) = y @ (s * W) + (t @ W + b) along the feature axis K of the FC's input; through a
+    """FC(BN(y)) = y @ (W * s).T + (W @ t + b) along the feature axis of the FC's input; through a
     Reshape/Flatten of (N, C, ...) to (N, C * rest) the BN's channel values repeat ``rest`` times
     (a pooled BN before a classifier or RepMLP's global perceptron)."""
-    weight = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
+    fc = fc_form(graph, node)
     data = node.inputs[0]
-    if weight is None or weight.ndim != 2 or graph.shared_reason(data) is not None:
+    if fc is None or graph.shared_reason(data) is not None:
         return []
-    if node.op == "Gemm" and attr(node, "transA", 0):
-        return []
-    trans_b = node.op == "Gemm" and attr(node, "transB", 0)
-    features = weight.shape[1] if trans_b else weight.shape[0]
     flatten, prior = None, graph.producer(data)
-    channels, axis, rank, repeat = features, -1, Graph.rank(data), 1
+    channels, axis, rank, repeat = fc.matrix.shape[1], -1, Graph.rank(data), 1
     if prior is not None and prior.op in ("Reshape", "Flatten"):
         flatten, unflat = prior, prior.inputs[0]
         before, after = Graph.static_shape(unflat), Graph.static_shape(data)
@@ -125,27 +121,22 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
             log.refused(node.name, f"cannot fold {prior.op} into {node.op}: {affine}")
         return []
     scale, shift = np.repeat(affine.scale, repeat), np.repeat(affine.shift, repeat)
-    matrix = np.asarray(weight, np.float64).T if trans_b else np.asarray(weight, np.float64)  # (K, N)
-    bias_shift = shift @ matrix
-    scaled = algebra.scale_matrix_weight(matrix, scale, 0)
-    source = prior.inputs[affine.data_index]
-    if node.op == "MatMul" and np.any(bias_shift):
+    matrix = algebra.scale_matrix_weight(fc.matrix, scale, 1)  # (out, in): scales the inputs
+    bias = fc.bias + fc.matrix @ shift
+    if node.op == "MatMul" and np.any(bias):
         log.refused(node.name, f"folding {prior.op} into MatMul would need a bias Add (no fewer nodes)")
         return []
-    if node.op == "Gemm":
-        bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
-        bias = algebra.per_channel(np.asarray(bias), matrix.shape[1], -1, 2) if bias is not None else "computed"
-        if isinstance(bias, str):
-            return []
-        alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
-        scaled, bias = scaled * alpha, bias_shift * alpha + bias * beta
+    source = prior.inputs[affine.data_index]
     if flatten is not None:
         flat = graph.add_variable(f"{flatten.name}_out", data)
         graph.add_node(flatten.op, [source] + list(flatten.inputs[1:]), [flat], dict(flatten.attrs), flatten.name)
         source = flat
-    inputs = [source, graph.add_constant(node.inputs[1].name, scaled.astype(weight.dtype))]
     if node.op == "Gemm":
-        inputs.append(graph.add_constant(f"{node.name}_bias", bias.astype(weight.dtype)))
-    graph.add_node(node.op, inputs, [node.outputs[0]], {}, node.name)
+        inputs = [source, graph.add_constant(node.inputs[1].name, matrix.astype(fc.dtype)),
+                  graph.add_constant(f"{node.name}_bias", bias.astype(fc.dtype))]
+        graph.add_node("Gemm", inputs, [node.outputs[0]], {"transB": 1}, node.name)
+    else:
+        inputs = [source, graph.add_constant(node.inputs[1].name, matrix.T.astype(fc.dtype))]
+        graph.add_node("MatMul", inputs, [node.outputs[0]], {}, node.name)
     log.rewrote(f"{prior.op}+{flatten.op + '+' if flatten else ''}{node.op}", node.name)
     return [node, prior] + ([flatten] if flatten else [])

@@ -18,8 +18,8 @@ from math import gcd
 import numpy as np
 
 from .. import algebra
-from ..graph import Graph, Node, Tensor, attr, conv_geometry
-from ..linear import explicit_geometry, inference_bn
+from ..graph import Graph, Node, Tensor
+from ..linear import ConvForm, conv_form, fc_form, inference_bn
 from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees
 from ..routing import RESHAPES
 from . import PassLog
@@ -73,38 +73,30 @@ def trace(graph: Graph, leaf: Leaf) -> Branch | None:
 def matrix_of(graph: Graph, branch: Branch) -> tuple[list[np.ndarray], np.ndarray] | str:
     """The branch's map of one row as block-diagonal blocks (one per group) and a bias, in float64."""
     node = branch.op
-    weight = graph.constant(node.inputs[1])
-    bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
-    if bias is None:
-        return "a linear op with a computed bias"
     shape = Graph.static_shape(node.inputs[0])
     if node.op == "Conv":
-        geometry = explicit_geometry(conv_geometry(node, weight), shape)
-        if isinstance(geometry, str):
-            return geometry
-        spatial = shape[2:]
+        form = conv_form(graph, node)
+        if not isinstance(form, ConvForm):
+            return form or "a conv with a computed weight or bias"
+        geometry, spatial = form.geometry, shape[2:]
         reach = [(k - 1) * d + 1 for k, d in zip(geometry["kernel"], geometry["dilations"])]
         if any(r > s for r, s in zip(reach, spatial)):
             kernel = "x".join(map(str, geometry["kernel"]))
             return f"the {kernel} conv reaches beyond the {'x'.join(map(str, spatial))} partition it reads"
-        groups, out_channels = geometry["group"], weight.shape[0]
+        groups, out_channels = geometry["group"], form.weight.shape[0]
         if branch.shape[0] * branch.shape[1] // groups > MAX_ENTRIES:
             return f"its {branch.shape[0]}x{branch.shape[1]} matrix is too large to build"
         per = out_channels // groups
-        blocks = [algebra.conv_as_matrix(weight[g * per:(g + 1) * per], spatial, geometry["strides"],
+        blocks = [algebra.conv_as_matrix(form.weight[g * per:(g + 1) * per], spatial, geometry["strides"],
                                          geometry["pads"], geometry["dilations"]) for g in range(groups)]
-        positions = branch.shape[0] // out_channels
-        bias = np.repeat(np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (out_channels,)), positions)
-    elif len(shape) != 2 or weight.ndim != 2 or (node.op == "Gemm" and attr(node, "transA", 0)):
+        bias = np.repeat(form.bias, branch.shape[0] // out_channels)
+    elif len(shape) != 2:
         return "a fully connected layer over more than one axis"
     else:
-        matrix = np.asarray(weight, np.float64)
-        matrix = matrix if node.op == "Gemm" and attr(node, "transB", 0) else matrix.T
-        if node.op == "Gemm":
-            matrix = matrix * attr(node, "alpha", 1.0)
-            bias = np.asarray(bias, np.float64) * attr(node, "beta", 1.0)
-        blocks = [matrix]
-        bias = np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (matrix.shape[0],)).copy()
+        fc = fc_form(graph, node)
+        if fc is None:
+            return "a fully connected layer with a computed or non-per-feature bias, or a transposed input"
+        blocks, bias = [fc.matrix], fc.bias
     for norm in branch.norms:
         affine = inference_bn(graph, norm)
         if isinstance(affine, str):

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import algebra
 from ..graph import Graph, Node, attr
-from ..linear import ChannelAffine, ConvForm, channel_affine, conv_form
+from ..linear import ChannelAffine, ConvForm, bias_vector, channel_affine, conv_form
 from ..matcher import Chain, ChainMatch, find_chains
 from . import PassLog
 
@@ -60,11 +60,11 @@ def _weighted_layer(graph: Graph, node: Node) -> Linear | None:
     if bias is None:
         return None
     if node.op == "Conv":
-        return Linear(weight, _vector(bias, weight.shape[0]), 1 - weight.ndim, weight.ndim, weight.dtype,
+        return Linear(weight, bias_vector(bias, weight.shape[0]), 1 - weight.ndim, weight.ndim, weight.dtype,
                       node.op, dict(node.attrs))
     if node.op == "ConvTranspose":
         channels = weight.shape[1] * int(attr(node, "group", 1))
-        return Linear(weight, _vector(bias, channels), 1 - weight.ndim, weight.ndim, weight.dtype,
+        return Linear(weight, bias_vector(bias, channels), 1 - weight.ndim, weight.ndim, weight.dtype,
                       node.op, dict(node.attrs))
     if weight.ndim != 2:
         return None
@@ -78,10 +78,6 @@ def _weighted_layer(graph: Graph, node: Node) -> Linear | None:
         return Linear(np.asarray(weight, np.float64) * alpha, bias * beta, -1, 2, weight.dtype, node.op, attrs)
     return Linear(weight, np.zeros(weight.shape[1]), -1, Graph.rank(node.inputs[0]), weight.dtype,
                   node.op, {})  # MatMul
-
-
-def _vector(bias: np.ndarray, channels: int) -> np.ndarray:
-    return np.broadcast_to(np.asarray(bias, np.float64).reshape(-1), (channels,)).copy()
 
 
 def affine_of(graph: Graph, node: Node, index: int, layer: Linear,

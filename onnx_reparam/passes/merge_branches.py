@@ -16,8 +16,8 @@ from math import gcd
 import numpy as np
 
 from .. import algebra
-from ..graph import Graph, Node, Tensor, attr
-from ..linear import ConvForm, conv_chain, inference_bn
+from ..graph import Graph, Node, Tensor
+from ..linear import ConvForm, conv_chain, fc_form, inference_bn
 from ..matcher import DEFAULT_DOMAINS, Leaf, Tree, combination_nodes, emit_sum, find_trees
 from . import PassLog
 
@@ -111,20 +111,10 @@ def _branch_term(graph: Graph, leaf: Leaf, node: Node) -> Term | None:
 
 def _matrix_term(graph: Graph, leaf: Leaf, node: Node, source: Tensor) -> Term | None:
     """Gemm/MatMul with a constant 2-D weight as an (out, in) matrix and a bias vector."""
-    weight = graph.constant(node.inputs[1])
-    if weight is None or weight.ndim != 2 or (node.op == "Gemm" and attr(node, "transA", 0)):
+    fc = fc_form(graph, node)
+    if fc is None:
         return None
-    matrix = np.asarray(weight, np.float64)
-    if node.op == "MatMul":
-        return Term(leaf, source, 0.0, weight.dtype, kernel=matrix.T, nodes=[node])
-    if not attr(node, "transB", 0):
-        matrix = matrix.T
-    bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
-    bias = algebra.per_channel(np.asarray(bias), matrix.shape[0], -1, 2) if bias is not None else "computed"
-    if isinstance(bias, str):
-        return None
-    return Term(leaf, source, bias * attr(node, "beta", 1.0), weight.dtype,
-                kernel=matrix * attr(node, "alpha", 1.0), nodes=[node])
+    return Term(leaf, source, fc.bias, fc.dtype, kernel=fc.matrix, nodes=[node])
 
 
 def run(graph: Graph, log: PassLog) -> None:

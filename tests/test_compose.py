@@ -169,3 +169,46 @@ def test_pool_reading_a_padded_input_stays_a_pool():
     pool = b.node("AveragePool", [pad(b, b.node("Relu", [x]), 1)], kernel_shape=[3, 3])
     model, _ = rewrite(b.model([pool]))
     assert ops(model) == {"Relu": 1, "AveragePool": 1}
+
+
+def test_reshape_whose_input_is_read_elsewhere_stays():
+    b = GraphBuilder()
+    x = b.input("x", [2, 4, 6, 6])
+    flat = b.node("Flatten", [x], axis=2)
+    y = b.node("Reshape", [flat, b.const(np.array([2, 144], np.int64))])
+    model, report = rewrite(b.model([y, b.node("Relu", [flat])]))
+    assert ops(model) == {"Flatten": 1, "Reshape": 1, "Relu": 1} and not report.rewrites
+
+
+def test_reshape_to_a_dynamic_shape_stays():
+    b = GraphBuilder()
+    x = b.input("x", ["n", 4, 6, 6])
+    y = b.node("Reshape", [b.node("Flatten", [x], axis=2), b.const(np.array([-1, 144], np.int64))])
+    model, report = rewrite(b.model([y]), input_shapes={"x": (2, 4, 6, 6)})
+    assert ops(model) == {"Flatten": 1, "Reshape": 1} and not report.rewrites
+
+
+def test_pooled_bn_folds_into_the_gemm_through_a_flatten():
+    b = GraphBuilder()
+    x = b.input("x", [2, 4, 3, 3])
+    y = b.node("Gemm", [b.node("Flatten", [b.bn(x, 4)]), b.const(b.rand(5, 36)), b.const(b.rand(5))], transB=1)
+    model, _ = rewrite(b.model([y]))
+    assert ops(model) == {"Flatten": 1, "Gemm": 1}
+
+
+@pytest.mark.parametrize("case", ["batch_moved", "bn_read_elsewhere"])
+def test_bn_before_a_flatten_that_is_not_per_sample_stays(case):
+    b = GraphBuilder()
+    x = b.input("x", [2, 4, 3, 3])
+    norm = b.bn(x, 4)
+    outputs = []
+    if case == "batch_moved":  # (2, 4, 3, 3) -> (4, 18): rows are not samples, features not channels
+        flat = b.node("Reshape", [norm, b.const(np.array([4, 18], np.int64))])
+        weight = b.rand(5, 18)
+    else:
+        flat = b.node("Flatten", [norm])
+        weight = b.rand(5, 36)
+        outputs.append(b.node("Relu", [norm]))
+    y = b.node("Gemm", [flat, b.const(weight), b.const(b.rand(5))], transB=1)
+    model, report = rewrite(b.model([y] + outputs), verify=False)
+    assert ops(model)["BatchNormalization"] == 1 and ops(model)["Gemm"] == 1

@@ -1,36 +1,49 @@
-"""The library's entry points: optimize a model, inspect it, verify two models."""
+"""The library's entry points: optimize a model, inspect it, verify two models.
+
+When the rewritten model fails the check, the rewrites are bisected: the pipeline is re-run
+allowing only the first k rewrites (in the order they were applied) to find the first one whose
+model fails; it is dropped, named in the report with its error, and the pipeline runs again
+without it, until the model verifies. Every other rewrite is kept.
+"""
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
 
-from . import verify as verification
 from .errors import ReparamError
 from .graph import Graph
 from .model_io import load_model
+from .passes import Pass
 from .pipeline import run_passes, select_passes
-from .report import GraphStats, Report
+from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
+from .verify import Checker
+
+MAX_DROPPED = 16  # rewrites dropped before giving up: past that, something is wrong everywhere
 
 
 class VerificationError(ReparamError):
-    """The rewritten model's outputs differ from the original's. Carries both for inspection."""
+    """The rewritten model's outputs differ from the original's (or, with ``strict``, a rewrite had
+    to be dropped). Carries the model and the report for inspection."""
 
-    def __init__(self, model: onnx.ModelProto, report: Report):
-        super().__init__("verification failed: " + report.verification.summary().replace("\n", ";"))
+    def __init__(self, model: onnx.ModelProto, report: Report, message: str | None = None):
+        super().__init__(message or "verification failed: " + report.verification.summary().replace("\n", ";"))
         self.model, self.report = model, report
 
 
-def optimize(model: str | os.PathLike | onnx.ModelProto, *, only: tuple[str, ...] = (),
-             skip: tuple[str, ...] = (), verify: bool = True, provider: str = "auto",
+def optimize(model: str | os.PathLike | onnx.ModelProto, *, only: str | Sequence[str] = (),
+             skip: str | Sequence[str] = (), verify: bool = True, provider: str = "auto",
              input_shapes: dict[str, tuple[int, ...]] | None = None,
              inputs: dict[str, np.ndarray] | None = None, seed: int = 0, rtol: float | None = None,
-             atol: float | None = None) -> tuple[onnx.ModelProto, Report]:
+             atol: float | None = None, strict: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Rewrites a training-structure model into its deploy structure and, unless ``verify`` is
-    False, checks in onnxruntime that the outputs are unchanged. Returns (model, report); raises
-    VerificationError (holding both) when the check fails. The input is never modified."""
+    False, checks in onnxruntime that the outputs are unchanged. A rewrite that fails the check is
+    dropped and named in ``report.dropped``; the model returned has the others, verified. Raises
+    VerificationError (holding model and report) when no verified model can be made, or when
+    ``strict`` and a rewrite was dropped. The input is never modified."""
     passes = select_passes(only, skip)
     report = Report()
     start = time.perf_counter()
@@ -39,31 +52,77 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, only: tuple[str, ...
     report.before = GraphStats.of(original)
 
     start = time.perf_counter()
-    graph = Graph(original)
-    report.passes = run_passes(graph, passes)
-    optimized = graph.to_model(original) if report.rewrites else original
+    optimized, report.passes, applied = _rewrite(original, passes)
     report.seconds["rewrite"] = time.perf_counter() - start
-    report.after = GraphStats.of(optimized)
 
-    if verify and report.rewrites:
+    if verify and applied:
         start = time.perf_counter()
-        report.verification = verification.compare(
-            original, optimized, provider=provider, input_shapes=input_shapes, inputs=inputs,
-            seed=seed, rtol=rtol, atol=atol)
+        checker = Checker(original, provider=provider, input_shapes=input_shapes, inputs=inputs, seed=seed,
+                          rtol=rtol, atol=atol)
+        report.verification = checker.check(optimized)
         report.seconds["verify"] = time.perf_counter() - start
-        if not report.verification.passed:
-            raise VerificationError(optimized, report)
+        if not report.verification.passed and not report.verification.inconclusive:
+            start = time.perf_counter()
+            optimized, report.passes, report.verification, report.dropped = _drop_failing(
+                original, passes, checker, applied, report.verification)
+            report.seconds["isolate"] = time.perf_counter() - start
+    report.after = GraphStats.of(optimized)
+    if report.verification is not None and not report.verification.passed:
+        raise VerificationError(optimized, report)
+    if strict and report.dropped:
+        raise VerificationError(optimized, report, f"{len(report.dropped)} rewrite(s) did not verify "
+                                f"(strict): {report.dropped[0].node}: {report.dropped[0].reason}")
     return optimized, report
 
 
-def inspect(model: str | os.PathLike | onnx.ModelProto, *, only: tuple[str, ...] = (),
-            skip: tuple[str, ...] = ()) -> Report:
+def _rewrite(original: onnx.ModelProto, passes: tuple[Pass, ...], policy=None
+             ) -> tuple[onnx.ModelProto, list[PassReport], list[Rewrite]]:
+    graph = Graph(original)
+    reports, applied = run_passes(graph, passes, policy)
+    return (graph.to_model(original) if applied else original), reports, applied
+
+
+def _drop_failing(original: onnx.ModelProto, passes: tuple[Pass, ...], checker: Checker,
+                  applied: list[Rewrite], failure: Verification):
+    """Finds and drops the rewrites whose model fails the check; returns the verified model with
+    the rest, its reports and verification, and the dropped rewrites."""
+    dropped: dict[tuple, str] = {}
+
+    def only_first(allowed: set[tuple]):
+        return lambda rw: dropped.get(rw.key) or (None if rw.key in allowed else "left out while isolating a failure")
+
+    def without_dropped(rw: Rewrite) -> str | None:
+        return dropped.get(rw.key)
+
+    model, reports = original, []
+    for _ in range(MAX_DROPPED):
+        keys = [rw.key for rw in applied]
+        passing, failing = 0, len(keys)  # allowing the first `passing` rewrites verifies
+        while failing - passing > 1:
+            middle = (passing + failing) // 2
+            result = checker.check(_rewrite(original, passes, only_first(set(keys[:middle])))[0])
+            if result.passed:
+                passing = middle
+            else:
+                failing, failure = middle, result
+        culprit = applied[failing - 1]
+        dropped[culprit.key] = f"its rewrite did not verify ({failure.worst()})"
+        model, reports, applied = _rewrite(original, passes, without_dropped)
+        failure = checker.check(model) if applied else checker.check(original)
+        if failure.passed:
+            break
+    records = [Refusal(", ".join(key[2]), reason, f"{key[0]}: {key[1]}") for key, reason in dropped.items()]
+    return model, reports, failure, records
+
+
+def inspect(model: str | os.PathLike | onnx.ModelProto, *, only: str | Sequence[str] = (),
+            skip: str | Sequence[str] = ()) -> Report:
     """Dry run: what would be rewritten and what would be left, and why."""
     return optimize(model, only=only, skip=skip, verify=False)[1]
 
 
 def verify(reference: str | os.PathLike | onnx.ModelProto,
-           candidate: str | os.PathLike | onnx.ModelProto, **options) -> verification.Verification:
+           candidate: str | os.PathLike | onnx.ModelProto, **options) -> Verification:
     """The same equivalence check optimize runs, on any two models with the same inputs and
     outputs. Options: provider, input_shapes, inputs, seed, rtol, atol."""
-    return verification.compare(load_model(reference), load_model(candidate), **options)
+    return Checker(load_model(reference), **options).check(load_model(candidate))

@@ -1,7 +1,8 @@
 """The onnx-reparam command: optimize, inspect, verify, passes.
 
-Exit codes: 0 success, 1 verification failed (or, for ``inspect --check``, rewrites possible),
-2 bad input or usage.
+Exit codes: 0 success (rewrites that failed the check were dropped and named, the rest verified),
+1 verification failed, or with --strict a rewrite had to be dropped (or, for ``inspect --check``,
+rewrites possible), 2 bad input or usage, 3 internal error (a defect of this tool).
 """
 from __future__ import annotations
 
@@ -9,46 +10,60 @@ import json
 import os
 import sys
 import time
+import traceback
+import warnings
 from functools import wraps
 from pathlib import Path
 
 import click
 
 from . import api
-from .errors import ReparamError
+from .errors import ReparamError, first_line
 from .model_io import external_data_files, save_model
 from .passes import default_passes
 from .report import Report
 from .verify import load_inputs, parse_input_shapes
 
-EXIT_MISMATCH, EXIT_BAD_INPUT = 1, 2
+EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 
 
 def _one_line_errors(command):
-    """Bad input ends with one line on stderr and exit code 2, never a traceback."""
+    """Bad input ends with one line on stderr and exit code 2, a defect of ours with one line and
+    exit code 3 (the traceback only with --debug); never a bare traceback."""
     @wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, debug: bool = False, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # numpy/onnx warnings are not for the user
+                return command(*args, **kwargs)
         except ReparamError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except MemoryError:
             click.echo("error: out of memory", err=True)
             sys.exit(EXIT_BAD_INPUT)
-    return wrapper
+        except Exception as exc:  # noqa: BLE001 - anything else is our defect
+            if debug:
+                traceback.print_exc()
+            where = traceback.extract_tb(exc.__traceback__)[-1]
+            click.echo(f"internal error in {Path(where.filename).name}:{where.lineno}: {type(exc).__name__}: "
+                       f"{first_line(exc)}; please report it (--debug shows the traceback)", err=True)
+            sys.exit(EXIT_INTERNAL)
+    return click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")(wrapper)
 
 
 def _check_options(f):
     f = click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
                      show_default=True, help="onnxruntime execution provider for verification.")(f)
-    f = click.option("--rtol", type=float, help="Relative tolerance (default by dtype: fp32 1e-4).")(f)
-    f = click.option("--atol", type=float, help="Absolute tolerance (default by dtype: fp32 1e-6).")(f)
+    f = click.option("--rtol", type=click.FloatRange(0, 1e300),
+                     help="Relative tolerance (default by the lowest float precision inside: fp32 1e-4).")(f)
+    f = click.option("--atol", type=click.FloatRange(0, 1e300),
+                     help="Absolute tolerance (default by the lowest float precision inside: fp32 1e-6).")(f)
     f = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224",
                      help="Shape for an input with dynamic dims (repeatable).")(f)
     f = click.option("--inputs", "inputs_file", type=click.Path(),
                      help=".npz file with input arrays, by input name.")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True,
+    f = click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
                      help="Seed of the random inputs.")(f)
     return f
 
@@ -57,6 +72,17 @@ def _pass_options(f):
     f = click.option("--skip", multiple=True, metavar="PASS", help="Do not run this pass.")(f)
     f = click.option("--only", multiple=True, metavar="PASS", help="Run only this pass.")(f)
     return f
+
+
+def _writable(path: Path, what: str) -> None:
+    """Checked before any work, so a bad path fails before anything is written."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ReparamError(f"{what} {path}: is a directory")
+    if not folder.is_dir():
+        raise ReparamError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or path.exists() and not os.access(path, os.W_OK):
+        raise ReparamError(f"{what} {path}: not writable")
 
 
 def _write_report(report: Report, path: str | None) -> None:
@@ -80,29 +106,30 @@ def main():
 @_check_options
 @click.option("--no-verify", is_flag=True, help="Skip the onnxruntime equivalence check.")
 @click.option("--force", is_flag=True, help="Write OUT even if verification fails.")
+@click.option("--strict", is_flag=True,
+              help="Fail (exit 1, nothing written) when a rewrite had to be dropped for not verifying.")
 @click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @click.option("--quiet", is_flag=True, help="Print only errors.")
 @_one_line_errors
 def optimize(input_path, output_path, skip, only, provider, rtol, atol, input_shapes, inputs_file,
-             seed, no_verify, force, report_path, quiet):
+             seed, no_verify, force, strict, report_path, quiet):
     """Rewrite IN into its deploy structure, verify it, write OUT."""
     source = Path(input_path)
     target = Path(output_path)
     if source.exists() and target.exists() and source.samefile(target) or \
             source.resolve() == target.resolve():
         raise ReparamError("OUT is the same file as IN; the input is never overwritten")
-    folder = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise ReparamError(f"{target}: is a directory")
-    if not folder.is_dir() or not os.access(folder, os.W_OK) or \
-            target.exists() and not os.access(target, os.W_OK):
-        raise ReparamError(f"{target}: not writable")
+    _writable(target, "OUT")
+    if report_path:
+        _writable(Path(report_path), "report")
     protected = external_data_files(source) if source.is_file() else set()
+    if target.resolve() in protected or (target.parent / (target.name + ".data")).resolve() in protected:
+        raise ReparamError(f"{target} would overwrite the input's external data; choose another output name")
     inputs = load_inputs(inputs_file) if inputs_file else None
     try:
         model, report = api.optimize(source, only=only, skip=skip, verify=not no_verify,
                                      provider=provider, input_shapes=parse_input_shapes(input_shapes),
-                                     inputs=inputs, seed=seed, rtol=rtol, atol=atol)
+                                     inputs=inputs, seed=seed, rtol=rtol, atol=atol, strict=strict)
         failed = False
     except api.VerificationError as exc:
         model, report, failed = exc.model, exc.report, True

@@ -1,7 +1,9 @@
 """The graph layer: an onnx-graphsurgeon graph plus the questions every pass asks of it.
 
 Passes never edit an initializer in place: fused weights are fresh constants with fresh names, so a
-weight shared with another node stays as that node needs it.
+weight shared with another node stays as that node needs it. Nor do they edit the graph directly:
+``add_node`` only writes down a node, and ``commit`` puts a rewrite's nodes in at once (or
+``discard`` forgets them), so a rewrite that fails half-way leaves the graph as it was.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from .model_io import inferred_value_info
 Node = gs.Node
 Tensor = gs.Tensor
 _FRESH_SUFFIX = re.compile(r"(_reparam\d+)+$")
+RULE_KEY = "onnx_reparam.rule"
 
 
 class Graph:
@@ -34,6 +37,10 @@ class Graph:
         self.overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
         self._names = set(self.gs.tensors()) | {n.name for n in self.gs.nodes}
         self._counter = 0
+        self._pending: list[tuple[str, list[Tensor], list[Tensor], dict, str]] = []
+        # Tool-made node name -> the original nodes it stands for, and the rule that made it.
+        self.origins: dict[str, tuple[str, ...]] = {}
+        self.rules: dict[str, str] = {}
 
     def infer_shapes(self) -> None:
         """Fills in shapes ONNX can infer now that were unknown at import (after constant folding,
@@ -99,18 +106,63 @@ class Graph:
     def add_constant(self, base: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.fresh_name(base), np.ascontiguousarray(values))
 
-    def add_variable(self, base: str, like: Tensor) -> gs.Variable:
-        return gs.Variable(self.fresh_name(base), dtype=like.dtype, shape=like.shape)
+    def add_variable(self, base: str, like: Tensor, same_shape: bool = True) -> gs.Variable:
+        """A new tensor of ``like``'s type, and of its shape unless ``same_shape`` is False (a
+        partial sum that a constant addend may still broadcast to the full shape)."""
+        return gs.Variable(self.fresh_name(base), dtype=like.dtype, shape=like.shape if same_shape else None)
 
     def add_node(self, op: str, inputs: list[Tensor], outputs: list[Tensor], attrs: dict,
-                 name: str) -> Node:
-        """Adds a node writing ``outputs``; an output that had a producer is taken over from it, so
-        the old producer goes dead and clean-up removes it."""
-        for tensor in outputs:
-            tensor.inputs.clear()
-        node = gs.Node(op, name=self.fresh_name(name), attrs=attrs, inputs=inputs, outputs=outputs)
-        self.gs.nodes.append(node)
-        return node
+                 name: str) -> None:
+        """Writes down a node of the rewrite being built; ``commit`` adds it to the graph."""
+        self._pending.append((op, list(inputs), list(outputs), dict(attrs), name))
+
+    def emit_layer(self, op: str, source: Tensor, weight: np.ndarray, bias: np.ndarray | None,
+                   output: Tensor, attrs: dict, name: str, dtype: np.dtype | None = None) -> None:
+        """Writes one linear layer ``output = op(source)`` with fresh constants: Conv/Gemm with
+        weight and bias, or MatMul (weight stored (in, out)) followed by an Add of the bias when
+        there is one. Weights take the data's type, which ONNX requires of these ops (``dtype``
+        where the data's type is unknown)."""
+        dtype = np.dtype(source.dtype) if source.dtype is not None else np.dtype(dtype or weight.dtype)
+        weight_const = self.add_constant(f"{name}_weight", np.asarray(weight).astype(dtype))
+        bias_const = self.add_constant(f"{name}_bias", np.asarray(bias).astype(dtype)) if bias is not None else None
+        if op != "MatMul":
+            inputs = [source, weight_const] + ([bias_const] if bias_const is not None else [])
+            self.add_node(op, inputs, [output], attrs, name)
+        elif bias_const is None:
+            self.add_node("MatMul", [source, weight_const], [output], {}, name)
+        else:
+            product = self.add_variable(f"{name}_product", output, same_shape=False)
+            self.add_node("MatMul", [source, weight_const], [product], {}, name)
+            self.add_node("Add", [product, bias_const], [output], {}, name)
+
+    def discard(self) -> None:
+        """Forgets the nodes written down since the last commit."""
+        self._pending.clear()
+
+    def label(self, node: Node) -> str:
+        """A name for a node a user can find in their model: the original node(s) it came from."""
+        return ", ".join(self.origin(node))
+
+    def origin(self, node: Node) -> tuple[str, ...]:
+        if node.name in self.origins:
+            return self.origins[node.name]
+        return (node.name or f"<{node.op} writing '{node.outputs[0].name if node.outputs else ''}'>",)
+
+    def commit(self, replaced: list[Node], rule: str) -> list[Node]:
+        """Adds the written-down nodes to the graph. Each output that had a producer is taken over
+        from it, so the replaced nodes go dead and clean-up removes them. The new nodes remember
+        the original nodes of ``replaced`` and the rule that made them."""
+        origins = tuple(sorted({o for n in replaced for o in self.origin(n)}))
+        added = []
+        for op, inputs, outputs, attrs, name in self._pending:
+            for tensor in outputs:
+                tensor.inputs.clear()
+            node = gs.Node(op, name=self.fresh_name(name), attrs=attrs, inputs=inputs, outputs=outputs)
+            self.gs.nodes.append(node)
+            self.origins[node.name], self.rules[node.name] = origins, rule
+            added.append(node)
+        self._pending.clear()
+        return added
 
     def cleanup(self) -> None:
         self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -126,7 +178,22 @@ class Graph:
             del getattr(model, field)[:]
             getattr(model, field).extend(getattr(original, field))
         model.graph.doc_string = original.graph.doc_string
+        for node in model.graph.node:  # every tool-made node says which rule made it
+            rule = self.rules.get(node.name)
+            if rule is None:
+                continue
+            if model.ir_version >= 10:  # nodes have metadata from IR 10 on
+                node.metadata_props.add(key=RULE_KEY, value=rule)
+            else:
+                node.doc_string = f"{RULE_KEY}: {rule}"
         return model
+
+
+def optional_input(node: Node, index: int) -> Tensor | None:
+    """Input ``index`` of the node, None when it is left out (absent, or named "")."""
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        return None
+    return node.inputs[index]
 
 
 def attr(node: Node, name: str, default):

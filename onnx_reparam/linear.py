@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import algebra
-from .graph import Graph, Node, Tensor, attr, conv_geometry
+from .graph import Graph, Node, Tensor, attr, conv_geometry, optional_input
 from .routing import PadView, pad_view
 
 
@@ -94,7 +94,8 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
         return None
     if node.op == "Conv" and len(node.inputs) > 1:
         weight = graph.constant(node.inputs[1])
-        bias = graph.constant(node.inputs[2]) if len(node.inputs) > 2 else np.zeros(())
+        bias_input = optional_input(node, 2)
+        bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
         if weight is None or bias is None:
             return None
         bias = bias_vector(bias, weight.shape[0])
@@ -147,7 +148,8 @@ def fc_form(graph: Graph, node: Node) -> FCForm | None:
     matrix = np.asarray(weight, np.float64)
     if node.op == "MatMul" or not attr(node, "transB", 0):
         matrix = matrix.T
-    bias = graph.constant(node.inputs[2]) if node.op == "Gemm" and len(node.inputs) > 2 else np.zeros(())
+    bias_input = optional_input(node, 2) if node.op == "Gemm" else None
+    bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
     if bias is None:
         return None
     bias = algebra.per_channel(np.asarray(bias), matrix.shape[0], -1, 2)

@@ -127,6 +127,6 @@ def _sum(graph: Graph, tensors: list[Tensor], output: Tensor | None, name: str,
     if output is None:
         if len(tensors) == 1:
             return tensors[0]
-        output = graph.add_variable(f"{name}_sum", like)
+        output = graph.add_variable(f"{name}_sum", like, same_shape=False)
     graph.add_node("Add" if len(tensors) == 2 else "Sum", tensors, [output], {}, name)
     return output

@@ -1,33 +1,58 @@
 """Runs the passes in a fixed order, sweeping the graph until no pass changes anything."""
 from __future__ import annotations
 
-from .errors import ReparamError
+from collections.abc import Sequence
+
+from .errors import ReparamError, first_line
 from .graph import Graph
-from .passes import Pass, PassLog, default_passes
-from .report import PassReport
+from .passes import Pass, PassLog, Policy, default_passes
+from .report import PassReport, Refusal, Rewrite
 
 MAX_SWEEPS = 100  # each sweep that changes something removes nodes, so this is never reached
 
 
-def select_passes(only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> tuple[Pass, ...]:
+def select_passes(only: str | Sequence[str] = (), skip: str | Sequence[str] = ()) -> tuple[Pass, ...]:
+    only, skip = _names(only, "only"), _names(skip, "skip")
     passes = default_passes()
     names = {p.name for p in passes}
     unknown = sorted((set(only) | set(skip)) - names)
     if unknown:
         raise ReparamError(f"unknown pass {', '.join(unknown)} (passes: {', '.join(sorted(names))})")
+    both = sorted(set(only) & set(skip))
+    if both:
+        raise ReparamError(f"pass {', '.join(both)} is both in only and in skip")
     return tuple(p for p in passes if (not only or p.name in only) and p.name not in skip)
 
 
-def run_passes(graph: Graph, passes: tuple[Pass, ...]) -> list[PassReport]:
+def _names(value: str | Sequence[str], option: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    if not all(isinstance(v, str) for v in value):
+        raise ReparamError(f"{option} takes pass names (a str or a list of str)")
+    return tuple(value)
+
+
+def run_passes(graph: Graph, passes: tuple[Pass, ...],
+               policy: Policy | None = None) -> tuple[list[PassReport], list[Rewrite]]:
     """Rewrites until a sweep changes nothing. Rewrites add up over sweeps; refusals are those of
-    the last sweep, so a pattern refused early and rewritten later is not reported as refused."""
+    the last sweep, so a pattern refused early and rewritten later is not reported as refused.
+    ``policy`` may withhold rewrites (see PassLog). A pass that fails outside any one rewrite is
+    reported as refused and the sweep goes on without it. Returns the reports and the rewrites in
+    the order they were applied."""
     reports = [PassReport(p.name) for p in passes]
+    applied: list[Rewrite] = []
     for _ in range(MAX_SWEEPS):
         changed = False
         for p, report in zip(passes, reports):
-            log = PassLog()
-            p.run(graph, log)
+            log = PassLog(graph, p.name, policy)
+            try:
+                p.run(graph, log)
+            except Exception as exc:  # noqa: BLE001 - a defect of ours costs only this pass
+                graph.discard()
+                log.refusals.append(Refusal("(whole graph)", f"internal error in pass {p.name}: "
+                                            f"{type(exc).__name__}: {first_line(exc)} (please report)"))
             report.rewrites += log.rewrites
+            applied += log.rewrites
             report.refusals = log.refusals
             if log.rewrites:
                 changed = True
@@ -35,4 +60,4 @@ def run_passes(graph: Graph, passes: tuple[Pass, ...]) -> list[PassReport]:
         if not changed:
             break
     graph.cleanup()
-    return reports
+    return reports, applied

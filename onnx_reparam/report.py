@@ -10,15 +10,34 @@ import onnx
 
 @dataclass
 class Refusal:
-    """A pattern that was found but left as it is."""
+    """A pattern that was found but left as it is: the original node(s), why, and the pattern."""
     node: str
     reason: str
+    pattern: str = ""
+
+
+@dataclass
+class Rewrite:
+    """One applied rewrite: the rule (pass and pattern), the original nodes it replaced, and the
+    nodes it added (each tagged with the rule in the output model)."""
+    pass_name: str
+    pattern: str
+    replaced: list[str]
+    added: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        """Names this rewrite across runs of the pipeline on the same model."""
+        return self.pass_name, self.pattern, tuple(self.replaced)
+
+    def __str__(self) -> str:
+        return f"{self.pass_name} {self.pattern} of {', '.join(self.replaced)}"
 
 
 @dataclass
 class PassReport:
     name: str
-    rewrites: list[str] = field(default_factory=list)
+    rewrites: list[Rewrite] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
 
 
@@ -40,27 +59,52 @@ class OutputCheck:
     name: str
     max_abs_error: float
     max_rel_error: float  # max |a - b| / max |a|
-    tolerance: float  # the bound max_abs_error had to meet: atol + rtol * max |a|
+    tolerance: float  # the bound on the output's largest channel: max(atol + rtol * max |a|, noise floor)
     passed: bool
+    compared: int = 0  # finite values compared, over every input set
+    note: str | None = None  # why it failed
+    noise: float | None = None  # the reference's own float noise on this output
 
 
 @dataclass
 class Verification:
     provider: str
     outputs: list[OutputCheck]
+    error: str | None = None  # the candidate could not be run at all
+    note: str | None = None  # e.g. why CUDA was not used
+    inputs: int = 0  # input sets compared
+    bound: str = ""  # how the tolerance was set
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return self.error is None and bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    @property
+    def inconclusive(self) -> bool:
+        """Failed only because nothing could be compared: no rewrite is to blame."""
+        return not self.passed and self.error is None and all(o.passed or o.compared == 0 for o in self.outputs)
 
     def summary(self) -> str:
-        verdict = "PASSED" if self.passed else "FAILED"
-        lines = [f"verification {verdict} on {self.provider}"]
+        verdict = "PASSED" if self.passed else "INCONCLUSIVE" if self.inconclusive else "FAILED"
+        lines = [f"verification {verdict} on {self.provider}"
+                 + (f" ({self.inputs} input sets; {self.bound})" if self.inputs else "")]
+        if self.note:
+            lines.append(f"  {self.note}")
+        if self.error:
+            lines.append(f"  {self.error}")
         for o in self.outputs:
-            mark = "ok" if o.passed else "MISMATCH"
-            lines.append(f"  {o.name}: max abs err {o.max_abs_error:.3g}, max rel err "
-                         f"{o.max_rel_error:.3g} (bound {o.tolerance:.3g}) {mark}")
+            mark = "ok" if o.passed else f"MISMATCH: {o.note}" if o.note else "MISMATCH"
+            noise = f", reference noise {o.noise:.3g}" if o.noise else ""
+            lines.append(f"  {o.name}: max abs err {o.max_abs_error:.3g}, max rel err {o.max_rel_error:.3g} "
+                         f"(bound {o.tolerance:.3g}{noise}) {mark}")
         return "\n".join(lines)
+
+    def worst(self) -> str:
+        """The failure in a few words, for a dropped rewrite's reason."""
+        if self.error:
+            return self.error
+        failed = [o for o in self.outputs if not o.passed]
+        return "; ".join(f"{o.name}: max rel err {o.max_rel_error:.3g}, {o.note}" for o in failed)
 
 
 @dataclass
@@ -69,6 +113,7 @@ class Report:
     after: GraphStats | None = None
     passes: list[PassReport] = field(default_factory=list)
     verification: Verification | None = None
+    dropped: list[Refusal] = field(default_factory=list)  # rewrites that failed the check
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -79,6 +124,7 @@ class Report:
         result = asdict(self)
         if self.verification is not None:
             result["verification"]["passed"] = self.verification.passed
+            result["verification"]["inconclusive"] = self.verification.inconclusive
         return result
 
     def summary(self) -> str:
@@ -87,7 +133,7 @@ class Report:
             lines.append(f"nodes {self.before.nodes} -> {self.after.nodes}, parameters "
                          f"{self.before.parameters:,} -> {self.after.parameters:,}")
         for p in self.passes:
-            counts = Counter(r.split(":")[0] for r in p.rewrites)
+            counts = Counter(r.pattern for r in p.rewrites)
             done = ", ".join(f"{n} x {what}" for what, n in counts.items()) or "nothing"
             lines.append(f"{p.name}: rewrote {done}")
             for r in p.refusals:

@@ -2,12 +2,25 @@
 
 ORT's own graph optimizations are disabled, so the two graphs are compared and not ORT's fusions of
 them. The CUDA execution provider is used when it really loads (the session's provider list is read
-back after creating it), else the CPU one; the report names the one that ran.
+back after creating it), else the CPU one; the report names the one that ran and, when CUDA was not
+used, why.
+
+The check runs on several inputs (seeded normal ones and a constant one, or the user's), and an
+output passes when every element's error is within atol + rtol * (largest magnitude in its channel,
+axis 1), so a small-valued head next to a large one is held to its own scale. rtol/atol follow the
+lowest float precision computing inside the graph, and are widened to the reference's own float
+noise: the reference run once more with ORT's optimizations on (its fusions reorder the arithmetic
+as a rewrite does). An output with nothing finite to compare fails the check.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import io
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,51 +30,123 @@ from .errors import ReparamError, first_line
 from .model_io import fits_in_protobuf, save_model
 from .report import OutputCheck, Verification
 
-# (rtol, atol) by output dtype: pass when max |a - b| <= atol + rtol * max |a|.
+# (rtol, atol) by float type: an element passes when |a - b| <= atol + rtol * (scale of its channel).
 TOLERANCES = {
-    np.dtype(np.float64): (1e-9, 1e-12),
-    np.dtype(np.float32): (1e-4, 1e-6),
-    np.dtype(np.float16): (1e-2, 1e-3),
+    onnx.TensorProto.DOUBLE: (1e-9, 1e-12),
+    onnx.TensorProto.FLOAT: (1e-4, 1e-6),
+    onnx.TensorProto.FLOAT16: (1e-2, 1e-3),
 }
-LOOSEST = (5e-2, 1e-2)  # bfloat16 and other low-precision floats
+LOOSEST = (5e-2, 1e-2)  # bfloat16, float8 and other low-precision floats
+FLOAT_TYPES = {value for name, value in onnx.TensorProto.DataType.items()
+               if name.startswith("FLOAT") or name in ("DOUBLE", "BFLOAT16")}
+NOISE_FACTOR = 4  # the bound is at least this many times the reference's own float noise
+MAX_INPUT_BYTES = 1 << 32  # a generated input larger than this is a mistake in --input-shape
 
 
 def _ort():
-    import onnxruntime
+    try:
+        import onnxruntime
+        onnxruntime.InferenceSession  # a broken or doubled install imports but lacks the API
+    except (ImportError, AttributeError) as exc:
+        raise ReparamError(f"onnxruntime is not usable ({first_line(exc)}); reinstall it: "
+                           "pip install --force-reinstall onnxruntime-gpu (or onnxruntime)") from None
     return onnxruntime
 
 
-def _session_options(ort):
+def _session_options(ort, optimized: bool = False):
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized \
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4  # failures are raised and reported by us, in one line
     return options
 
 
-_cuda_loads: bool | None = None  # probed once per process: loading the CUDA EP is slow and noisy
+def _probe(ir_version: int, opset: int) -> onnx.ModelProto:
+    return onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
+        ir_version=ir_version, opset_imports=[onnx.helper.make_opsetid("", opset)])
+
+
+@functools.lru_cache(maxsize=None)
+def runtime_limits() -> tuple[int, int]:
+    """The newest IR version and default-domain opset the installed onnxruntime loads, found by
+    trying (onnx's newest may be newer). Clear with ``runtime_limits.cache_clear()``."""
+    ort = _ort()
+    options = _session_options(ort)
+
+    def loads(ir_version: int, opset: int) -> bool:
+        try:
+            ort.InferenceSession(_probe(ir_version, opset).SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"])
+            return True
+        except Exception:  # noqa: BLE001 - a refusal is the answer we are looking for
+            return False
+
+    ir_version = next((v for v in range(onnx.IR_VERSION, 3, -1) if loads(v, 11)), 3)
+    opset = next((v for v in range(onnx.defs.onnx_opset_version(), 6, -1) if loads(ir_version, v)), 7)
+    return ir_version, opset
+
+
+def check_runtime_can_read(model: onnx.ModelProto) -> None:
+    """A model newer than the installed onnxruntime reads is bad input for the check: say so at
+    once, with the way out, rather than let onnxruntime fail with a C++ signature."""
+    ir_limit, opset_limit = runtime_limits()
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if model.ir_version > ir_limit or opset > opset_limit:
+        raise ReparamError(
+            f"the model is IR {model.ir_version} / opset {opset}; the installed onnxruntime "
+            f"{_ort().__version__} reads up to IR {ir_limit} / opset {opset_limit}: convert it "
+            f"(onnx.version_converter), upgrade onnxruntime, or skip the check with --no-verify")
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_status() -> str | None:
+    """None when onnxruntime's CUDA execution provider really loads here, else why not. Clear with
+    ``cuda_status.cache_clear()``."""
+    ort = _ort()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"this onnxruntime {ort.__version__} has no CUDA execution provider (install onnxruntime-gpu)"
+    if hasattr(ort, "preload_dlls"):
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints each library it misses
+                ort.preload_dlls()  # CUDA/cuDNN from pip wheels are found only this way
+        except Exception:  # noqa: BLE001 - the session below says what is missing
+            pass
+    probe = _probe(*runtime_limits())
+    # A provider that fails to load logs through ORT's process-wide logger, not the session's;
+    # we report the cause ourselves. ORT has no getter: its default (2) is put back.
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), _session_options(ort),
+                                       providers=["CUDAExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - its message is the cause we report
+        return f"the CUDA execution provider does not load: {first_line(exc)}"
+    finally:
+        ort.set_default_logger_severity(2)
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        return f"the CUDA execution provider does not load: {_cuda_library_problem(ort)}"
+    return None
+
+
+def _cuda_library_problem(ort) -> str:
+    """Why onnxruntime fell back to the CPU: loading its CUDA provider library ourselves names
+    the library it misses; if it loads, the GPU or its driver is what is missing."""
+    capi = Path(ort.__file__).parent / "capi"
+    library = next(iter(sorted(capi.glob("*onnxruntime_providers_cuda.*"))), None)
+    if library is None:
+        return "its library is not installed"
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        return f"{first_line(exc)} (install the CUDA and cuDNN libraries onnxruntime-gpu "\
+               f"{ort.__version__} was built for)"
+    return "no usable GPU (no device, or a driver too old for this onnxruntime's CUDA)"
 
 
 def cuda_available() -> bool:
-    """Whether onnxruntime's CUDA execution provider really loads here (libraries, driver, GPU)."""
-    global _cuda_loads
-    if _cuda_loads is None:
-        ort = _ort()
-        _cuda_loads = False
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            probe = onnx.helper.make_model(onnx.helper.make_graph(
-                [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
-                [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]))
-            ort.set_default_logger_severity(4)  # a failed load logs errors we answer ourselves
-            try:
-                session = ort.InferenceSession(probe.SerializeToString(),
-                                               providers=["CUDAExecutionProvider"])
-                _cuda_loads = session.get_providers()[0] == "CUDAExecutionProvider"
-            except Exception:  # noqa: BLE001 - any failure means: no CUDA here
-                pass
-            finally:
-                ort.set_default_logger_severity(2)
-    return _cuda_loads
+    return cuda_status() is None
 
 
 class Runner:
@@ -70,25 +155,34 @@ class Runner:
     def __init__(self, provider: str = "auto"):
         if provider not in ("auto", "cuda", "cpu"):
             raise ReparamError(f"unknown provider {provider!r} (auto, cuda or cpu)")
-        if provider == "cuda" and not cuda_available():
-            raise ReparamError("the CUDA execution provider does not load here "
-                               "(no onnxruntime-gpu, CUDA, cuDNN or GPU); use --provider cpu or auto")
-        use_cuda = provider == "cuda" or provider == "auto" and cuda_available()
+        self.note = None
+        if provider != "cpu":
+            reason = cuda_status()
+            if reason and provider == "cuda":
+                raise ReparamError(f"--provider cuda: {reason}; use --provider cpu or auto")
+            self.note = f"CUDA not used: {reason}" if reason else None
+        use_cuda = provider != "cpu" and self.note is None
         self.provider = "CUDAExecutionProvider" if use_cuda else "CPUExecutionProvider"
 
-    def session(self, model: onnx.ModelProto):
+    def session(self, model: onnx.ModelProto, optimized: bool = False):
+        """A session of the model; raises onnxruntime's own error if it does not load."""
         ort = _ort()
         # TF32 would make both models differ from float32 arithmetic by ~1e-3; keep full precision.
         providers = [(self.provider, {"use_tf32": "0"})] if self.provider.startswith("CUDA") else []
         with tempfile.TemporaryDirectory(prefix="onnx-reparam-") as tmp:
-            try:
-                session = ort.InferenceSession(_session_source(model, Path(tmp)), _session_options(ort),
-                                               providers=providers + ["CPUExecutionProvider"])
-            except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-                raise ReparamError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+            session = ort.InferenceSession(_session_source(model, Path(tmp)), _session_options(ort, optimized),
+                                           providers=providers + ["CPUExecutionProvider"])
         if session.get_providers()[0] != self.provider:
-            raise ReparamError(f"onnxruntime did not place the model on {self.provider}")
+            raise RuntimeError(f"onnxruntime did not place the model on {self.provider}")
         return session
+
+    def run(self, model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]],
+            optimized: bool = False) -> list[list[np.ndarray]]:
+        session = self.session(model, optimized)
+        wanted = {i.name for i in session.get_inputs()}
+        if wanted != set(feed_sets[0]):
+            raise ReparamError(f"the models' inputs differ: expected {sorted(wanted)}, got {sorted(feed_sets[0])}")
+        return [session.run(None, feeds) for feeds in feed_sets]
 
 
 def _session_source(model: onnx.ModelProto, tmp: Path):
@@ -104,40 +198,48 @@ def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[in
     shapes = {}
     for spec in specs:
         name, sep, dims = spec.rpartition(":")
-        try:
-            shape = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            shape = ()
-        if not sep or not name or not shape or min(shape) < 0:
+        parts = dims.split("x")
+        if not sep or not name or not all(p.isdigit() and p.isascii() for p in parts):
             raise ReparamError(f"bad --input-shape {spec!r}: expected NAME:1x3x224x224")
-        shapes[name] = shape
+        shapes[name] = tuple(int(p) for p in parts)
     return shapes
 
 
 def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
-                seed: int = 0, given: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Seeded random inputs shaped from the model, ``shapes`` filling in dynamic dims; arrays in
-    ``given`` are used as they are."""
+                seed: int = 0, given: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+    """The input sets of the check: the user's arrays as they are, or seeded normal ones (two seeds)
+    and a constant one, shaped from the model with ``shapes`` filling in dynamic dims."""
     shapes, given = shapes or {}, given or {}
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ReparamError(f"seed must be a non-negative integer, not {seed!r}")
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     names = {i.name for i in inputs}
     for name in list(shapes) + list(given):
         if name not in names:
             raise ReparamError(f"the model has no input '{name}' (inputs: {', '.join(sorted(names))})")
-    rng = np.random.default_rng(seed)
-    feeds = {}
+    if given:
+        missing = sorted(names - set(given))
+        if missing:
+            raise ReparamError(f"the inputs file has no array for input {', '.join(missing)}")
+        return [dict(given)]
+    kinds = {}
     for value in inputs:
-        if value.name in given:
-            feeds[value.name] = given[value.name]
-            continue
-        tensor_type = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise ReparamError(f"input '{value.name}' is not a tensor; give its value with --inputs")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         shape = shapes.get(value.name) or _static_shape(value)
-        feeds[value.name] = _random(rng, dtype, shape)
-    return feeds
+        if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_INPUT_BYTES:
+            raise ReparamError(f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take more "
+                               f"than {MAX_INPUT_BYTES >> 30} GiB; give a smaller --input-shape")
+        kinds[value.name] = (dtype, shape)
+    sets = []
+    for offset in (0, 1):
+        rng = np.random.default_rng(seed + offset)
+        sets.append({name: _random(rng, dtype, shape) for name, (dtype, shape) in kinds.items()})
+    sets.append({name: np.ones(shape, dtype) if _is_float(dtype) else np.zeros(shape, dtype)
+                 for name, (dtype, shape) in kinds.items()})
+    return sets
 
 
 def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...]:
@@ -146,69 +248,169 @@ def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...]:
     for dim in dims:
         if not dim.HasField("dim_value"):
             label = dim.dim_param or "?"
-            raise ReparamError(f"input '{value.name}' has a dynamic dim '{label}': give it with "
-                               f"--input-shape {value.name}:" + "x".join(
-                                   str(d.dim_value) if d.HasField("dim_value") else "N" for d in dims))
+            example = "x".join(str(d.dim_value) if d.HasField("dim_value") else "1" for d in dims)
+            raise ReparamError(f"input '{value.name}' has a dynamic dim '{label}': give its size, "
+                               f"e.g. --input-shape {value.name}:{example}")
         shape.append(dim.dim_value)
     return tuple(shape)
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.kind == "V"
+
+
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    if np.issubdtype(dtype, np.floating) or dtype.kind == "V":
+    if _is_float(dtype):
         return rng.standard_normal(shape).astype(dtype)
     if dtype == np.bool_:
         return rng.integers(0, 2, shape).astype(np.bool_)
     return rng.integers(0, 8, shape).astype(dtype)
 
 
-def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, *, provider: str = "auto",
-            input_shapes: dict[str, tuple[int, ...]] | None = None,
-            inputs: dict[str, np.ndarray] | None = None, seed: int = 0,
-            rtol: float | None = None, atol: float | None = None) -> Verification:
-    """Runs both models on the same inputs; per output, max abs error and error relative to the
-    reference's largest magnitude, against tolerances that suit the output's dtype."""
-    ref_outputs = [o.name for o in reference.graph.output]
-    cand_outputs = [o.name for o in candidate.graph.output]
-    if ref_outputs != cand_outputs:
-        raise ReparamError(f"the models' outputs differ: {ref_outputs} vs {cand_outputs}")
-    feeds = make_inputs(reference, input_shapes, seed, inputs)
-    runner = Runner(provider)
-    expected = _run(runner, reference, feeds)
-    actual = _run(runner, candidate, feeds)
-    checks = [_check(name, a, b, rtol, atol) for name, a, b in zip(ref_outputs, expected, actual)]
-    return Verification(runner.provider, checks)
+def lowest_precision(model: onnx.ModelProto) -> int:
+    """The least precise float type the graph computes in: its initializers, Cast targets, inputs
+    and outputs (a model cast to float16 inside keeps float32 at its edges)."""
+    graph = model.graph
+    found = {t.data_type for t in graph.initializer}
+    found |= {v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.output) + list(graph.value_info)}
+    for node in graph.node:
+        for a in node.attribute:
+            if a.name == "to" and node.op_type in ("Cast", "CastLike"):
+                found.add(a.i)
+            elif a.name == "value" and node.op_type == "Constant":
+                found.add(a.t.data_type)
+    floats = [t for t in found if t in FLOAT_TYPES]
+    return max(floats, key=lambda t: TOLERANCES.get(t, LOOSEST)) if floats else onnx.TensorProto.FLOAT
 
 
-def _run(runner: Runner, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    session = runner.session(model)
-    wanted = {i.name for i in session.get_inputs()}
-    if wanted != set(feeds):
-        raise ReparamError(f"the models' inputs differ: expected {sorted(wanted)}, got {sorted(feeds)}")
-    try:
-        return session.run(None, feeds)
-    except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-        raise ReparamError(f"onnxruntime failed to run the model: {first_line(exc)}") from None
+@dataclass
+class Tolerance:
+    rtol: float
+    atol: float
+    how: str  # how the bound was set, for the report
+    use_noise: bool = True  # widen to the reference's noise (not when the user set the tolerances)
 
 
-def _check(name: str, expected, actual, rtol: float | None, atol: float | None) -> OutputCheck:
-    expected, actual = np.asarray(expected), np.asarray(actual)
-    if expected.shape != actual.shape:
-        return OutputCheck(name, float("inf"), float("inf"), 0.0, False)
-    default_rtol, default_atol = TOLERANCES.get(expected.dtype, LOOSEST) \
-        if np.issubdtype(expected.dtype, np.floating) or expected.dtype.kind == "V" else (0.0, 0.0)
-    rtol = default_rtol if rtol is None else rtol
-    atol = default_atol if atol is None else atol
-    a, b = expected.astype(np.float64), actual.astype(np.float64)
-    if a.size == 0:
-        return OutputCheck(name, 0.0, 0.0, atol, True)
-    finite = np.isfinite(a) == np.isfinite(b)
-    same_special = np.all(finite) and np.array_equal(a[~np.isfinite(a)], b[~np.isfinite(b)], equal_nan=True)
-    mask = np.isfinite(a)
-    abs_error = float(np.max(np.abs(a[mask] - b[mask]), initial=0.0))
-    scale = float(np.max(np.abs(a[mask]), initial=0.0))
-    rel_error = abs_error / scale if scale > 0 else (0.0 if abs_error == 0 else float("inf"))
-    bound = atol + rtol * scale
-    return OutputCheck(name, abs_error, rel_error, bound, bool(same_special and abs_error <= bound))
+class Checker:
+    """The reference's outputs on the check's inputs, computed once; ``check`` compares a candidate
+    with them. Problems running the reference are bad input (ReparamError); problems running the
+    candidate are a failed check."""
+
+    def __init__(self, reference: onnx.ModelProto, *, provider: str = "auto",
+                 input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 inputs: dict[str, np.ndarray] | None = None, seed: int = 0,
+                 rtol: float | None = None, atol: float | None = None):
+        for name, value in (("rtol", rtol), ("atol", atol)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not np.isfinite(value) or value < 0):
+                raise ReparamError(f"{name} must be a finite number >= 0, not {value!r}")
+        check_runtime_can_read(reference)
+        self.output_names = [o.name for o in reference.graph.output]
+        self.feed_sets = make_inputs(reference, input_shapes, seed, inputs)
+        self.runner = Runner(provider)
+        try:
+            self.expected = self.runner.run(reference, self.feed_sets)
+        except ReparamError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+            raise ReparamError(f"onnxruntime cannot run the input model: {first_line(exc)}") from None
+        self.noise = self._reference_noise(reference)
+        self.tolerance = self._tolerance(reference, rtol, atol)
+
+    def _reference_noise(self, reference: onnx.ModelProto) -> list[float | None]:
+        """Per output, the largest difference between the reference run with and without ORT's
+        optimizations on the first input set; None where that run fails."""
+        try:
+            again = self.runner.run(reference, self.feed_sets[:1], optimized=True)[0]
+        except Exception:  # noqa: BLE001 - without it the bound is the dtype's alone
+            return [None] * len(self.output_names)
+        noise = []
+        for a, b in zip(self.expected[0], again):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.shape != b.shape or not _is_float(a.dtype):
+                noise.append(None)
+                continue
+            finite = np.isfinite(a) & np.isfinite(b)
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))[finite]
+            noise.append(float(diff.max(initial=0.0)))
+        return noise
+
+    def _tolerance(self, reference: onnx.ModelProto, rtol: float | None, atol: float | None) -> Tolerance:
+        precision = lowest_precision(reference)
+        default_rtol, default_atol = TOLERANCES.get(precision, LOOSEST)
+        name = onnx.TensorProto.DataType.Name(precision).lower()
+        how = f"rtol {default_rtol:g}, atol {default_atol:g} for {name} arithmetic"
+        given = rtol is not None or atol is not None
+        if given:
+            how = "rtol/atol as given"
+        elif any(self.noise):
+            how += f", at least {NOISE_FACTOR}x the reference's own noise"
+        return Tolerance(default_rtol if rtol is None else rtol, default_atol if atol is None else atol, how,
+                         use_noise=not given)
+
+    def check(self, candidate: onnx.ModelProto) -> Verification:
+        names = [o.name for o in candidate.graph.output]
+        if names != self.output_names:
+            return Verification(self.runner.provider, [], error=f"the outputs differ: {self.output_names} vs {names}",
+                                note=self.runner.note)
+        try:
+            actual = self.runner.run(candidate, self.feed_sets)
+        except Exception as exc:  # noqa: BLE001 - the rewritten model is ours: a failed check
+            return Verification(self.runner.provider, [], note=self.runner.note,
+                                error=f"onnxruntime cannot run the rewritten model: {first_line(exc)}")
+        checks = [compare_output(name, [e[i] for e in self.expected], [a[i] for a in actual], self.tolerance,
+                                 self.noise[i]) for i, name in enumerate(self.output_names)]
+        return Verification(self.runner.provider, checks, note=self.runner.note,
+                            inputs=len(self.feed_sets), bound=self.tolerance.how)
+
+
+def compare_output(name: str, expected: list, actual: list, tolerance: Tolerance,
+                   noise: float | None) -> OutputCheck:
+    """One output over every input set: max abs error, error relative to the output's largest
+    magnitude, and whether each element is within atol + rtol * (its channel's largest magnitude),
+    widened to NOISE_FACTOR times the reference's noise."""
+    result = OutputCheck(name, 0.0, 0.0, 0.0, True, compared=0)
+    floor = NOISE_FACTOR * noise if noise and tolerance.use_noise else 0.0
+    for e, a in zip(expected, actual):
+        e, a = np.asarray(e), np.asarray(a)
+        if e.shape != a.shape:
+            result.passed, result.note = False, f"shape {list(a.shape)}, expected {list(e.shape)}"
+            return result
+        if not _is_float(e.dtype):
+            mismatches = int(np.count_nonzero(e != a))
+            result.compared += e.size
+            if mismatches:
+                result.passed, result.note = False, f"{mismatches} of {e.size} values differ"
+                result.max_abs_error = max(result.max_abs_error, float(np.max(np.abs(
+                    e.astype(np.float64) - a.astype(np.float64)))))
+            continue
+        e64, a64 = e.astype(np.float64), a.astype(np.float64)
+        finite = np.isfinite(e64)
+        if not np.array_equal(finite, np.isfinite(a64)) or \
+                not np.array_equal(e64[~finite], a64[~finite], equal_nan=True):
+            result.passed, result.note = False, "inf/NaN values differ"
+        error = np.where(finite, np.abs(e64 - np.where(finite, a64, 0.0)), 0.0)
+        magnitude = np.where(finite, np.abs(e64), 0.0)
+        scale = float(magnitude.max(initial=0.0))
+        channel_scale = magnitude.max(axis=tuple(i for i in range(e.ndim) if i != 1), keepdims=True) \
+            if e.ndim >= 2 and e.size else scale
+        bound = np.maximum(tolerance.atol + tolerance.rtol * channel_scale, floor)
+        worst = float(error.max(initial=0.0))
+        result.compared += int(finite.sum())
+        result.max_abs_error = max(result.max_abs_error, worst)
+        if scale > 0:
+            result.max_rel_error = max(result.max_rel_error, worst / scale)
+        elif worst > 0:
+            result.max_rel_error = float("inf")
+        result.tolerance = max(result.tolerance, max(tolerance.atol + tolerance.rtol * scale, floor))
+        outside = int(np.count_nonzero(error > bound))
+        if outside:
+            result.passed = False
+            result.note = f"{outside} of {e.size} values beyond their channel's bound"
+    if result.compared == 0:
+        result.passed, result.note = False, "nothing compared (empty or non-finite output)"
+    result.noise = noise
+    return result
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -216,5 +418,10 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        raise ReparamError(f"cannot read inputs from {path}: {exc}") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise ReparamError(f"cannot read inputs from {path}: {first_line(exc)}") from None
+
+
+def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, **options) -> Verification:
+    """Runs both models on the same inputs and compares their outputs (see Checker)."""
+    return Checker(reference, **options).check(candidate)

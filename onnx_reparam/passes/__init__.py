@@ -1,24 +1,58 @@
-"""The rewrite passes, in the order the pipeline runs them."""
+"""The rewrite passes, in the order the pipeline runs them, and the log each one writes to.
+
+A pass matches patterns and builds each replacement with ``Graph.add_node``; ``PassLog.rewrote``
+is the one place a rewrite reaches the graph (or is withheld by the run's policy), and
+``PassLog.attempt`` turns an exception while matching or building one rewrite into a refusal of
+that rewrite.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..graph import Graph
-from ..report import Refusal
+from ..errors import first_line
+from ..graph import Graph, Node
+from ..report import Refusal, Rewrite
+
+# Given a rewrite about to be applied, why it must not be (None: apply it).
+Policy = Callable[[Rewrite], "str | None"]
 
 
 @dataclass
 class PassLog:
     """What one pass did in one sweep over the graph."""
-    rewrites: list[str] = field(default_factory=list)
+    graph: Graph
+    name: str
+    policy: Policy | None = None
+    rewrites: list[Rewrite] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
 
-    def rewrote(self, what: str, node: str) -> None:
-        self.rewrites.append(f"{what}: {node}")
+    def rewrote(self, pattern: str, replaced: list[Node]) -> bool:
+        """Applies the rewrite built since the last one, replacing ``replaced``; False when the
+        policy withholds it (the graph stays as it was, and the reason is a refusal)."""
+        origins = sorted({o for n in replaced for o in self.graph.origin(n)})
+        rewrite = Rewrite(self.name, pattern, origins)
+        withheld = self.policy(rewrite) if self.policy is not None else None
+        if withheld:
+            self.graph.discard()
+            self.refusals.append(Refusal(", ".join(origins), withheld, pattern))
+            return False
+        rewrite.added = [n.name for n in self.graph.commit(replaced, f"{self.name}: {pattern}")]
+        self.rewrites.append(rewrite)
+        return True
 
-    def refused(self, node: str, reason: str) -> None:
-        self.refusals.append(Refusal(node, reason))
+    def refused(self, node: Node | str, reason: str, pattern: str = "") -> None:
+        label = self.graph.label(node) if isinstance(node, Node) else node
+        self.refusals.append(Refusal(label, reason, pattern))
+
+    def attempt(self, node: Node, build: Callable, *args):
+        """Runs one match-and-rewrite; an exception in it refuses that rewrite and no other."""
+        try:
+            return build(*args)
+        except Exception as exc:  # noqa: BLE001 - a defect of ours must cost only its rewrite
+            self.graph.discard()
+            self.refused(node, f"internal error: {type(exc).__name__}: {first_line(exc)} (please report)")
+            return None
 
 
 @dataclass(frozen=True)

@@ -25,30 +25,31 @@ def run(graph: Graph, log: PassLog) -> None:
         if id(node) in done:
             continue
         if node.op in ("Conv", "AveragePool"):
-            replaced = _compose_conv(graph, node, log)
+            compose = _compose_conv
         elif node.op in ("Gemm", "MatMul"):
-            replaced = _compose_matrix(graph, node, log)
+            compose = _compose_matrix
         elif node.op in RESHAPES:
-            replaced = _compose_reshapes(graph, node, log)
+            compose = _compose_reshapes
         else:
             continue
-        done.update(id(n) for n in replaced)
+        done.update(id(n) for n in log.attempt(node, compose, graph, node, log) or [])
 
 
 def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     form, note = conv_chain(graph, node)
     if note:
-        log.refused(node.name, note)
+        log.refused(node, note, f"{node.op} chain")
     if not isinstance(form, ConvForm) or len(form.nodes) == 1:
         return []
+    pattern = "+".join(n.op for n in reversed(form.nodes))
     pads = form.geometry["pads"]
     if min(pads) < 0:
-        log.refused(node.name, f"composing would need negative pads {list(pads)}")
+        log.refused(node, f"composing would need negative pads {list(pads)}", pattern)
         return []
     before = sum(_macs(graph, n) for n in form.nodes)
     after = _macs(graph, node, form.weight)
     if after > before:
-        log.refused(node.name, f"composing would add work ({after} multiply-adds per image, {before} now)")
+        log.refused(node, f"composing would add work ({after} multiply-adds per image, {before} now)", pattern)
         return []
     g = form.geometry
     attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]),
@@ -60,12 +61,9 @@ def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
             del attrs["dilations"]  # an attribute only since opset 19
         graph.add_node("AveragePool", [form.source], [node.outputs[0]], attrs, node.name)
     else:
-        weight = graph.add_constant(f"{node.name}_weight", np.asarray(form.weight).astype(form.dtype))
-        bias = graph.add_constant(f"{node.name}_bias", form.bias.astype(form.dtype))
-        graph.add_node("Conv", [form.source, weight, bias], [node.outputs[0]], {**attrs, "group": g["group"]},
-                       node.name)
-    log.rewrote("+".join(n.op for n in reversed(form.nodes)), node.name)
-    return form.nodes
+        graph.emit_layer("Conv", form.source, form.weight, form.bias, node.outputs[0],
+                         {**attrs, "group": g["group"]}, node.name, form.dtype)
+    return form.nodes if log.rewrote(pattern, form.nodes) else []
 
 
 def _compose_reshapes(graph: Graph, node: Node, log: PassLog) -> list[Node]:
@@ -76,8 +74,7 @@ def _compose_reshapes(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         return []
     target = graph.add_constant(f"{node.name}_shape", np.array(shape, np.int64))
     graph.add_node("Reshape", [prior.inputs[0], target], [node.outputs[0]], {}, node.name)
-    log.rewrote(f"{prior.op}+{node.op}", node.name)
-    return [node, prior]
+    return [node, prior] if log.rewrote(f"{prior.op}+{node.op}", [node, prior]) else []
 
 
 def _macs(graph: Graph, node: Node, weight: np.ndarray | None = None) -> int:
@@ -115,16 +112,17 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         axis, prior = 1 - rank, graph.producer(unflat)
     if prior is None or prior.op != "BatchNormalization":  # Mul/Add stay for ORT's fusions (GELU)
         return []
+    pattern = f"{prior.op}+{flatten.op + '+' if flatten else ''}{node.op}"
     affine = channel_affine(graph, prior, channels, axis, rank)
     if not isinstance(affine, ChannelAffine):
         if isinstance(affine, str):
-            log.refused(node.name, f"cannot fold {prior.op} into {node.op}: {affine}")
+            log.refused(node, f"cannot fold {prior.op} into {node.op}: {affine}", pattern)
         return []
     scale, shift = np.repeat(affine.scale, repeat), np.repeat(affine.shift, repeat)
     matrix = algebra.scale_matrix_weight(fc.matrix, scale, 1)  # (out, in): scales the inputs
     bias = fc.bias + fc.matrix @ shift
     if node.op == "MatMul" and np.any(bias):
-        log.refused(node.name, f"folding {prior.op} into MatMul would need a bias Add (no fewer nodes)")
+        log.refused(node, f"folding {prior.op} into MatMul would need a bias Add (no fewer nodes)", pattern)
         return []
     source = prior.inputs[affine.data_index]
     if flatten is not None:
@@ -132,11 +130,8 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         graph.add_node(flatten.op, [source] + list(flatten.inputs[1:]), [flat], dict(flatten.attrs), flatten.name)
         source = flat
     if node.op == "Gemm":
-        inputs = [source, graph.add_constant(node.inputs[1].name, matrix.astype(fc.dtype)),
-                  graph.add_constant(f"{node.name}_bias", bias.astype(fc.dtype))]
-        graph.add_node("Gemm", inputs, [node.outputs[0]], {"transB": 1}, node.name)
+        graph.emit_layer("Gemm", source, matrix, bias, node.outputs[0], {"transB": 1}, node.name, fc.dtype)
     else:
-        inputs = [source, graph.add_constant(node.inputs[1].name, matrix.T.astype(fc.dtype))]
-        graph.add_node("MatMul", inputs, [node.outputs[0]], {}, node.name)
-    log.rewrote(f"{prior.op}+{flatten.op + '+' if flatten else ''}{node.op}", node.name)
-    return [node, prior] + ([flatten] if flatten else [])
+        graph.emit_layer("MatMul", source, matrix.T, None, node.outputs[0], {}, node.name, fc.dtype)
+    replaced = [node, prior] + ([flatten] if flatten else [])
+    return replaced if log.rewrote(pattern, replaced) else []

@@ -115,7 +115,7 @@ def matrix_of(graph: Graph, branch: Branch) -> tuple[list[np.ndarray], np.ndarra
 def run(graph: Graph, log: PassLog) -> None:
     done: set[int] = set()
     for tree in find_trees(graph, done):
-        if _fold_tree(graph, tree, log):
+        if log.attempt(tree.root, _fold_tree, graph, tree, log):
             done.update(id(n) for n in tree.nodes)
 
 
@@ -124,7 +124,7 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     partners = [b for b in branches.values() if b is not None and b.fc_input is not None]
     if not partners:
         return False
-    partner, name = partners[0], tree.root.name
+    partner = partners[0]
     output = Graph.static_shape(tree.root.outputs[0])
     members, rest = [], []
     for leaf in tree.leaves:
@@ -138,7 +138,7 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
             continue
         rest.append(leaf)
         if branch is not None and branch.fc_input is None:
-            log.refused(name, f"conv branch not folded into the fully connected layer: {reason}")
+            log.refused(tree.root, f"conv branch not folded into the fully connected layer: {reason}", "fc")
     if len(members) < 2 or not any(b is partner for b, _, _ in members):
         return False
     groups = 0
@@ -146,7 +146,8 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
         groups = gcd(groups, len(blocks))
     partner_blocks = next(blocks for b, blocks, _ in members if b is partner)
     if groups < len(partner_blocks):
-        log.refused(name, f"folding would take the fully connected layer from {len(partner_blocks)} groups to {groups}")
+        log.refused(tree.root, f"folding would take the fully connected layer from {len(partner_blocks)} groups "
+                    f"to {groups}", "fc")
         return False
     weight = [np.zeros_like(b) for b in partner_blocks]
     bias = np.zeros(partner.shape[0])
@@ -158,8 +159,8 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     if 2 + combination_nodes(1 + len(rest), rest) > removed:
         return False
     _emit(graph, tree, partner, weight, bias, output, rest)
-    log.rewrote("fc(" + "+".join(sorted(b.op.op for b, _, _ in members)) + ")", name)
-    return True
+    return log.rewrote("fc(" + "+".join(sorted(b.op.op for b, _, _ in members)) + ")",
+                       tree.nodes + [n for b, _, _ in members for n in b.nodes])
 
 
 def _mismatch(branch: Branch | None, partner: Branch, output: tuple[int, ...] | None) -> str | None:
@@ -184,19 +185,16 @@ def _emit(graph: Graph, tree: Tree, partner: Branch, blocks: list[np.ndarray], b
           output_shape: tuple[int, ...], rest: list[Leaf]) -> None:
     name, output = tree.root.name, tree.root.outputs[0]
     dtype = graph.constant(partner.op.inputs[1]).dtype
-    target = output if not rest else graph.add_variable(f"{name}_fc", output)
-    rows = graph.add_variable(f"{name}_rows", output)
-    rows.shape = None
-    bias_const = graph.add_constant(f"{name}_bias", bias.astype(dtype))
+    exact_shape = not any(graph.constant(leaf.tensor) is not None for leaf in rest)
+    target = output if not rest else graph.add_variable(f"{name}_fc", output, exact_shape)
+    rows = graph.add_variable(f"{name}_rows", output, same_shape=False)
     if partner.op.op == "Conv":
         spatial = len(Graph.static_shape(partner.fc_input)) - 2
         weight = np.concatenate(blocks).reshape((bias.shape[0], -1) + (1,) * spatial)
-        graph.add_node("Conv", [partner.fc_input, graph.add_constant(f"{name}_weight", weight.astype(dtype)),
-                                bias_const], [rows], {"group": len(blocks)}, name)
+        graph.emit_layer("Conv", partner.fc_input, weight, bias, rows, {"group": len(blocks)}, name, dtype)
     else:
         matrix = algebra.block_diagonal(blocks, 1)[0]
-        graph.add_node("Gemm", [partner.fc_input, graph.add_constant(f"{name}_weight", matrix.astype(dtype)),
-                                bias_const], [rows], {"transB": 1}, name)
+        graph.emit_layer("Gemm", partner.fc_input, matrix, bias, rows, {"transB": 1}, name, dtype)
     shape = graph.add_constant(f"{name}_shape", np.array(output_shape, np.int64))
     graph.add_node("Reshape", [rows, shape], [target], {}, name)
     if rest:

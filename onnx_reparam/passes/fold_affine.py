@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import algebra
-from ..graph import Graph, Node, attr
+from ..graph import Graph, Node, attr, optional_input
 from ..linear import ChannelAffine, ConvForm, bias_vector, channel_affine, conv_form
 from ..matcher import Chain, ChainMatch, find_chains
 from . import PassLog
@@ -55,7 +55,7 @@ def _weighted_layer(graph: Graph, node: Node) -> Linear | None:
     weight = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or graph.constant(node.inputs[0]) is not None:
         return None
-    bias_input = node.inputs[2] if len(node.inputs) > 2 else None
+    bias_input = optional_input(node, 2)
     bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
     if bias is None:
         return None
@@ -103,7 +103,7 @@ def run(graph: Graph, log: PassLog) -> None:
     done: set[int] = set()
     for pattern in PATTERNS:
         for match in find_chains(graph, pattern, done):
-            if _fold(graph, match, log):
+            if log.attempt(match.nodes[0], _fold, graph, match, log):
                 done.update(id(n) for n in match.nodes)
 
 
@@ -122,31 +122,16 @@ def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
         if affine is None:
             return False
         if isinstance(affine, str):
-            log.refused(node.name, affine)
+            log.refused(node, affine, f"{layer_node.op}+{node.op}")
             return False
         scale, shift = scale * affine[0], algebra.fold_bias(shift, *affine)
+    pattern = f"{layer_node.op}+" + "+".join(n.op for n in affine_nodes)
     if match.blocked:
-        log.refused(layer_node.name, f"cannot fold {affine_nodes[-1].op} into {layer_node.op}: "
-                    f"{match.blocked}")
+        log.refused(layer_node, f"cannot fold {affine_nodes[-1].op} into {layer_node.op}: {match.blocked}",
+                    pattern)
         return False
-    weight = scaled_weight(layer, layer.weight, scale).astype(layer.dtype)
-    _emit(graph, layer_node, layer, weight, shift.astype(layer.dtype), affine_nodes[-1].outputs[0],
-          bias_node is not None or np.any(shift))
-    log.rewrote(f"{layer_node.op}+" + "+".join(n.op for n in affine_nodes), layer_node.name)
-    return True
-
-
-def _emit(graph: Graph, node: Node, layer: Linear, weight: np.ndarray, bias: np.ndarray, output,
-          needs_bias: bool):
-    weight_name = node.inputs[1].name if len(node.inputs) > 1 else f"{node.name}_weight"
-    new_weight = graph.add_constant(weight_name, weight)
-    new_bias = graph.add_constant(f"{node.name}_bias", bias)
-    data = node.inputs[0]
-    if layer.op != "MatMul":
-        graph.add_node(layer.op, [data, new_weight, new_bias], [output], layer.attrs, node.name)
-    elif not needs_bias:
-        graph.add_node("MatMul", [data, new_weight], [output], {}, node.name)
-    else:
-        product = graph.add_variable(f"{node.name}_out", output)
-        graph.add_node("MatMul", [data, new_weight], [product], {}, node.name)
-        graph.add_node("Add", [product, new_bias], [output], {}, f"{node.name}_bias")
+    weight = scaled_weight(layer, layer.weight, scale)
+    needs_bias = layer.op != "MatMul" or bias_node is not None or np.any(shift)
+    graph.emit_layer(layer.op, layer_node.inputs[0], weight, shift if needs_bias else None,
+                     affine_nodes[-1].outputs[0], layer.attrs, layer_node.name)
+    return log.rewrote(pattern, match.nodes)

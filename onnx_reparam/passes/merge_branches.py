@@ -120,7 +120,7 @@ def _matrix_term(graph: Graph, leaf: Leaf, node: Node, source: Tensor) -> Term |
 def run(graph: Graph, log: PassLog) -> None:
     done: set[int] = set()
     for tree in find_trees(graph, done):
-        if _merge_tree(graph, tree, log):
+        if log.attempt(tree.root, _merge_tree, graph, tree, log):
             done.update(id(n) for n in tree.nodes)
 
 
@@ -138,7 +138,7 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
             kept_apart.append(note)
     for source, note in kept_apart:
         if source in groups:  # it had partners in this sum (a plain residual has none)
-            log.refused(tree.root.name, note)
+            log.refused(tree.root, note, "branches")
     merged: list[Merged] = []
     rest: list[Leaf] = []
     for name, group in groups.items():
@@ -148,24 +148,24 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
             merged.append(result)
             continue
         if isinstance(result, str):
-            log.refused(tree.root.name, f"branches of '{name}' not merged: {result}")
+            log.refused(tree.root, f"branches of '{name}' not merged: {result}", "branches")
         rest.extend(t.leaf for t in group.terms)
     if not merged:
         return False
-    rest += _absorb_constants(merged[0], constants)
+    rest += _absorb_constants(graph, merged[0], constants)
     removed = len(tree.nodes) + sum(len(t.nodes) for m in merged for t in m.group.terms)
     added = sum(m.node_count for m in merged) + combination_nodes(len(merged) + len(rest), rest)
     if added > removed:
-        log.refused(tree.root.name, "merging would not reduce the number of nodes")
+        log.refused(tree.root, "merging would not reduce the number of nodes", "branches")
         return False
     _emit(graph, tree, merged, rest)
-    for m in merged:
-        ops = "+".join(sorted("+".join(n.op for n in reversed(t.nodes)) or "identity" for t in m.group.terms))
-        log.rewrote(f"branches({ops})", tree.root.name)
-    return True
+    patterns = ("+".join(sorted("+".join(n.op for n in reversed(t.nodes)) or "identity" for t in m.group.terms))
+                for m in merged)
+    replaced = tree.nodes + [n for m in merged for t in m.group.terms for n in t.nodes]
+    return log.rewrote(" & ".join(f"branches({ops})" for ops in patterns), replaced)
 
 
-def _absorb_constants(first: Merged, constants: list[Leaf]) -> list[Leaf]:
+def _absorb_constants(graph: Graph, first: Merged, constants: list[Leaf]) -> list[Leaf]:
     """Per-channel constants in the sum become the merged layer's bias; others stay addends."""
     if first.attrs is None:
         axis, rank = -1, Graph.rank(first.group.source)
@@ -173,7 +173,7 @@ def _absorb_constants(first: Merged, constants: list[Leaf]) -> list[Leaf]:
         axis, rank = 1 - first.weight.ndim, first.weight.ndim
     kept = []
     for leaf in constants:
-        value = algebra.per_channel(np.asarray(leaf.tensor.values), first.weight.shape[0], axis, rank)
+        value = algebra.per_channel(graph.constant(leaf.tensor), first.weight.shape[0], axis, rank)
         if isinstance(value, str):
             kept.append(leaf)
         else:
@@ -337,24 +337,18 @@ def _emit(graph: Graph, tree: Tree, merged: list[Merged], rest: list[Leaf]) -> N
     direct = not rest and len(merged) == 1
     addends = list(rest)
     name = tree.root.name
+    # A constant addend may broadcast the sum beyond each branch's own shape.
+    exact_shape = not any(graph.constant(leaf.tensor) is not None for leaf in rest)
     for m in merged:
         dtype = next(t.dtype for t in m.group.terms if t.dtype is not None)
-        bias = graph.add_constant(f"{name}_bias", m.bias.astype(dtype))
-        target = output if direct else graph.add_variable(f"{name}_branch", output)
+        target = output if direct else graph.add_variable(f"{name}_branch", output, exact_shape)
         if m.attrs is not None:
-            weight = graph.add_constant(f"{name}_weight", m.weight.astype(dtype))
-            graph.add_node("Conv", [m.group.source, weight, bias], [target], m.attrs, name)
+            graph.emit_layer("Conv", m.group.source, m.weight, m.bias, target, m.attrs, name, dtype)
         elif Graph.rank(m.group.source) == 2:
-            weight = graph.add_constant(f"{name}_weight", m.weight.astype(dtype))
-            graph.add_node("Gemm", [m.group.source, weight, bias], [target], {"transB": 1}, name)
+            graph.emit_layer("Gemm", m.group.source, m.weight, m.bias, target, {"transB": 1}, name, dtype)
         else:
-            weight = graph.add_constant(f"{name}_weight", m.weight.T.astype(dtype))
-            if m.node_count == 1:
-                graph.add_node("MatMul", [m.group.source, weight], [target], {}, name)
-            else:
-                product = graph.add_variable(f"{name}_product", output)
-                graph.add_node("MatMul", [m.group.source, weight], [product], {}, name)
-                graph.add_node("Add", [product, bias], [target], {}, name)
+            bias = m.bias if m.node_count == 2 else None
+            graph.emit_layer("MatMul", m.group.source, m.weight.T, bias, target, {}, name, dtype)
         addends.append(Leaf(target, 1.0))
     if not direct:
         emit_sum(graph, addends, output, name)

@@ -178,6 +178,7 @@ class Graph:
             del getattr(model, field)[:]
             getattr(model, field).extend(getattr(original, field))
         model.graph.doc_string = original.graph.doc_string
+        _restore_sparse(model, original)
         for node in model.graph.node:  # every tool-made node says which rule made it
             rule = self.rules.get(node.name)
             if rule is None:
@@ -187,6 +188,20 @@ class Graph:
             else:
                 node.doc_string = f"{RULE_KEY}: {rule}"
         return model
+
+
+def _restore_sparse(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """onnx-graphsurgeon reads a sparse initializer as a dense float64 constant and writes it back
+    so; the original sparse tensors (those still read) take their place."""
+    sparse = {t.values.name: t for t in original.graph.sparse_initializer}
+    if not sparse:
+        return
+    dense = [t for t in model.graph.initializer if t.name not in sparse]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(dense)
+    read = {name for node in model.graph.node for name in node.input}
+    del model.graph.sparse_initializer[:]
+    model.graph.sparse_initializer.extend(t for name, t in sparse.items() if name in read)
 
 
 def optional_input(node: Node, index: int) -> Tensor | None:

@@ -26,7 +26,10 @@ def inference_bn(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray] | st
     params = [graph.constant(t) for t in node.inputs[1:5]]
     if any(p is None for p in params):
         return "BatchNormalization parameters are not constants"
-    return algebra.bn_affine(*params, attr(node, "epsilon", 1e-5))
+    epsilon = attr(node, "epsilon", 1e-5)
+    if not np.all(np.asarray(params[3], np.float64) + epsilon > 0):
+        return "BatchNormalization variance + epsilon is not positive everywhere (its output is NaN or inf)"
+    return algebra.bn_affine(*params, epsilon)
 
 
 @dataclass
@@ -105,9 +108,6 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
         channels = source.shape[1] if source.shape is not None and len(source.shape) == len(kernel) + 2 else None
         if not isinstance(channels, int) or source.dtype is None:
             return "AveragePool over an input of unknown channel count"
-        pads = tuple(attr(node, "pads", [0] * 2 * len(kernel)))
-        if any(pads) and not attr(node, "count_include_pad", 0):
-            return "AveragePool excludes padding from its count (count_include_pad=0)"
         if attr(node, "ceil_mode", 0):
             return "AveragePool with ceil_mode=1"
         weight = algebra.average_kernel(channels, kernel)
@@ -118,6 +118,8 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
     geometry = explicit_geometry(geometry, Graph.static_shape(source))
     if isinstance(geometry, str):
         return geometry
+    if node.op == "AveragePool" and any(geometry["pads"]) and not attr(node, "count_include_pad", 0):
+        return "AveragePool excludes padding from its count (count_include_pad=0)"  # auto_pad too
     dtype = np.dtype(source.dtype) if node.op == "AveragePool" else weight.dtype
     return ConvForm(source, weight, bias, geometry, dtype, [node])
 

@@ -113,7 +113,7 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
     light = onnx.ModelProto(
         ir_version=model.ir_version, opset_import=list(model.opset_import), functions=list(model.functions),
         graph=onnx.helper.make_graph(graph.node, graph.name, list(graph.input), list(graph.output),
-                                     value_info=graph.value_info))
+                                     value_info=graph.value_info, sparse_initializer=graph.sparse_initializer))
     inputs = {i.name for i in graph.input}
     for tensor in graph.initializer:
         if _nbytes(tensor) <= LARGE_TENSOR:
@@ -151,6 +151,25 @@ def external_data_files(source: str | os.PathLike) -> set[Path]:
             for t in _external_tensors(model)}
 
 
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file
+
+
+def _save_with_external_data(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Writes tensors of EXTERNAL_THRESHOLD bytes or more to ``data_name`` beside ``path``, the
+    rest to ``path``. (onnx's own save checks whether ``data_name`` exists relative to the current
+    directory, not to the model, and refuses when it does.)"""
+    with open(path.parent / data_name, "wb") as data:
+        for tensor in external_data_helper._get_all_tensors(model):
+            if not tensor.HasField("raw_data") or _nbytes(tensor) < EXTERNAL_THRESHOLD:
+                continue
+            offset = data.tell()
+            data.write(tensor.raw_data)
+            external_data_helper.set_external_data(tensor, data_name, offset, data.tell() - offset)
+            tensor.ClearField("raw_data")
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
                protected: set[Path] = frozenset()) -> None:
     """Writes ``model`` to ``path`` atomically (temporary files in the same folder, then renames).
@@ -171,9 +190,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
         with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-reparam-") as tmp:
             tmp_model = Path(tmp) / path.name
             if external_data:
-                onnx.save_model(model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=data_name, size_threshold=1024)
-                # save_as_external_data rewrote the tensors to point at the file; restore them.
+                _save_with_external_data(model, tmp_model, data_name)
+                # The tensors now point at the file; read them back so the caller's model is whole.
                 external_data_helper.load_external_data_for_model(model, tmp)
                 if (Path(tmp) / data_name).exists():
                     os.replace(Path(tmp) / data_name, folder / data_name)

@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from .errors import first_line
 from .graph import Graph, Node, Tensor
 
 ROUTING_OPS = frozenset({"Pad", "Slice", "ScatterND", "ScatterElements", "Concat", "Transpose",
@@ -54,9 +55,20 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | str | None:
         return f"padding/cropping ops on {source.dtype} data"
     # The ops copy values whatever their type, so the probe runs in float64, where every element
     # number up to 2**53 is exact (float16 could number only 2048 elements).
+    if in_shape[:2] != out_shape[:2]:
+        return "the ops change the batch or channel axis"
     numbers = np.arange(1, np.prod(in_shape) + 1, dtype=np.float64).reshape(in_shape)
-    plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
+    try:
+        plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
+    except Exception as exc:  # noqa: BLE001 - onnx's evaluator rejects some valid ops (negative Pad)
+        return f"the padding/cropping ops could not be evaluated ({type(exc).__name__}: {first_line(exc)})"
     return _as_view(source, tensor, nodes, plus, minus) or "not a pad or crop of one tensor"
+
+
+def view_source(graph: Graph, tensor: Tensor) -> Tensor | None:
+    """The one computed tensor the data-movement ops producing ``tensor`` read, if there is one."""
+    nodes, source = _subgraph(graph, tensor)
+    return None if isinstance(nodes, str) else source
 
 
 def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | None]:
@@ -102,7 +114,15 @@ def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
         protos, "view", [helper.make_tensor_value_info(source.name, elem, values.shape)],
         [helper.make_tensor_value_info(output.name, elem, None)], list(constants.values())),
         opset_imports=[helper.make_opsetid("", _opset(graph))])
-    return np.asarray(ReferenceEvaluator(model).run([output.name], {source.name: values})[0])
+    try:
+        return np.asarray(ReferenceEvaluator(model).run([output.name], {source.name: values})[0])
+    except Exception:  # noqa: BLE001 - onnx's evaluator rejects some valid ops (negative Pad): ask ORT
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        model.ir_version = min(model.ir_version, 10)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return np.asarray(session.run([output.name], {source.name: values})[0])
 
 
 def _opset(graph: Graph) -> int:

@@ -37,12 +37,13 @@ class Linear:
     attrs: dict
 
 
-def linear_of(graph: Graph, node: Node) -> Linear | None:
-    """The layer's weight and bias if they are constants; None for anything else."""
+def linear_of(graph: Graph, node: Node) -> Linear | str | None:
+    """The layer's weight and bias if they are constants; why an AveragePool is not a conv; None
+    for anything else."""
     if node.op == "AveragePool":  # folds as the depthwise conv it is
         form = conv_form(graph, node)
         if not isinstance(form, ConvForm):
-            return None
+            return form
         g = form.geometry
         attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]),
                  "dilations": list(g["dilations"]), "pads": list(g["pads"]), "group": g["group"]}
@@ -110,7 +111,9 @@ def run(graph: Graph, log: PassLog) -> None:
 def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
     layer_node, *affine_nodes = match.nodes
     layer = linear_of(graph, layer_node)
-    if layer is None:
+    if isinstance(layer, str) and affine_nodes[0].op == "BatchNormalization":
+        log.refused(layer_node, layer, f"{layer_node.op}+{affine_nodes[0].op}")
+    if not isinstance(layer, Linear):
         return False
     channels = layer.bias.shape[0]
     if layer_node.op == "MatMul" and len(affine_nodes) == 1 and affine_nodes[0].op in ("Add", "Sub"):

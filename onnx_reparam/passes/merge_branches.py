@@ -18,6 +18,7 @@ import numpy as np
 from .. import algebra
 from ..graph import Graph, Node, Tensor
 from ..linear import ConvForm, conv_chain, fc_form, inference_bn
+from ..routing import ROUTING_OPS, pad_view, view_source
 from ..matcher import DEFAULT_DOMAINS, Leaf, Tree, combination_nodes, emit_sum, find_trees
 from . import PassLog
 
@@ -65,36 +66,52 @@ class Group:
 
 
 def interpret(graph: Graph, leaf: Leaf) -> tuple[Term | None, tuple[str, str] | None]:
-    """The leaf as a term; a constant leaf gives (None, None). A branch whose output is also read
-    elsewhere is the identity of that output, with the tensor it is a branch of and the reason it
-    could not be taken apart."""
+    """The leaf as a term; a constant leaf gives (None, None). A leaf that cannot be taken apart
+    (its output also read elsewhere, a conv that is not exact as a merged branch) is the identity
+    of its output, with the tensor it is a branch of and the reason."""
     tensor = leaf.tensor
     if graph.constant(tensor) is not None:
         return None, None
     node = graph.producer(tensor)
     term = _branch_term(graph, leaf, node) if node is not None and node.domain in DEFAULT_DOMAINS else None
-    if term is not None:
-        shared = graph.shared_reason(tensor)
-        if shared is None:
-            return term, None
-        return Term(leaf, tensor, 0.0, None), (term.source.name, f"{node.op} branch kept apart: {shared}")
-    return Term(leaf, tensor, 0.0, None), None
+    opaque = Term(leaf, tensor, 0.0, None)
+    if isinstance(term, str):
+        return opaque, (node.inputs[0].name, f"{node.op} branch kept apart: {term}")
+    if term is None:
+        return opaque, None
+    shared = graph.shared_reason(tensor)
+    if shared is not None:
+        return opaque, (term.source.name, f"{node.op} branch kept apart: {shared}")
+    return term, _view_note(graph, node, term.source)
 
 
-def _branch_term(graph: Graph, leaf: Leaf, node: Node) -> Term | None:
+def _view_note(graph: Graph, node: Node, source: Tensor) -> tuple[str, str] | None:
+    """When a branch reads ``source`` through data-movement ops that are not a pad/crop it can
+    see through, the tensor those ops read and why."""
+    producer = graph.producer(source)
+    if producer is None or producer.op not in ROUTING_OPS:
+        return None
+    view = pad_view(graph, source)
+    origin = view_source(graph, source)
+    if not isinstance(view, str) or origin is None:
+        return None
+    return origin.name, f"{node.op} branch reads '{source.name}' ({producer.op} of '{origin.name}'), kept apart: {view}"
+
+
+def _branch_term(graph: Graph, leaf: Leaf, node: Node) -> Term | str | None:
     source = node.inputs[0] if node.inputs else None
     if source is None or graph.constant(source) is not None:
         return None
     if node.op in ("Conv", "AveragePool"):
         form, _ = conv_chain(graph, node)
         if not isinstance(form, ConvForm):
-            return None
+            return form
         return Term(leaf, form.source, form.bias, form.dtype, kernel=form.weight,
                     geometry=form.geometry, nodes=form.nodes)
     if node.op == "BatchNormalization":
         affine = inference_bn(graph, node)
         if isinstance(affine, str):
-            return None
+            return affine
         scale, shift = affine
         return Term(leaf, source, shift, graph.constant(node.inputs[1]).dtype, scale=scale, nodes=[node])
     if node.op == "Mul":

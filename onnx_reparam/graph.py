@@ -79,7 +79,7 @@ class Graph:
         if tensor.name in self.output_names:
             return f"'{tensor.name}' is a graph output"
         if len(tensor.outputs) > consumers:
-            others = ", ".join(sorted({n.name or n.op for n in tensor.outputs}))
+            others = ", ".join(sorted({self.label(n) for n in tensor.outputs}))
             return f"'{tensor.name}' is also read by {others}"
         return None
 

@@ -121,7 +121,8 @@ def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
         options = ort.SessionOptions()
         options.log_severity_level = 4
         model.ir_version = min(model.ir_version, 10)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                       enable_fallback=0)
         return np.asarray(session.run([output.name], {source.name: values})[0])
 
 

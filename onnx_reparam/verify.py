@@ -79,7 +79,7 @@ def runtime_limits() -> tuple[int, int]:
     def loads(ir_version: int, opset: int) -> bool:
         try:
             ort.InferenceSession(_probe(ir_version, opset).SerializeToString(), options,
-                                 providers=["CPUExecutionProvider"])
+                                 providers=["CPUExecutionProvider"], enable_fallback=0)
             return True
         except Exception:  # noqa: BLE001 - a refusal is the answer we are looking for
             return False
@@ -120,7 +120,7 @@ def cuda_status() -> str | None:
     ort.set_default_logger_severity(4)
     try:
         session = ort.InferenceSession(probe.SerializeToString(), _session_options(ort),
-                                       providers=["CUDAExecutionProvider"])
+                                       providers=["CUDAExecutionProvider"], enable_fallback=0)
     except Exception as exc:  # noqa: BLE001 - its message is the cause we report
         return f"the CUDA execution provider does not load: {first_line(exc)}"
     finally:
@@ -171,7 +171,8 @@ class Runner:
         providers = [(self.provider, {"use_tf32": "0"})] if self.provider.startswith("CUDA") else []
         with tempfile.TemporaryDirectory(prefix="onnx-reparam-") as tmp:
             session = ort.InferenceSession(_session_source(model, Path(tmp)), _session_options(ort, optimized),
-                                           providers=providers + ["CPUExecutionProvider"])
+                                           providers=providers + ["CPUExecutionProvider"],
+                                           enable_fallback=0)  # ORT's fallback prints to stdout
         if session.get_providers()[0] != self.provider:
             raise RuntimeError(f"onnxruntime did not place the model on {self.provider}")
         return session

@@ -364,3 +364,35 @@ def test_average_pool_with_auto_pad_excludes_padding_and_is_not_a_conv(auto_pad)
     model, report = rewrite(b.model([y]))
     assert not report.dropped and ops(model)["AveragePool"] == 1
     assert any("count_include_pad=0" in r for r in refusals(report))
+
+
+# --- rewrites as records ---
+
+@pytest.mark.parametrize("ir_version", [8, 10])
+def test_every_new_node_says_which_rule_made_it(ir_version):
+    model = chain_model()
+    model.ir_version = ir_version
+    optimized, report = rewrite(model)
+    tagged = {}
+    for node in optimized.graph.node:
+        if node.op_type != "Conv":
+            continue
+        if ir_version >= 10:
+            tagged[node.name] = {p.key: p.value for p in node.metadata_props}["onnx_reparam.rule"]
+        else:
+            tagged[node.name] = node.doc_string.removeprefix("onnx_reparam.rule: ")
+    assert set(tagged.values()) == {"fold_affine: Conv+BatchNormalization"}
+    records = report.passes[2].rewrites
+    assert sorted(name for r in records for name in r.added) == sorted(tagged)
+    assert all(len(r.replaced) == 2 and r.pass_name == "fold_affine" for r in records)
+
+
+def test_a_refusal_names_the_original_nodes_not_the_tool_made_ones():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    total = b.node("Add", [b.conv(x, 4, 4, 3, pads=[1] * 4), b.conv(x, 4, 4, 1)])
+    model = b.model([b.bn(total, 4), b.node("Relu", [total])])  # the sum is read twice: BN stays
+    _, report = rewrite(model)
+    (refusal,) = [r for p in report.passes for r in p.refusals if "also read by" in r.reason]
+    originals = {n.name for n in model.graph.node if n.op_type in ("Add", "Conv")}
+    assert set(refusal.node.split(", ")) == originals and "_reparam" not in refusal.node

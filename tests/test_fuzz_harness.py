@@ -1,0 +1,23 @@
+"""The fuzz harness (fuzzing.py) on a small budget: no traceback, no changed input, no invalid or
+wrong output even without verification, every refusal with a reason. The large budget runs from
+benchmarks/fuzz.py."""
+from __future__ import annotations
+
+import fuzzing
+from onnx_reparam.passes import fold_affine
+
+
+def test_small_fuzz_budget_finds_nothing():
+    findings = fuzzing.fuzz(random_cases=80, mutants=30)
+    assert not findings.problems, "\n".join(findings.problems)
+    assert findings.rewritten >= 40 and findings.skipped <= findings.cases // 3, findings.summary()
+
+
+def test_the_harness_finds_a_planted_defect(monkeypatch):
+    real = fold_affine.scaled_weight
+    monkeypatch.setattr(fold_affine, "scaled_weight", lambda *args: real(*args) * 1.01)
+    findings = fuzzing.fuzz(random_cases=0, mutants=2)
+    assert any("wrong output with --no-verify" in p for p in findings.problems)
+    findings = fuzzing.fuzz(random_cases=10, mutants=0)
+    assert any("wrong output with --no-verify" in p for p in findings.problems)
+    assert findings.dropped > 0  # the verified runs dropped the wrong folds and kept the rest

@@ -1,6 +1,7 @@
 """What a run did: counts before/after, each pass's rewrites and refusals, verification, timings."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -46,12 +47,16 @@ class GraphStats:
     nodes: int
     parameters: int
     ops: dict[str, int]
+    weight_bytes: int = 0
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> GraphStats:
-        params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in model.graph.initializer)
+        tensors = model.graph.initializer
+        params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors)
+        size = sum(int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                   for t in tensors if t.data_type != onnx.TensorProto.STRING)
         ops = Counter(n.op_type for n in model.graph.node)
-        return cls(len(model.graph.node), params, dict(sorted(ops.items())))
+        return cls(len(model.graph.node), params, dict(sorted(ops.items())), size)
 
 
 @dataclass
@@ -127,21 +132,74 @@ class Report:
             result["verification"]["inconclusive"] = self.verification.inconclusive
         return result
 
-    def summary(self) -> str:
+    def summary(self, verbose: bool = False) -> str:
+        """What a person reads: the op types whose counts changed, sizes, what each pass
+        rewrote, what was left and why (grouped; only re-parameterization patterns unless
+        ``verbose``), the check and the time per stage."""
         lines = []
         if self.before and self.after:
-            lines.append(f"nodes {self.before.nodes} -> {self.after.nodes}, parameters "
-                         f"{self.before.parameters:,} -> {self.after.parameters:,}")
+            lines += _op_table(self.before, self.after)
         for p in self.passes:
             counts = Counter(r.pattern for r in p.rewrites)
-            done = ", ".join(f"{n} x {what}" for what, n in counts.items()) or "nothing"
-            lines.append(f"{p.name}: rewrote {done}")
-            for r in p.refusals:
-                lines.append(f"  left {r.node}: {r.reason}")
+            if counts or verbose:
+                done = ", ".join(f"{n} x {what}" for what, n in counts.items()) or "nothing"
+                lines.append(f"{p.name}: rewrote {done}")
+        refusals = [r for p in self.passes for r in p.refusals]
+        shown = [r for r in refusals if verbose or is_reparam(r)]
+        for (pattern, reason), group in _grouped(shown):
+            kind = f" ({pattern})" if pattern else ""
+            if len(group) == 1:
+                lines.append(f"  left {group[0].node}{kind}: {reason}")
+            else:
+                nodes = "; ".join(r.node for r in group[:3]) + ("; ..." if len(group) > 3 else "")
+                lines.append(f"  left {len(group)} x{kind}: {reason}: {nodes}")
+        if len(shown) < len(refusals):
+            lines.append(f"  ({len(refusals) - len(shown)} other patterns left as they are; -v lists them)")
         if not self.rewrites:
-            lines.append("nothing to rewrite: the model is unchanged")
+            lines.append("nothing rewritten: the model is unchanged")
         if self.verification is not None:
             lines.append(self.verification.summary())
         if self.seconds:
             lines.append("time " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
+
+
+def is_reparam(refusal: Refusal) -> bool:
+    """Whether a refusal concerns a re-parameterization pattern (BN folds, branch merges, conv
+    chains, FC folds) or a rewrite that failed, rather than a plain scale or reshape that happens
+    to sit next to a layer (GELU's x / sqrt(2) after a conv)."""
+    if refusal.reason.startswith(("internal error", "its rewrite did not verify")):
+        return True
+    pattern = refusal.pattern
+    return pattern.startswith(("branches", "fc", "Conv chain", "AveragePool chain")) or \
+        "BatchNormalization" in pattern or pattern.startswith("AveragePool")
+
+
+def _grouped(refusals: list[Refusal]) -> list[tuple[tuple[str, str], list[Refusal]]]:
+    """Refusals with the same pattern and reason (tensor names aside) as one group."""
+    groups: dict[tuple[str, str], list[Refusal]] = {}
+    for r in refusals:
+        key = (r.pattern, re.sub(r"'[^']*'", "'...'", r.reason.split(" is also read by ")[0]))
+        groups.setdefault(key, []).append(r)
+    return [((pattern, group[0].reason if len(group) == 1 else reason), group)
+            for (pattern, reason), group in groups.items()]
+
+
+def _op_table(before: GraphStats, after: GraphStats) -> list[str]:
+    changed = sorted(op for op in set(before.ops) | set(after.ops) if before.ops.get(op, 0) != after.ops.get(op, 0))
+    width = max([len(op) for op in changed] + [len("parameters")])
+    lines = [f"{'':{width}}  {'before':>10}  {'after':>10}"]
+    for op in changed:
+        lines.append(f"{op:{width}}  {before.ops.get(op, 0):>10,}  {after.ops.get(op, 0):>10,}")
+    lines.append(f"{'nodes':{width}}  {before.nodes:>10,}  {after.nodes:>10,}")
+    lines.append(f"{'parameters':{width}}  {before.parameters:>10,}  {after.parameters:>10,}")
+    lines.append(f"{'weights':{width}}  {_size(before.weight_bytes):>10}  {_size(after.weight_bytes):>10}")
+    return lines
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""

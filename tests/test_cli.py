@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -52,7 +53,7 @@ def test_optimize_writes_deploy_structure_and_keeps_input(model_path, tmp_path):
     code, output = run("optimize", model_path, tmp_path / "out.onnx", "--report", tmp_path / "r.json")
     assert code == 0, output
     assert "verification PASSED on CPUExecutionProvider" in output
-    assert "nodes 8 -> 2" in output
+    assert re.search(r"^nodes +8 +2$", output, re.M)
     assert ops(onnx.load(tmp_path / "out.onnx")) == {"Conv": 1, "Relu": 1}
     assert digest(model_path) == before
     report = json.loads((tmp_path / "r.json").read_text())
@@ -68,7 +69,7 @@ def test_skip_and_only(model_path, tmp_path):
     code, output = run("optimize", model_path, tmp_path / "a.onnx", "--only", "fold_affine")
     assert code == 0 and ops(onnx.load(tmp_path / "a.onnx"))["Add"] == 2
     code, output = run("optimize", model_path, tmp_path / "b.onnx", "--skip", "fold_affine")
-    assert code == 0 and "nothing to rewrite" in output  # BN(conv) leaves are not branches of x
+    assert code == 0 and "nothing rewritten" in output  # BN(conv) leaves are not branches of x
     code, output = run("optimize", model_path, tmp_path / "c.onnx", "--skip", "nope")
     assert code == 2 and one_line_error(output) and "unknown pass nope" in output
 
@@ -163,7 +164,7 @@ def test_nothing_to_rewrite_writes_unchanged(tmp_path):
     path = tmp_path / "plain.onnx"
     onnx.save(model, path)
     code, output = run("optimize", path, tmp_path / "out.onnx")
-    assert code == 0 and "nothing to rewrite" in output
+    assert code == 0 and "nothing rewritten" in output
     assert onnx.load(tmp_path / "out.onnx").graph == onnx.load(path).graph
 
 
@@ -194,7 +195,7 @@ def test_inspect_and_check(model_path, tmp_path):
     assert run("inspect", model_path, "--check")[0] == 1
     run("optimize", model_path, tmp_path / "out.onnx")
     code, output = run("inspect", tmp_path / "out.onnx", "--check")
-    assert code == 0 and "nothing to rewrite" in output
+    assert code == 0 and "nothing rewritten" in output
 
 
 def test_verify_two_models(model_path, tmp_path):

@@ -58,7 +58,7 @@ def test_one_bad_rewrite_is_dropped_and_named_and_the_good_ones_are_kept(wrong_f
     dropped = report.dropped[0]
     assert dropped.node == f"{norm.name}, {conv.name}" and "fold_affine" in dropped.pattern
     assert "did not verify" in dropped.reason and "max rel err" in dropped.reason
-    assert f"left {norm.name}, {conv.name}: its rewrite did not verify" in report.summary()
+    assert f"left {norm.name}, {conv.name} (Conv+BatchNormalization): its rewrite did not verify" in report.summary()
 
 
 def test_bad_rewrite_exits_0_with_the_rest_written_or_1_with_strict(wrong_fold_of_five_channels, tmp_path):

@@ -34,20 +34,33 @@ class VerificationError(ReparamError):
         self.model, self.report = model, report
 
 
-def optimize(model: str | os.PathLike | onnx.ModelProto, *, only: str | Sequence[str] = (),
-             skip: str | Sequence[str] = (), verify: bool = True, provider: str = "auto",
-             input_shapes: dict[str, tuple[int, ...]] | None = None,
+def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str] = (), verify: bool = True,
+             provider: str = "auto", input_shapes: dict[str, Sequence[int]] | None = None,
              inputs: dict[str, np.ndarray] | None = None, seed: int = 0, rtol: float | None = None,
-             atol: float | None = None, strict: bool = False) -> tuple[onnx.ModelProto, Report]:
+             atol: float | None = None, strict: bool = False,
+             weights_as_constants: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Rewrites a training-structure model into its deploy structure and, unless ``verify`` is
     False, checks in onnxruntime that the outputs are unchanged. A rewrite that fails the check is
     dropped and named in ``report.dropped``; the model returned has the others, verified. Raises
     VerificationError (holding model and report) when no verified model can be made, or when
-    ``strict`` and a rewrite was dropped. The input is never modified."""
+    ``strict`` and a rewrite was dropped. The input is never modified.
+
+    ``model``: a path, an onnx.ModelProto, or what ``torch.onnx.export(..., dynamo=True)``
+    returns (its ONNXProgram, or the onnx_ir model it holds). Weights that are also graph inputs
+    can be overridden at run time, so nothing reading them is folded; ``weights_as_constants``
+    treats them as constants and drops them from the inputs."""
     passes = select_passes(only, skip)
+    _check_arguments(verify=verify, strict=strict, weights_as_constants=weights_as_constants,
+                     provider=provider, input_shapes=input_shapes, inputs=inputs)
     report = Report()
     start = time.perf_counter()
-    original = load_model(model)
+    original = load_model(_as_model_source(model))
+    overridable = weights_as_inputs(original)
+    if overridable and weights_as_constants:
+        _drop_inputs(original, overridable)
+    elif overridable:
+        report.notes.append(f"{len(overridable)} weights are also graph inputs (a caller may override them), so "
+                            "nothing reading them is folded; --weights-as-constants treats them as constants")
     report.seconds["load"] = time.perf_counter() - start
     report.before = GraphStats.of(original)
 
@@ -73,6 +86,50 @@ def optimize(model: str | os.PathLike | onnx.ModelProto, *, only: str | Sequence
         raise VerificationError(optimized, report, f"{len(report.dropped)} rewrite(s) did not verify "
                                 f"(strict): {report.dropped[0].node}: {report.dropped[0].reason}")
     return optimized, report
+
+
+def _check_arguments(**arguments) -> None:
+    for name in ("verify", "strict", "weights_as_constants"):
+        if not isinstance(arguments[name], bool):
+            raise ReparamError(f"{name} must be True or False, not {arguments[name]!r}")
+    if arguments["provider"] not in ("auto", "cuda", "cpu"):
+        raise ReparamError(f"provider must be 'auto', 'cuda' or 'cpu', not {arguments['provider']!r}")
+    shapes = arguments["input_shapes"]
+    if shapes is not None and not (isinstance(shapes, dict) and all(
+            isinstance(k, str) and not isinstance(v, str) and all(isinstance(d, int) and d >= 0 for d in v)
+            for k, v in shapes.items())):
+        raise ReparamError("input_shapes must map input names to shapes, e.g. {'x': (1, 3, 224, 224)}")
+    given = arguments["inputs"]
+    if given is not None and not (isinstance(given, dict) and all(isinstance(v, np.ndarray) for v in given.values())):
+        raise ReparamError("inputs must map input names to numpy arrays")
+
+
+def _as_model_source(model):
+    """A path or ModelProto as it is; an exporter's result as its ModelProto (without importing
+    torch or onnx_ir unless the caller already has)."""
+    if isinstance(model, (str, os.PathLike, onnx.ModelProto)):
+        return model
+    if hasattr(model, "model_proto"):  # torch.onnx.ONNXProgram
+        return model.model_proto
+    if type(model).__module__.startswith("onnx_ir"):
+        import onnx_ir
+        return onnx_ir.serde.serialize_model(model)
+    raise ReparamError(f"cannot read a model from {type(model).__name__}: give a path, an onnx.ModelProto, "
+                       "a torch.onnx.ONNXProgram or an onnx_ir model")
+
+
+def weights_as_inputs(model: onnx.ModelProto) -> list[str]:
+    """Initializers that are also graph inputs (torch's keep_initializers_as_inputs, IR < 4)."""
+    weights = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name in weights]
+
+
+def _drop_inputs(model: onnx.ModelProto, names: list[str]) -> None:
+    kept = [i for i in model.graph.input if i.name not in set(names)]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    if model.ir_version < 4:  # from IR 4 on an initializer need not be an input
+        model.ir_version = 4
 
 
 def _rewrite(original: onnx.ModelProto, passes: tuple[Pass, ...], policy=None
@@ -115,14 +172,13 @@ def _drop_failing(original: onnx.ModelProto, passes: tuple[Pass, ...], checker: 
     return model, reports, failure, records
 
 
-def inspect(model: str | os.PathLike | onnx.ModelProto, *, only: str | Sequence[str] = (),
-            skip: str | Sequence[str] = ()) -> Report:
+def inspect(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str] = (),
+            weights_as_constants: bool = False) -> Report:
     """Dry run: what would be rewritten and what would be left, and why."""
-    return optimize(model, only=only, skip=skip, verify=False)[1]
+    return optimize(model, only=only, skip=skip, verify=False, weights_as_constants=weights_as_constants)[1]
 
 
-def verify(reference: str | os.PathLike | onnx.ModelProto,
-           candidate: str | os.PathLike | onnx.ModelProto, **options) -> Verification:
+def verify(reference, candidate, **options) -> Verification:
     """The same equivalence check optimize runs, on any two models with the same inputs and
-    outputs. Options: provider, input_shapes, inputs, seed, rtol, atol."""
-    return Checker(load_model(reference), **options).check(load_model(candidate))
+    outputs (each as optimize takes it). Options: provider, input_shapes, inputs, seed, rtol, atol."""
+    return Checker(load_model(_as_model_source(reference)), **options).check(load_model(_as_model_source(candidate)))

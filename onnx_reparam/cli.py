@@ -59,8 +59,8 @@ def _check_options(f):
                      help="Relative tolerance (default by the lowest float precision inside: fp32 1e-4).")(f)
     f = click.option("--atol", type=click.FloatRange(0, 1e300),
                      help="Absolute tolerance (default by the lowest float precision inside: fp32 1e-6).")(f)
-    f = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1x3x224x224",
-                     help="Shape for an input with dynamic dims (repeatable).")(f)
+    f = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1,3,224,224",
+                     help="Shape of an input with dynamic dims, as 1,3,224,224 or 1x3x224x224 (repeatable).")(f)
     f = click.option("--inputs", "inputs_file", type=click.Path(),
                      help=".npz file with input arrays, by input name.")(f)
     f = click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
@@ -69,8 +69,19 @@ def _check_options(f):
 
 
 def _pass_options(f):
-    f = click.option("--skip", multiple=True, metavar="PASS", help="Do not run this pass.")(f)
-    f = click.option("--only", multiple=True, metavar="PASS", help="Run only this pass.")(f)
+    names = click.Choice([p.name for p in default_passes()])
+    f = click.option("--skip", multiple=True, type=names, help="Do not run this pass (repeatable).")(f)
+    f = click.option("--only", multiple=True, type=names, help="Run only this pass (repeatable).")(f)
+    f = click.option("--weights-as-constants", is_flag=True,
+                     help="Treat weights that are also graph inputs (keep_initializers_as_inputs) as "
+                          "constants, and drop them from the inputs.")(f)
+    return f
+
+
+def _output_options(f):
+    f = click.option("-q", "--quiet", is_flag=True, help="Print only errors.")(f)
+    f = click.option("-v", "--verbose", is_flag=True,
+                     help="Also list passes that rewrote nothing and every pattern left as it is.")(f)
     return f
 
 
@@ -93,7 +104,21 @@ def _write_report(report: Report, path: str | None) -> None:
             raise ReparamError(f"cannot write report {path}: {exc.strerror}") from None
 
 
-@click.group()
+class _OneLineErrors(click.Group):
+    """Usage errors as one line too ("error: ..."), exit code 2, like every other bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except click.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnx-reparam")
 def main():
     """Rewrite training-structure ONNX models into their deploy structure, and prove it exact."""
@@ -109,10 +134,10 @@ def main():
 @click.option("--strict", is_flag=True,
               help="Fail (exit 1, nothing written) when a rewrite had to be dropped for not verifying.")
 @click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
-@click.option("--quiet", is_flag=True, help="Print only errors.")
+@_output_options
 @_one_line_errors
-def optimize(input_path, output_path, skip, only, provider, rtol, atol, input_shapes, inputs_file,
-             seed, no_verify, force, strict, report_path, quiet):
+def optimize(input_path, output_path, skip, only, weights_as_constants, provider, rtol, atol, input_shapes,
+             inputs_file, seed, no_verify, force, strict, report_path, quiet, verbose):
     """Rewrite IN into its deploy structure, verify it, write OUT."""
     source = Path(input_path)
     target = Path(output_path)
@@ -129,7 +154,8 @@ def optimize(input_path, output_path, skip, only, provider, rtol, atol, input_sh
     try:
         model, report = api.optimize(source, only=only, skip=skip, verify=not no_verify,
                                      provider=provider, input_shapes=parse_input_shapes(input_shapes),
-                                     inputs=inputs, seed=seed, rtol=rtol, atol=atol, strict=strict)
+                                     inputs=inputs, seed=seed, rtol=rtol, atol=atol, strict=strict,
+                                     weights_as_constants=weights_as_constants)
         failed = False
     except api.VerificationError as exc:
         model, report, failed = exc.model, exc.report, True
@@ -139,7 +165,7 @@ def optimize(input_path, output_path, skip, only, provider, rtol, atol, input_sh
         report.seconds["save"] = time.perf_counter() - start
     _write_report(report, report_path)
     if not quiet:
-        click.echo(report.summary())
+        click.echo(report.summary(verbose))
         if failed:
             click.echo(f"{target} {'written anyway (--force)' if force else 'not written'}")
         else:
@@ -151,17 +177,29 @@ def optimize(input_path, output_path, skip, only, provider, rtol, atol, input_sh
 
 
 @main.command()
-@click.argument("input_path", metavar="IN", type=click.Path())
+@click.argument("input_paths", metavar="IN...", nargs=-1, required=True, type=click.Path())
 @_pass_options
-@click.option("--check", is_flag=True, help="Exit 1 if anything would be rewritten.")
-@click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
+@click.option("--check", is_flag=True, help="Exit 1 if anything would be rewritten (for CI and pre-commit).")
+@click.option("--report", "report_path", type=click.Path(), help="Write a JSON report (one IN only).")
+@_output_options
 @_one_line_errors
-def inspect(input_path, skip, only, check, report_path):
-    """Dry run: what would be rewritten in IN, what would be left and why."""
-    report = api.inspect(input_path, only=only, skip=skip)
-    _write_report(report, report_path)
-    click.echo(report.summary())
-    if check and report.rewrites:
+def inspect(input_paths, skip, only, weights_as_constants, check, report_path, quiet, verbose):
+    """Dry run: what would be rewritten in each IN, what would be left and why."""
+    if report_path and len(input_paths) > 1:
+        raise ReparamError("--report takes one IN")
+    rewritable = []
+    for path in input_paths:
+        report = api.inspect(path, only=only, skip=skip, weights_as_constants=weights_as_constants)
+        _write_report(report, report_path)
+        if report.rewrites:
+            rewritable.append(path)
+        if not quiet:
+            if len(input_paths) > 1:
+                click.echo(f"== {path}")
+            click.echo(report.summary(verbose))
+    if check and rewritable:
+        if quiet or len(input_paths) > 1:
+            click.echo(f"{len(rewritable)} model(s) can be re-parameterized: {', '.join(rewritable)}", err=True)
         sys.exit(EXIT_MISMATCH)
 
 
@@ -169,15 +207,25 @@ def inspect(input_path, skip, only, check, report_path):
 @click.argument("reference", metavar="A", type=click.Path())
 @click.argument("candidate", metavar="B", type=click.Path())
 @_check_options
+@click.option("--report", "report_path", type=click.Path(), help="Write the verification as JSON.")
+@_output_options
 @_one_line_errors
-def verify(reference, candidate, provider, rtol, atol, input_shapes, inputs_file, seed):
+def verify(reference, candidate, provider, rtol, atol, input_shapes, inputs_file, seed, report_path, quiet,
+           verbose):
     """Check that models A and B compute the same outputs on the same inputs."""
+    if report_path:
+        _writable(Path(report_path), "report")
     result = api.verify(reference, candidate, provider=provider,
                         input_shapes=parse_input_shapes(input_shapes),
                         inputs=load_inputs(inputs_file) if inputs_file else None, seed=seed,
                         rtol=rtol, atol=atol)
-    click.echo(result.summary())
+    if report_path:
+        _write_report(Report(verification=result), report_path)
+    if not quiet:
+        click.echo(result.summary())
     if not result.passed:
+        if quiet:
+            click.echo("error: verification " + ("inconclusive" if result.inconclusive else "failed"), err=True)
         sys.exit(EXIT_MISMATCH)
 
 

@@ -119,6 +119,7 @@ class Report:
     passes: list[PassReport] = field(default_factory=list)
     verification: Verification | None = None
     dropped: list[Refusal] = field(default_factory=list)  # rewrites that failed the check
+    notes: list[str] = field(default_factory=list)  # about the model as a whole
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -155,6 +156,7 @@ class Report:
                 lines.append(f"  left {len(group)} x{kind}: {reason}: {nodes}")
         if len(shown) < len(refusals):
             lines.append(f"  ({len(refusals) - len(shown)} other patterns left as they are; -v lists them)")
+        lines += [f"note: {note}" for note in self.notes]
         if not self.rewrites:
             lines.append("nothing rewritten: the model is unchanged")
         if self.verification is not None:

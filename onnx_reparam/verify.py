@@ -196,13 +196,15 @@ def _session_source(model: onnx.ModelProto, tmp: Path):
 
 
 def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
-    """'name:1x3x224x224' -> {'name': (1, 3, 224, 224)}."""
+    """'name:1,3,224,224' or 'name:1x3x224x224' -> {'name': (1, 3, 224, 224)}; digits only."""
     shapes = {}
     for spec in specs:
         name, sep, dims = spec.rpartition(":")
-        parts = dims.split("x")
+        parts = dims.split("," if "," in dims else "x")
         if not sep or not name or not all(p.isdigit() and p.isascii() for p in parts):
-            raise ReparamError(f"bad --input-shape {spec!r}: expected NAME:1x3x224x224")
+            raise ReparamError(f"bad --input-shape {spec!r}: expected NAME:1,3,224,224 or NAME:1x3x224x224")
+        if name in shapes:
+            raise ReparamError(f"--input-shape given twice for '{name}'")
         shapes[name] = tuple(int(p) for p in parts)
     return shapes
 
@@ -230,7 +232,8 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
         if not value.type.HasField("tensor_type"):
             raise ReparamError(f"input '{value.name}' is not a tensor; give its value with --inputs")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        shape = shapes.get(value.name) or _static_shape(value)
+        shape = tuple(shapes[value.name]) if value.name in shapes else _static_shape(value)
+        _check_against_model(value, shape)
         if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_INPUT_BYTES:
             raise ReparamError(f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take more "
                                f"than {MAX_INPUT_BYTES >> 30} GiB; give a smaller --input-shape")
@@ -244,13 +247,26 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
     return sets
 
 
+def _check_against_model(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None:
+    """A given shape must keep the model's static dims (found here, not deep inside onnxruntime)."""
+    if not value.type.tensor_type.HasField("shape"):
+        return
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) != len(shape):
+        raise ReparamError(f"input '{value.name}' has {len(dims)} dims, --input-shape gives {len(shape)}")
+    for axis, (dim, size) in enumerate(zip(dims, shape)):
+        if dim.HasField("dim_value") and dim.dim_value != size:
+            raise ReparamError(f"input '{value.name}' has size {dim.dim_value} on axis {axis}, "
+                               f"--input-shape gives {size}")
+
+
 def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...]:
     dims = value.type.tensor_type.shape.dim
     shape = []
     for dim in dims:
         if not dim.HasField("dim_value"):
             label = dim.dim_param or "?"
-            example = "x".join(str(d.dim_value) if d.HasField("dim_value") else "1" for d in dims)
+            example = ",".join(str(d.dim_value) if d.HasField("dim_value") else "1" for d in dims)
             raise ReparamError(f"input '{value.name}' has a dynamic dim '{label}': give its size, "
                                f"e.g. --input-shape {value.name}:{example}")
         shape.append(dim.dim_value)

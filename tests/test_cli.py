@@ -71,7 +71,7 @@ def test_skip_and_only(model_path, tmp_path):
     code, output = run("optimize", model_path, tmp_path / "b.onnx", "--skip", "fold_affine")
     assert code == 0 and "nothing rewritten" in output  # BN(conv) leaves are not branches of x
     code, output = run("optimize", model_path, tmp_path / "c.onnx", "--skip", "nope")
-    assert code == 2 and one_line_error(output) and "unknown pass nope" in output
+    assert code == 2 and one_line_error(output) and "'nope' is not one of" in output
 
 
 @pytest.mark.parametrize("case", ["missing", "not_onnx", "truncated", "empty", "directory"])

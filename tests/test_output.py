@@ -1,0 +1,158 @@
+"""What a person reads (the op table, grouped refusals, -q/-v) and the conventions of the CLI and
+the library that issue 13 asked for."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import onnx_reparam
+from conftest import GraphBuilder, ops
+from onnx_reparam.cli import main
+from onnx_reparam.report import Refusal, Report
+from test_cli import block_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture
+def model_path(tmp_path):
+    onnx.save(block_model(), tmp_path / "in.onnx")
+    return tmp_path / "in.onnx"
+
+
+def test_summary_is_an_op_table_of_what_changed(model_path, tmp_path):
+    code, output = cli("optimize", model_path, tmp_path / "out.onnx")
+    assert code == 0
+    table = dict(re.findall(r"^(\w+) +([\d,.]+ ?\w*  +[\d,.]+ ?\w*)$", output, re.M))
+    assert set(table) == {"Add", "BatchNormalization", "Conv", "nodes", "parameters", "weights"}
+    assert table["Conv"].split() == ["2", "1"] and "Relu" not in table  # unchanged ops are left out
+    assert "rewrote nothing" not in output  # idle passes only with -v
+    assert "rewrote nothing" in cli("optimize", model_path, tmp_path / "v.onnx", "-v")[1]
+
+
+def test_identical_refusals_are_one_line_with_a_count():
+    report = Report()
+    from onnx_reparam.report import PassReport
+    report.passes = [PassReport("merge_branches", refusals=[
+        Refusal(f"Add{i}", f"branches of 'x{i}' not merged: strides differ", "branches") for i in range(5)])]
+    lines = [line for line in report.summary().splitlines() if "left" in line]
+    assert lines == ["  left 5 x (branches): branches of '...' not merged: strides differ: Add0; Add1; Add2; ..."]
+
+
+def test_refusals_of_non_reparam_patterns_only_with_verbose():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    conv = b.conv(x, 4, 4, 3, pads=[1] * 4)
+    gelu_div = b.node("Div", [conv, b.const(np.float32(1.4142135))])
+    model = b.model([b.node("Mul", [conv, b.node("Erf", [gelu_div])])])
+    report = onnx_reparam.inspect(model)
+    assert any("cannot fold Div" in r.reason for p in report.passes for r in p.refusals)
+    assert "cannot fold Div" not in report.summary() and "-v lists them" in report.summary()
+    assert "cannot fold Div" in report.summary(verbose=True)
+
+
+@pytest.mark.parametrize("arch", ["fastvit", "repmlpnet", "repvit"])
+def test_family_exports_print_no_refusal_of_a_non_reparam_pattern(arch, tmp_path):
+    import export
+    train_path, _ = export.export_pair(arch, tmp_path, "ts")
+    code, output = cli("optimize", train_path, tmp_path / "out.onnx")
+    assert code == 0 and "PASSED" in output
+    assert not [line for line in output.splitlines() if line.strip().startswith("left ")], output
+
+
+def test_help_quiet_and_verbose(model_path, tmp_path):
+    code, output = cli("-h")
+    assert code == 0 and "optimize" in output
+    code, output = cli("optimize", "-h")
+    assert code == 0 and "[fold_constants|compose|fold_affine|merge_branches|conv_into_fc]" in output
+    assert cli("optimize", model_path, tmp_path / "q.onnx", "-q") == (0, "")
+
+
+def test_verify_has_report_and_quiet(model_path, tmp_path):
+    cli("optimize", model_path, tmp_path / "out.onnx")
+    code, output = cli("verify", model_path, tmp_path / "out.onnx", "-q", "--report", tmp_path / "r.json")
+    assert (code, output) == (0, "")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["verification"]["passed"] and data["verification"]["outputs"][0]["compared"] > 0
+
+
+def test_json_report_has_rewrite_and_refusal_records(model_path, tmp_path):
+    cli("optimize", model_path, tmp_path / "out.onnx", "--report", tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    record = next(p for p in data["passes"] if p["name"] == "fold_affine")["rewrites"][0]
+    assert set(record) == {"pass_name", "pattern", "replaced", "added"}
+    assert record["pattern"] == "Conv+BatchNormalization" and len(record["replaced"]) == 2
+
+
+def test_shapes_with_commas_or_x(tmp_path):
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, 6, 6])
+    onnx.save(b.model([b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)]), tmp_path / "in.onnx")
+    for spec in ("x:2,4,6,6", "x:2x4x6x6"):
+        code, output = cli("optimize", tmp_path / "in.onnx", tmp_path / "out.onnx", "--input-shape", spec)
+        assert code == 0 and "PASSED" in output
+    code, output = cli("optimize", tmp_path / "in.onnx", tmp_path / "out.onnx")
+    assert code == 2 and "--input-shape x:1,4,6,6" in output
+
+
+def keep_weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    return model
+
+
+def test_weights_that_are_inputs_are_reported_and_can_be_constants(tmp_path):
+    onnx.save(keep_weights_as_inputs(block_model()), tmp_path / "in.onnx")
+    code, output = cli("optimize", tmp_path / "in.onnx", tmp_path / "out.onnx")
+    assert code == 0 and "weights are also graph inputs" in output and "--weights-as-constants" in output
+    code, output = cli("optimize", tmp_path / "in.onnx", tmp_path / "out.onnx", "--weights-as-constants")
+    assert code == 0 and "PASSED" in output
+    out = onnx.load(tmp_path / "out.onnx")
+    assert ops(out) == {"Conv": 1, "Relu": 1} and [i.name for i in out.graph.input] == ["x"]
+
+
+def test_library_takes_a_pass_name_or_a_list_and_rejects_wrong_types():
+    one = onnx_reparam.inspect(block_model(), only="fold_affine")
+    assert [p.name for p in one.passes] == ["fold_affine"]
+    assert [p.name for p in onnx_reparam.inspect(block_model(), skip=["fold_affine", "compose"]).passes] == \
+        ["fold_constants", "merge_branches", "conv_into_fc"]
+    for options in ({"rtol": "x"}, {"seed": -1}, {"verify": "yes"}, {"provider": "gpu"},
+                    {"input_shapes": {"x": "1x4x6x6"}}, {"only": [1]}):
+        with pytest.raises(onnx_reparam.ReparamError):
+            onnx_reparam.optimize(block_model(), **options)
+    with pytest.raises(onnx_reparam.ReparamError, match="cannot read a model from int"):
+        onnx_reparam.optimize(3)
+
+
+def test_optimize_takes_what_the_dynamo_exporter_returns():
+    import torch
+    import repvgg
+    net = repvgg.randomize_bn(repvgg.RepVGGBlock(4, 4, 1), 0).eval()
+    program = torch.onnx.export(net, (torch.randn(1, 4, 8, 8),), dynamo=True, verbose=False)
+    from_program, report = onnx_reparam.optimize(program)
+    assert report.verification.passed and ops(from_program)["Conv"] == 1
+    from_ir, _ = onnx_reparam.optimize(program.model)
+    from_proto, _ = onnx_reparam.optimize(program.model_proto)
+    assert ops(from_ir) == ops(from_program) == ops(from_proto)
+
+
+def test_pre_commit_hook_and_inspect_check_on_several_files(model_path, tmp_path):
+    hooks = (Path(__file__).resolve().parent.parent / ".pre-commit-hooks.yaml").read_text()
+    assert "entry: onnx-reparam inspect --check -q" in hooks and "files:" in hooks
+    deployed = tmp_path / "deploy.onnx"
+    cli("optimize", model_path, deployed)
+    assert cli("inspect", "--check", "-q", deployed)[0] == 0
+    code, output = cli("inspect", "--check", "-q", deployed, model_path)
+    assert code == 1 and str(model_path) in output

@@ -6,7 +6,8 @@
 - fully connected layers with constant weights: Gemm and MatMul as an (out, in) matrix and a bias;
 - conv chains: a conv whose input is a padded/cropped view (routing.py) of the output of a
   pointwise conv or inference BN composes into one conv on that map's input, when what
-  the padding writes equals what the pointwise map gives on a zero input (DESIGN.md section 4).
+  the padding writes equals what the pointwise map gives on a zero input (docs/ARCHITECTURE.md,
+  "Exactness conditions").
 """
 from __future__ import annotations
 

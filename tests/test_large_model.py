@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper, numpy_helper
 
 import onnx_reparam
@@ -11,6 +12,7 @@ from conftest import ops
 ROWS, COLS = 4, 2**26 + 2**22  # two weights of 1.14 GB: each fits a protobuf, together they do not
 
 
+@pytest.mark.large  # about 2 minutes and 15 GB of memory: .ci/run runs it after the README's command
 def test_model_over_two_gigabytes_round_trips(tmp_path):
     rng = np.random.default_rng(0)
     nodes, initializers = [], []

@@ -1,9 +1,9 @@
 """onnx-reparam: rewrites training-structure ONNX models into their deploy structure, exactly."""
-from .api import VerificationError, inspect, optimize, verify
+from .api import VerificationError, bench, inspect, optimize, verify
 from .errors import ReparamError
 from .model_io import load_model, save_model
 from .report import Report, Verification
 
-__all__ = ["optimize", "inspect", "verify", "load_model", "save_model", "Report", "Verification",
+__all__ = ["optimize", "inspect", "verify", "bench", "load_model", "save_model", "Report", "Verification",
            "ReparamError", "VerificationError"]
 __version__ = "0.1.0"

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx
 
+from .bench import BenchResult
+from .bench import bench as latency_ab
 from .errors import ReparamError
 from .graph import Graph
 from .model_io import load_model
@@ -176,6 +178,12 @@ def inspect(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str] 
             weights_as_constants: bool = False) -> Report:
     """Dry run: what would be rewritten and what would be left, and why."""
     return optimize(model, only=only, skip=skip, verify=False, weights_as_constants=weights_as_constants)[1]
+
+
+def bench(a, b, **options) -> BenchResult:
+    """Latency A/B of two models with the same inputs (each as optimize takes it). Options:
+    names, provider, input_shapes, seed, rounds, warmup, threads."""
+    return latency_ab(load_model(_as_model_source(a)), load_model(_as_model_source(b)), **options)
 
 
 def verify(reference, candidate, **options) -> Verification:

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import asdict
 from functools import wraps
 from pathlib import Path
 
@@ -134,10 +135,11 @@ def main():
 @click.option("--strict", is_flag=True,
               help="Fail (exit 1, nothing written) when a rewrite had to be dropped for not verifying.")
 @click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
+@click.option("--bench", "run_bench", is_flag=True, help="Then time IN against OUT (see `bench`).")
 @_output_options
 @_one_line_errors
 def optimize(input_path, output_path, skip, only, weights_as_constants, provider, rtol, atol, input_shapes,
-             inputs_file, seed, no_verify, force, strict, report_path, quiet, verbose):
+             inputs_file, seed, no_verify, force, strict, report_path, run_bench, quiet, verbose):
     """Rewrite IN into its deploy structure, verify it, write OUT."""
     source = Path(input_path)
     target = Path(output_path)
@@ -163,6 +165,9 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
         start = time.perf_counter()
         save_model(model, target, external_data=bool(protected) or None, protected=protected)
         report.seconds["save"] = time.perf_counter() - start
+        if run_bench:
+            report.bench = api.bench(source, model, names=(str(source), str(target)), provider=provider,
+                                     input_shapes=parse_input_shapes(input_shapes), seed=seed)
     _write_report(report, report_path)
     if not quiet:
         click.echo(report.summary(verbose))
@@ -227,6 +232,36 @@ def verify(reference, candidate, provider, rtol, atol, input_shapes, inputs_file
         if quiet:
             click.echo("error: verification " + ("inconclusive" if result.inconclusive else "failed"), err=True)
         sys.exit(EXIT_MISMATCH)
+
+
+@main.command()
+@click.argument("model_a", metavar="A", type=click.Path())
+@click.argument("model_b", metavar="B", type=click.Path())
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="onnxruntime execution provider.")
+@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1,3,224,224",
+              help="Shape of an input with dynamic dims (repeatable).")
+@click.option("--rounds", type=click.IntRange(1), default=50, show_default=True, help="Timed rounds.")
+@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
+@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: its own).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the inputs.")
+@click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON (for CI).")
+@_output_options
+@_one_line_errors
+def bench(model_a, model_b, provider, input_shapes, rounds, warmup, threads, seed, json_path, quiet, verbose):
+    """Latency of B against A on the same inputs: interleaved rounds, medians, B/A."""
+    if json_path:
+        _writable(Path(json_path), "JSON output")
+    result = api.bench(model_a, model_b, names=(model_a, model_b), provider=provider,
+                       input_shapes=parse_input_shapes(input_shapes), seed=seed, rounds=rounds, warmup=warmup,
+                       threads=threads)
+    if json_path:
+        try:
+            Path(json_path).write_text(json.dumps(asdict(result), indent=2) + "\n")
+        except OSError as exc:
+            raise ReparamError(f"cannot write {json_path}: {exc.strerror}") from None
+    if not quiet:
+        click.echo(result.summary())
 
 
 @main.command("passes")

@@ -79,6 +79,7 @@ class Verification:
     note: str | None = None  # e.g. why CUDA was not used
     inputs: int = 0  # input sets compared
     bound: str = ""  # how the tolerance was set
+    device: str = ""  # the device and onnxruntime version that ran the check
 
     @property
     def passed(self) -> bool:
@@ -93,6 +94,8 @@ class Verification:
         verdict = "PASSED" if self.passed else "INCONCLUSIVE" if self.inconclusive else "FAILED"
         lines = [f"verification {verdict} on {self.provider}"
                  + (f" ({self.inputs} input sets; {self.bound})" if self.inputs else "")]
+        if self.device:
+            lines.append(f"  {self.device}")
         if self.note:
             lines.append(f"  {self.note}")
         if self.error:
@@ -120,6 +123,7 @@ class Report:
     verification: Verification | None = None
     dropped: list[Refusal] = field(default_factory=list)  # rewrites that failed the check
     notes: list[str] = field(default_factory=list)  # about the model as a whole
+    bench: object | None = None  # bench.BenchResult of IN against OUT, when asked for
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -163,6 +167,8 @@ class Report:
             lines.append(self.verification.summary())
         if self.seconds:
             lines.append("time " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
+        if self.bench is not None:
+            lines.append(self.bench.summary())
         return "\n".join(lines)
 
 

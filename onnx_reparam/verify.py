@@ -19,7 +19,11 @@ import ctypes
 import functools
 import io
 import os
+import platform
+import shutil
+import subprocess
 import tempfile
+from importlib import metadata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,20 +154,61 @@ def cuda_available() -> bool:
     return cuda_status() is None
 
 
+def device_name(provider: str) -> str:
+    """The device a provider runs on, for the report."""
+    if provider.startswith("CUDA"):
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            try:
+                out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                                     capture_output=True, text=True, timeout=10).stdout.strip()
+                if out:
+                    return out
+            except (OSError, subprocess.SubprocessError):
+                pass
+        return "GPU 0"
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return f"CPU: {line.split(':', 1)[1].strip()}"
+    except OSError:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}"
+
+
+def doubled_install() -> str | None:
+    """Both onnxruntime and onnxruntime-gpu installed: they share one folder, and removing either
+    breaks the other."""
+    try:
+        metadata.distribution("onnxruntime")
+        metadata.distribution("onnxruntime-gpu")
+    except metadata.PackageNotFoundError:
+        return None
+    return ("onnxruntime and onnxruntime-gpu are both installed and share one folder; keep one: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (or onnxruntime)")
+
+
 class Runner:
-    """Creates ORT sessions on one execution provider, chosen once."""
+    """Creates ORT sessions on one execution provider, chosen once. ``notes`` says what the user
+    should know about it (why CUDA was not used, a doubled install)."""
 
     def __init__(self, provider: str = "auto"):
         if provider not in ("auto", "cuda", "cpu"):
             raise ReparamError(f"unknown provider {provider!r} (auto, cuda or cpu)")
-        self.note = None
-        if provider != "cpu":
-            reason = cuda_status()
-            if reason and provider == "cuda":
-                raise ReparamError(f"--provider cuda: {reason}; use --provider cpu or auto")
-            self.note = f"CUDA not used: {reason}" if reason else None
-        use_cuda = provider != "cpu" and self.note is None
+        self.notes = [note for note in (doubled_install(),) if note]
+        reason = cuda_status() if provider != "cpu" else None
+        if reason and provider == "cuda":
+            raise ReparamError(f"--provider cuda: {reason}; use --provider cpu or auto")
+        if reason:
+            self.notes.insert(0, f"CUDA not used: {reason}")
+        use_cuda = provider != "cpu" and reason is None
         self.provider = "CUDAExecutionProvider" if use_cuda else "CPUExecutionProvider"
+        self.device = device_name(self.provider)
+
+    @property
+    def note(self) -> str | None:
+        return "; ".join(self.notes) or None
 
     def session(self, model: onnx.ModelProto, optimized: bool = False):
         """A session of the model; raises onnxruntime's own error if it does not load."""
@@ -388,7 +433,8 @@ class Checker:
             if check.compared == 0:
                 check.passed, check.note = False, "nothing compared (empty or non-finite output)"
         return Verification(self.runner.provider, checks, note=self.runner.note,
-                            inputs=len(self.feed_sets), bound=self.tolerance.how)
+                            inputs=len(self.feed_sets), bound=self.tolerance.how,
+                            device=f"{self.runner.device}; onnxruntime {_ort().__version__}")
 
 
 def compare_output(result: OutputCheck, expected: np.ndarray, actual: np.ndarray, tolerance: Tolerance) -> None:

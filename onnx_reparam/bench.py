@@ -1,0 +1,114 @@
+"""Latency A/B of two models with the same inputs, in one run: sessions with ORT's default graph
+optimizations (as a deployment runs them), warm-up, then rounds in which each model runs once in a
+random order; per model the median and the interquartile range, and the median and IQR of the
+per-round ratio B/A (the two runs of a round share the machine's state, so the ratio is steadier
+than the ratio of medians). On CUDA, inputs and outputs stay bound on the device (IOBinding), so
+host copies do not dominate.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from .errors import ReparamError, first_line
+from .verify import Runner, _ort, device_name, make_inputs
+
+
+@dataclass
+class Latency:
+    name: str
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+
+
+@dataclass
+class BenchResult:
+    provider: str
+    device: str
+    onnxruntime: str
+    threads: int | str
+    rounds: int
+    warmup: int
+    a: Latency
+    b: Latency
+    ratio: float  # median over rounds of B / A
+    ratio_q1: float
+    ratio_q3: float
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"latency on {self.provider} ({self.device}; onnxruntime {self.onnxruntime}; "
+                 f"threads: {self.threads}; {self.rounds} interleaved rounds after {self.warmup} warm-up)"]
+        for label, lat in (("A", self.a), ("B", self.b)):
+            lines.append(f"  {label} {lat.name}: median {lat.median_ms:.3f} ms "
+                         f"(IQR {lat.q1_ms:.3f}-{lat.q3_ms:.3f})")
+        lines.append(f"  B/A {self.ratio:.3f} (IQR {self.ratio_q1:.3f}-{self.ratio_q3:.3f})")
+        lines += [f"  {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+class _Timed:
+    """One model ready to run: a session and its inputs (bound on the device for CUDA)."""
+
+    def __init__(self, runner: Runner, model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None):
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [(runner.provider, {"use_tf32": "0"})] if runner.provider.startswith("CUDA") else []
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), options,
+                                                providers=providers + ["CPUExecutionProvider"], enable_fallback=0)
+        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+            raise ReparamError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+        self.feeds = feeds
+        self.binding = None
+        if runner.provider.startswith("CUDA"):
+            self.binding = self.session.io_binding()
+            for name, value in feeds.items():
+                self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+            for output in self.session.get_outputs():
+                self.binding.bind_output(output.name, "cuda", 0)
+
+    def run(self) -> float:
+        start = time.perf_counter()
+        if self.binding is not None:
+            self.session.run_with_iobinding(self.binding)
+            self.binding.synchronize_outputs()
+        else:
+            self.session.run(None, self.feeds)
+        return time.perf_counter() - start
+
+
+def bench(a: onnx.ModelProto, b: onnx.ModelProto, *, names: tuple[str, str] = ("A", "B"), provider: str = "auto",
+          input_shapes: dict | None = None, seed: int = 0, rounds: int = 50, warmup: int = 5,
+          threads: int | None = None) -> BenchResult:
+    """Times ``a`` and ``b`` on the same seeded inputs, interleaved (see the module docstring)."""
+    if rounds < 1 or warmup < 0:
+        raise ReparamError("rounds must be at least 1 and warm-up at least 0")
+    runner = Runner(provider)
+    feeds = make_inputs(a, input_shapes, seed)[0]
+    timed = [_Timed(runner, model, feeds, threads) for model in (a, b)]
+    for _ in range(warmup):
+        for t in timed:
+            t.run()
+    rng = np.random.default_rng(seed)
+    times = np.zeros((rounds, 2))
+    for r in range(rounds):
+        for i in rng.permutation(2):
+            times[r, i] = timed[i].run()
+    ms = times * 1e3
+    ratios = times[:, 1] / times[:, 0]
+    latencies = [Latency(name, *np.percentile(ms[:, i], [50, 25, 75])) for i, name in enumerate(names)]
+    notes = list(runner.notes)
+    if not runner.provider.startswith("CUDA"):
+        notes.append("measured on the CPU")
+    return BenchResult(runner.provider, device_name(runner.provider), _ort().__version__,
+                       threads or f"onnxruntime's default ({os.cpu_count()} cores)", rounds, warmup,
+                       latencies[0], latencies[1], *np.percentile(ratios, [50, 25, 75]), notes=notes)

@@ -1,0 +1,100 @@
+"""Execution providers, packaging and the latency A/B: CUDA when it really loads, the reason when
+not, an install that fits each platform, and `bench`. Tests marked `gpu` run where CUDA loads."""
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+
+import onnx_reparam
+from onnx_reparam.verify import Runner, cuda_status, doubled_install
+from onnx_reparam.cli import main
+from test_cli import block_model
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_CUDA = cuda_status()
+gpu = pytest.mark.skipif(NO_CUDA is not None, reason=f"needs CUDA: {NO_CUDA}")
+
+PLATFORMS = {  # (sys_platform, platform_machine): the onnxruntime package that has a wheel there
+    ("linux", "x86_64"): "onnxruntime-gpu", ("win32", "AMD64"): "onnxruntime-gpu",
+    ("linux", "aarch64"): "onnxruntime", ("darwin", "arm64"): "onnxruntime",
+    ("darwin", "x86_64"): "onnxruntime", ("win32", "ARM64"): "onnxruntime",
+}
+
+
+@pytest.mark.parametrize("system,machine", sorted(PLATFORMS))
+def test_each_platform_gets_the_onnxruntime_that_has_a_wheel_there(system, machine):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env = {"sys_platform": system, "platform_machine": machine}
+    runtimes = [r.name for r in map(Requirement, project["dependencies"])
+                if r.name.startswith("onnxruntime") and (r.marker is None or r.marker.evaluate(env))]
+    assert runtimes == [PLATFORMS[system, machine]]
+    cuda = [Requirement(r) for r in project["optional-dependencies"]["cuda"]]
+    wanted = [r for r in cuda if r.marker.evaluate(env)]
+    assert (wanted[0].extras == {"cuda", "cudnn"}) if PLATFORMS[system, machine] == "onnxruntime-gpu" else not wanted
+
+
+def test_a_doubled_onnxruntime_install_says_how_to_repair_it(monkeypatch):
+    monkeypatch.setattr(metadata, "distribution", lambda name: name)  # both "found"
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu" in doubled_install()
+    assert any("share one folder" in n for n in Runner("cpu").notes)
+
+
+def test_the_check_names_provider_device_and_runtime():
+    _, report = onnx_reparam.optimize(block_model(), provider="cpu")
+    assert report.verification.provider == "CPUExecutionProvider"
+    assert report.verification.device.startswith("CPU") and "onnxruntime 1." in report.verification.device
+
+
+def test_bench_cli_gives_medians_and_the_ratio_as_json(tmp_path):
+    onnx.save(block_model(), tmp_path / "a.onnx")
+    onnx_reparam.save_model(onnx_reparam.optimize(block_model())[0], tmp_path / "b.onnx")
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"),
+                                       "--rounds", "20", "--warmup", "2", "--threads", "1",
+                                       "--json", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert "B/A" in result.output and "20 interleaved rounds after 2 warm-up" in result.output
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["threads"] == 1 and data["rounds"] == 20 and data["ratio_q1"] <= data["ratio"] <= data["ratio_q3"]
+    assert 0 < data["a"]["q1_ms"] <= data["a"]["median_ms"] <= data["a"]["q3_ms"]
+    if NO_CUDA is not None:
+        assert data["provider"] == "CPUExecutionProvider" and "measured on the CPU" in data["notes"]
+
+
+def test_optimize_bench_times_in_against_out(tmp_path):
+    onnx.save(block_model(), tmp_path / "a.onnx")
+    result = CliRunner().invoke(main, ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "--bench"])
+    assert result.exit_code == 0 and "latency on" in result.output and "B/A" in result.output
+
+
+@pytest.mark.gpu
+@gpu
+def test_verification_and_bench_run_on_cuda(tmp_path):
+    _, report = onnx_reparam.optimize(block_model(), provider="cuda")
+    assert report.verification.passed and report.verification.provider == "CUDAExecutionProvider"
+    result = onnx_reparam.bench(block_model(), block_model(), provider="cuda", rounds=5, warmup=1)
+    assert result.provider == "CUDAExecutionProvider" and result.ratio > 0
+
+
+@pytest.mark.skipif(NO_CUDA is None, reason="CUDA loads here")
+def test_without_cuda_the_cause_is_named_and_cuda_requested_is_exit_2(tmp_path):
+    import onnxruntime
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        # onnxruntime-gpu without its CUDA libraries (or without a GPU): the library it misses, or that
+        assert re.search(r"lib\w+\.so[.\d]*: cannot open|no usable GPU|does not load", NO_CUDA), NO_CUDA
+    else:
+        assert "has no CUDA execution provider (install onnxruntime-gpu)" in NO_CUDA
+    onnx.save(block_model(), tmp_path / "a.onnx")
+    result = CliRunner().invoke(main, ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"),
+                                       "--provider", "cuda"])
+    assert result.exit_code == 2 and result.output == f"error: --provider cuda: {NO_CUDA}; use --provider cpu or auto\n"
+    result = CliRunner().invoke(main, ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")])
+    assert result.exit_code == 0 and f"CUDA not used: {NO_CUDA}" in result.output

@@ -11,7 +11,6 @@ from pathlib import Path
 import onnx
 import pytest
 from click.testing import CliRunner
-from packaging.markers import Marker
 from packaging.requirements import Requirement
 
 import onnx_reparam

@@ -119,39 +119,40 @@ def cuda_status() -> str | None:
                 ort.preload_dlls()  # CUDA/cuDNN from pip wheels are found only this way
         except Exception:  # noqa: BLE001 - the session below says what is missing
             pass
-    probe = _probe(*runtime_limits())
-    # A provider that fails to load logs through ORT's process-wide logger, not the session's;
-    # we report the cause ourselves. ORT has no getter: its default (2) is put back.
-    ort.set_default_logger_severity(4)
+    missing = _cuda_library_problem(ort)
+    if missing:  # found without a session, whose failure onnxruntime would log process-wide
+        return f"the CUDA execution provider does not load: {missing}"
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), _session_options(ort),
+        session = ort.InferenceSession(_probe(*runtime_limits()).SerializeToString(), _session_options(ort),
                                        providers=["CUDAExecutionProvider"], enable_fallback=0)
     except Exception as exc:  # noqa: BLE001 - its message is the cause we report
         return f"the CUDA execution provider does not load: {first_line(exc)}"
-    finally:
-        ort.set_default_logger_severity(2)
     if session.get_providers()[0] != "CUDAExecutionProvider":
-        return f"the CUDA execution provider does not load: {_cuda_library_problem(ort)}"
+        return "the CUDA execution provider does not load: no usable GPU (no device, or a driver too old " \
+               "for this onnxruntime's CUDA)"
     return None
 
 
-def _cuda_library_problem(ort) -> str:
-    """Why onnxruntime fell back to the CPU: loading its CUDA provider library ourselves names
-    the library it misses; if it loads, the GPU or its driver is what is missing."""
+def _cuda_library_problem(ort) -> str | None:
+    """The library onnxruntime's CUDA provider cannot open, found by loading the provider library
+    ourselves (after the provider bridge it links against, as onnxruntime does); None when
+    nothing is missing or the failure is of another kind (the session then says)."""
     capi = Path(ort.__file__).parent / "capi"
     library = next(iter(sorted(capi.glob("*onnxruntime_providers_cuda.*"))), None)
     if library is None:
         return "its library is not installed"
+    bridge = next(iter(sorted(capi.glob("*onnxruntime_providers_shared.*"))), None)
     try:
+        if bridge is not None:
+            ctypes.CDLL(str(bridge), mode=ctypes.RTLD_GLOBAL)
         ctypes.CDLL(str(library))
     except OSError as exc:
-        return f"{first_line(exc)} (install the CUDA and cuDNN libraries onnxruntime-gpu "\
-               f"{ort.__version__} was built for)"
-    return "no usable GPU (no device, or a driver too old for this onnxruntime's CUDA)"
-
-
-def cuda_available() -> bool:
-    return cuda_status() is None
+        message = first_line(exc)
+        if not any(s in message for s in ("cannot open shared object file", "Could not find module", "WinError 126")):
+            return None
+        return f"{message} (install the CUDA and cuDNN libraries onnxruntime-gpu {ort.__version__} was " \
+               "built for: pip install \"onnx-reparam[cuda]\")"
+    return None
 
 
 def device_name(provider: str) -> str:

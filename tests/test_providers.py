@@ -97,3 +97,21 @@ def test_without_cuda_the_cause_is_named_and_cuda_requested_is_exit_2(tmp_path):
     assert result.exit_code == 2 and result.output == f"error: --provider cuda: {NO_CUDA}; use --provider cpu or auto\n"
     result = CliRunner().invoke(main, ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")])
     assert result.exit_code == 0 and f"CUDA not used: {NO_CUDA}" in result.output
+
+
+def test_only_a_library_that_cannot_be_opened_counts_as_missing(monkeypatch):
+    import ctypes
+    import onnxruntime
+    from onnx_reparam.verify import _cuda_library_problem
+
+    def fails(message):
+        def load(path, mode=0):
+            if "providers_cuda" in str(path):
+                raise OSError(message)
+        return load
+    monkeypatch.setattr(ctypes, "CDLL", fails("libcudnn.so.9: cannot open shared object file: No such file"))
+    assert _cuda_library_problem(onnxruntime).startswith("libcudnn.so.9: cannot open shared object file")
+    monkeypatch.setattr(ctypes, "CDLL", fails("undefined symbol: Provider_GetHost"))
+    assert _cuda_library_problem(onnxruntime) is None  # not a missing library: the session decides
+    monkeypatch.setattr(ctypes, "CDLL", lambda path, mode=0: None)
+    assert _cuda_library_problem(onnxruntime) is None

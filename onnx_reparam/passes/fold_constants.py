@@ -26,7 +26,9 @@ def run(graph: Graph, log: PassLog) -> None:
         graph.gs = original.copy()
     level = gs.logger.G_LOGGER.severity
     gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # it warns about every op it skips
-    ort.set_default_logger_severity(3)  # and ORT about every optimization it cannot apply
+    # and the ORT sessions it makes (with no options we could pass) warn about every optimization
+    # they cannot apply, through ORT's process-wide logger: the one place we touch it.
+    ort.set_default_logger_severity(3)
     try:
         # Folding fixes shapes (slice bounds become constants), shapes let Shape ops fold: repeat.
         for _ in range(MAX_ROUNDS):

@@ -55,31 +55,39 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     _check_arguments(verify=verify, strict=strict, weights_as_constants=weights_as_constants,
                      provider=provider, input_shapes=input_shapes, inputs=inputs)
     report = Report()
+    source = _as_model_source(model)
+
+    def load() -> onnx.ModelProto:
+        """A fresh model of our own: the rewrite turns the one it is given into its result."""
+        loaded = load_model(source, report.input_files)
+        overridable = weights_as_inputs(loaded)
+        if overridable and weights_as_constants:
+            _drop_inputs(loaded, overridable)
+        elif overridable and not report.notes:
+            report.notes.append(f"{len(overridable)} weights are also graph inputs (a caller may override them), "
+                                "so nothing reading them is folded; --weights-as-constants treats them as constants")
+        return loaded
+
     start = time.perf_counter()
-    original = load_model(_as_model_source(model))
-    overridable = weights_as_inputs(original)
-    if overridable and weights_as_constants:
-        _drop_inputs(original, overridable)
-    elif overridable:
-        report.notes.append(f"{len(overridable)} weights are also graph inputs (a caller may override them), so "
-                            "nothing reading them is folded; --weights-as-constants treats them as constants")
+    original = load()
     report.seconds["load"] = time.perf_counter() - start
     report.before = GraphStats.of(original)
 
     start = time.perf_counter()
     optimized, report.passes, applied = _rewrite(original, passes)
+    del original  # it became `optimized`
     report.seconds["rewrite"] = time.perf_counter() - start
 
     if verify and applied:
         start = time.perf_counter()
-        checker = Checker(original, provider=provider, input_shapes=input_shapes, inputs=inputs, seed=seed,
+        checker = Checker(load(), provider=provider, input_shapes=input_shapes, inputs=inputs, seed=seed,
                           rtol=rtol, atol=atol)
         report.verification = checker.check(optimized)
         report.seconds["verify"] = time.perf_counter() - start
         if not report.verification.passed and not report.verification.inconclusive:
             start = time.perf_counter()
             optimized, report.passes, report.verification, report.dropped = _drop_failing(
-                original, passes, checker, applied, report.verification)
+                load, passes, checker, applied, report.verification)
             report.seconds["isolate"] = time.perf_counter() - start
     report.after = GraphStats.of(optimized)
     if report.verification is not None and not report.verification.passed:
@@ -136,13 +144,14 @@ def _drop_inputs(model: onnx.ModelProto, names: list[str]) -> None:
 
 def _rewrite(original: onnx.ModelProto, passes: tuple[Pass, ...], policy=None
              ) -> tuple[onnx.ModelProto, list[PassReport], list[Rewrite]]:
+    """Rewrites ``original`` into the result (in place, so weights are not copied)."""
     graph = Graph(original)
     reports, applied = run_passes(graph, passes, policy)
     return (graph.to_model(original) if applied else original), reports, applied
 
 
-def _drop_failing(original: onnx.ModelProto, passes: tuple[Pass, ...], checker: Checker,
-                  applied: list[Rewrite], failure: Verification):
+def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, applied: list[Rewrite],
+                  failure: Verification):
     """Finds and drops the rewrites whose model fails the check; returns the verified model with
     the rest, its reports and verification, and the dropped rewrites."""
     dropped: dict[tuple, str] = {}
@@ -153,21 +162,21 @@ def _drop_failing(original: onnx.ModelProto, passes: tuple[Pass, ...], checker: 
     def without_dropped(rw: Rewrite) -> str | None:
         return dropped.get(rw.key)
 
-    model, reports = original, []
+    model, reports = None, []
     for _ in range(MAX_DROPPED):
         keys = [rw.key for rw in applied]
         passing, failing = 0, len(keys)  # allowing the first `passing` rewrites verifies
         while failing - passing > 1:
             middle = (passing + failing) // 2
-            result = checker.check(_rewrite(original, passes, only_first(set(keys[:middle])))[0])
+            result = checker.check(_rewrite(load(), passes, only_first(set(keys[:middle])))[0])
             if result.passed:
                 passing = middle
             else:
                 failing, failure = middle, result
         culprit = applied[failing - 1]
         dropped[culprit.key] = f"its rewrite did not verify ({failure.worst()})"
-        model, reports, applied = _rewrite(original, passes, without_dropped)
-        failure = checker.check(model) if applied else checker.check(original)
+        model, reports, applied = _rewrite(load(), passes, without_dropped)
+        failure = checker.check(model)
         if failure.passed:
             break
     records = [Refusal(", ".join(key[2]), reason, f"{key[0]}: {key[1]}") for key, reason in dropped.items()]

@@ -20,7 +20,7 @@ import click
 
 from . import api
 from .errors import ReparamError, first_line
-from .model_io import external_data_files, save_model
+from .model_io import save_model
 from .passes import default_passes
 from .report import Report
 from .verify import load_inputs, parse_input_shapes
@@ -149,9 +149,6 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
     _writable(target, "OUT")
     if report_path:
         _writable(Path(report_path), "report")
-    protected = external_data_files(source) if source.is_file() else set()
-    if target.resolve() in protected or (target.parent / (target.name + ".data")).resolve() in protected:
-        raise ReparamError(f"{target} would overwrite the input's external data; choose another output name")
     inputs = load_inputs(inputs_file) if inputs_file else None
     try:
         model, report = api.optimize(source, only=only, skip=skip, verify=not no_verify,
@@ -161,6 +158,9 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
         failed = False
     except api.VerificationError as exc:
         model, report, failed = exc.model, exc.report, True
+    protected = report.input_files
+    if target.resolve() in protected or (target.parent / (target.name + ".data")).resolve() in protected:
+        raise ReparamError(f"{target} would overwrite the input's external data; choose another output name")
     if not failed or force:
         start = time.perf_counter()
         save_model(model, target, external_data=bool(protected) or None, protected=protected)

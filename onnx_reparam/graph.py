@@ -7,13 +7,16 @@ weight shared with another node stays as that node needs it. Nor do they edit th
 """
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir import tensor as gs_tensor
 
-from .model_io import inferred_value_info
+from .model_io import LARGE_TENSOR, inferred_value_info
 
 Node = gs.Node
 Tensor = gs.Tensor
@@ -38,6 +41,7 @@ class Graph:
         self._names = set(self.gs.tensors()) | {n.name for n in self.gs.nodes}
         self._counter = 0
         self._pending: list[tuple[str, list[Tensor], list[Tensor], dict, str]] = []
+        self._read: dict[str, np.ndarray] = {}  # initializers read so far
         # Tool-made node name -> the original nodes it stands for, and the rule that made it.
         self.origins: dict[str, tuple[str, ...]] = {}
         self.rules: dict[str, str] = {}
@@ -45,7 +49,8 @@ class Graph:
     def infer_shapes(self) -> None:
         """Fills in shapes ONNX can infer now that were unknown at import (after constant folding,
         slice bounds and reshape targets are constants)."""
-        model = gs.export_onnx(self.gs, do_type_check=False)
+        with _weights_as_placeholders(self.gs, LARGE_TENSOR):
+            model = gs.export_onnx(self.gs, do_type_check=False)
         del model.graph.value_info[:]
         tensors = self.gs.tensors()
         for info in inferred_value_info(model):
@@ -61,9 +66,16 @@ class Graph:
 
     def constant(self, tensor: Tensor | None) -> np.ndarray | None:
         """The value of an initializer or Constant node output; None for anything computed or
-        overridable at run time."""
+        overridable at run time. An initializer is read from the model once (one copy, held until
+        the graph is exported), not into onnx-graphsurgeon's tensor, which would keep it for good."""
         if isinstance(tensor, gs.Constant):
-            return None if tensor.name in self.overridable else np.asarray(tensor.values)
+            if tensor.name in self.overridable:
+                return None
+            if isinstance(tensor._values, gs_tensor.LazyValues):
+                if tensor.name not in self._read:
+                    self._read[tensor.name] = numpy_helper.to_array(tensor._values.tensor)
+                return self._read[tensor.name]
+            return np.asarray(tensor.values)
         node = self.producer(tensor) if tensor is not None else None
         if node is None or node.op != "Constant" or len(node.attrs) != 1:
             return None
@@ -167,19 +179,42 @@ class Graph:
     def cleanup(self) -> None:
         self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
 
-    def to_model(self, original: onnx.ModelProto) -> onnx.ModelProto:
-        """Exports the graph inside the original model's envelope: IR version, opsets, metadata,
-        doc strings and functions are kept as they were."""
-        model = gs.export_onnx(self.gs, do_type_check=False)
-        for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version",
-                      "doc_string"):
-            setattr(model, field, getattr(original, field))
-        for field in ("opset_import", "metadata_props", "functions"):
-            del getattr(model, field)[:]
-            getattr(model, field).extend(getattr(original, field))
-        model.graph.doc_string = original.graph.doc_string
-        _restore_sparse(model, original)
-        for node in model.graph.node:  # every tool-made node says which rule made it
+    def to_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """Writes the graph into ``model``, the model it was read from, and returns it: the
+        envelope (IR version, opsets, metadata, doc strings, functions) stays as it was, weights
+        still read stay where they are (not copied), dead ones are deleted, new ones added one at
+        a time. The graph is not to be used afterwards."""
+        with _weights_as_placeholders(self.gs, 0) as values:
+            exported = gs.export_onnx(self.gs, do_type_check=False)
+        self._read.clear()
+        graph = model.graph
+        sparse = {t.values.name for t in graph.sparse_initializer}
+        wanted = [t.name for t in exported.graph.initializer if t.name not in sparse]
+        keep = set(wanted)
+        for index in reversed(range(len(graph.initializer))):
+            if graph.initializer[index].name not in keep:
+                del graph.initializer[index]
+        present = {t.name for t in graph.initializer}
+        small = {t.name: t for t in exported.graph.initializer if t.name not in values}
+        for name in wanted:
+            if name in present:
+                continue
+            value = values.pop(name, None)
+            if value is None:
+                graph.initializer.append(small[name])
+            elif isinstance(value, onnx.TensorProto):  # stored elsewhere (a Constant node's value)
+                graph.initializer.append(value)
+                graph.initializer[-1].name = name
+            else:
+                graph.initializer.append(numpy_helper.from_array(value, name))
+        for field in ("node", "value_info", "input", "output"):
+            del getattr(graph, field)[:]
+            getattr(graph, field).extend(getattr(exported.graph, field))
+        read = {name for node in graph.node for name in node.input}
+        kept_sparse = [t for t in graph.sparse_initializer if t.values.name in read]
+        del graph.sparse_initializer[:]
+        graph.sparse_initializer.extend(kept_sparse)
+        for node in graph.node:  # every tool-made node says which rule made it
             rule = self.rules.get(node.name)
             if rule is None:
                 continue
@@ -190,18 +225,36 @@ class Graph:
         return model
 
 
-def _restore_sparse(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """onnx-graphsurgeon reads a sparse initializer as a dense float64 constant and writes it back
-    so; the original sparse tensors (those still read) take their place."""
-    sparse = {t.values.name: t for t in original.graph.sparse_initializer}
-    if not sparse:
-        return
-    dense = [t for t in model.graph.initializer if t.name not in sparse]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(dense)
-    read = {name for node in model.graph.node for name in node.input}
-    del model.graph.sparse_initializer[:]
-    model.graph.sparse_initializer.extend(t for name, t in sparse.items() if name in read)
+@contextlib.contextmanager
+def _weights_as_placeholders(graph: gs.Graph, larger_than: int):
+    """While exporting: constants over ``larger_than`` bytes stand in as dims-only tensors, so the
+    export copies no weights. Yields, by name, what each stand-in stands for: the stored tensor or
+    the new array."""
+    swapped, new_values = [], {}
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, gs_tensor.SparseValues):
+            continue
+        values = tensor._values
+        if isinstance(values, gs_tensor.LazyValues):
+            stored = values.tensor
+            if values.nbytes <= larger_than:
+                continue
+            placeholder = onnx.TensorProto(name=tensor.name, dims=list(stored.dims), data_type=stored.data_type)
+            new_values[tensor.name] = stored
+        else:
+            array = np.asarray(values)
+            if array.nbytes <= larger_than:
+                continue
+            new_values[tensor.name] = array
+            placeholder = onnx.TensorProto(name=tensor.name, dims=list(array.shape),
+                                           data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        swapped.append((tensor, values))
+        tensor._values = gs_tensor.LazyValues(placeholder)
+    try:
+        yield new_values
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
 
 
 def optional_input(node: Node, index: int) -> Tensor | None:

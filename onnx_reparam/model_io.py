@@ -21,8 +21,9 @@ PACKED_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "F
 LARGE_TENSOR = 1 << 16  # bytes: larger initializers are left out of checker and shape inference
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Reads and validates a model; a ModelProto is copied, never modified."""
+def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path] | None = None) -> onnx.ModelProto:
+    """Reads and validates a model; a ModelProto is copied, never modified. The external data
+    files it reads are added to ``data_files``."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
@@ -37,6 +38,9 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         external_dir = path.parent
     _check_structure(model)
     if external_dir is not None and _external_tensors(model):
+        if data_files is not None:
+            data_files |= {(external_dir / external_data_helper.ExternalDataInfo(t).location).resolve()
+                           for t in _external_tensors(model)}
         _load_external(model, external_dir)
     _check_tensor_sizes(model)
     _check(model)
@@ -141,14 +145,6 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     known = {v.name for v in model.graph.value_info} | {v.name for v in model.graph.output} | \
         {v.name for v in model.graph.input}
     return [v for v in inferred.graph.value_info if v.name not in known]
-
-
-def external_data_files(source: str | os.PathLike) -> set[Path]:
-    """The external data files a model file refers to (resolved paths)."""
-    path = Path(source)
-    model = _parse(path)
-    return {(path.parent / external_data_helper.ExternalDataInfo(t).location).resolve()
-            for t in _external_tensors(model)}
 
 
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file

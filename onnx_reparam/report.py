@@ -123,6 +123,7 @@ class Report:
     verification: Verification | None = None
     dropped: list[Refusal] = field(default_factory=list)  # rewrites that failed the check
     notes: list[str] = field(default_factory=list)  # about the model as a whole
+    input_files: set = field(default_factory=set)  # the input's external data files (never written)
     bench: object | None = None  # bench.BenchResult of IN against OUT, when asked for
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -132,6 +133,7 @@ class Report:
 
     def to_dict(self) -> dict:
         result = asdict(self)
+        result["input_files"] = sorted(str(p) for p in self.input_files)
         if self.verification is not None:
             result["verification"]["passed"] = self.verification.passed
             result["verification"]["inconclusive"] = self.verification.inconclusive

@@ -153,28 +153,36 @@ def conv_as_matrix(weight: np.ndarray, spatial: tuple[int, ...], strides: tuple[
     tap. Rows are (O, *out) and columns (C, *spatial) in C order."""
     out_channels, in_channels, *kernel = weight.shape
     n = len(spatial)
+    if all(s == 1 for s in spatial) and all(k == 1 for k in kernel) and not any(pads):
+        return np.asarray(weight, np.float64).reshape(out_channels, in_channels)  # an FC as a 1x1 conv
     out = tuple(conv_output_length(spatial[a], kernel[a], pads[a], pads[a + n], strides[a], dilations[a])
                 for a in range(n))
-    matrix = np.zeros(out + tuple(spatial) + (out_channels, in_channels))
+    # Built in its final (O, *out, C, *spatial) layout, so the last reshape copies nothing.
+    matrix = np.zeros((out_channels,) + out + (in_channels,) + tuple(spatial))
+    weight = np.asarray(weight, np.float64)
+    rows = np.arange(out_channels).reshape((-1,) + (1,) * (n + 1))
+    cols = np.arange(in_channels).reshape((1,) * (n + 1) + (-1,))
     for taps in itertools.product(*(range(k) for k in kernel)):
         outs, ins = [], []
         for a in range(n):
             o = np.arange(out[a])
             i = o * strides[a] - pads[a] + taps[a] * dilations[a]
             valid = (i >= 0) & (i < spatial[a])
-            shape = [1] * n
-            shape[a] = -1
+            shape = [1] * (n + 2)
+            shape[1 + a] = -1
             outs.append(o[valid].reshape(shape))
             ins.append(i[valid].reshape(shape))
-        matrix[tuple(outs + ins)] += np.asarray(weight, np.float64)[(slice(None), slice(None)) + taps]
-    order = [2 * n] + list(range(n)) + [2 * n + 1] + list(range(n, 2 * n))
-    return matrix.transpose(order).reshape(out_channels * int(np.prod(out)), in_channels * int(np.prod(spatial)))
+        tap = weight[(slice(None), slice(None)) + taps].reshape((out_channels,) + (1,) * n + (in_channels,))
+        matrix[(rows, *outs, cols, *ins)] += tap
+    return matrix.reshape(out_channels * int(np.prod(out)), in_channels * int(np.prod(spatial)))
 
 
 def block_diagonal(blocks: list[np.ndarray], groups: int) -> list[np.ndarray]:
     """Regroups a block-diagonal matrix given as ``len(blocks)`` blocks into ``groups`` blocks,
     which must divide len(blocks): consecutive blocks are placed on the diagonal of larger ones."""
     per = len(blocks) // groups
+    if per == 1:
+        return [np.asarray(b, np.float64) for b in blocks]
     result = []
     for g in range(groups):
         part = blocks[g * per:(g + 1) * per]

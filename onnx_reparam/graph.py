@@ -135,8 +135,9 @@ class Graph:
         there is one. Weights take the data's type, which ONNX requires of these ops (``dtype``
         where the data's type is unknown)."""
         dtype = np.dtype(source.dtype) if source.dtype is not None else np.dtype(dtype or weight.dtype)
-        weight_const = self.add_constant(f"{name}_weight", np.asarray(weight).astype(dtype))
-        bias_const = self.add_constant(f"{name}_bias", np.asarray(bias).astype(dtype)) if bias is not None else None
+        weight_const = self.add_constant(f"{name}_weight", np.asarray(weight).astype(dtype, copy=False))
+        bias_const = self.add_constant(f"{name}_bias", np.asarray(bias).astype(dtype, copy=False)) \
+            if bias is not None else None
         if op != "MatMul":
             inputs = [source, weight_const] + ([bias_const] if bias_const is not None else [])
             self.add_node(op, inputs, [output], attrs, name)

@@ -149,11 +149,14 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
         log.refused(tree.root, f"folding would take the fully connected layer from {len(partner_blocks)} groups "
                     f"to {groups}", "fc")
         return False
-    weight = [np.zeros_like(b) for b in partner_blocks]
+    weight = [np.zeros(b.shape) for b in partner_blocks]
     bias = np.zeros(partner.shape[0])
     for branch, blocks, branch_bias in members:
         for total, block in zip(weight, algebra.block_diagonal(blocks, groups)):
-            total += branch.leaf.sign * block
+            if branch.leaf.sign > 0:
+                total += block
+            else:
+                total -= block
         bias += branch.leaf.sign * branch_bias
     removed = len(tree.nodes) + sum(len(b.nodes) for b, _, _ in members)
     if 2 + combination_nodes(1 + len(rest), rest) > removed:
@@ -190,7 +193,12 @@ def _emit(graph: Graph, tree: Tree, partner: Branch, blocks: list[np.ndarray], b
     rows = graph.add_variable(f"{name}_rows", output, same_shape=False)
     if partner.op.op == "Conv":
         spatial = len(Graph.static_shape(partner.fc_input)) - 2
-        weight = np.concatenate(blocks).reshape((bias.shape[0], -1) + (1,) * spatial)
+        weight = np.empty((bias.shape[0], blocks[0].shape[1]), partner.fc_input.dtype or dtype)
+        start = 0
+        for block in blocks:  # cast block by block: no float64 copy of the whole weight
+            weight[start:start + block.shape[0]] = block
+            start += block.shape[0]
+        weight = weight.reshape((bias.shape[0], -1) + (1,) * spatial)
         graph.emit_layer("Conv", partner.fc_input, weight, bias, rows, {"group": len(blocks)}, name, dtype)
     else:
         matrix = algebra.block_diagonal(blocks, 1)[0]

@@ -8,8 +8,9 @@ without it, until the model verifies. Every other rewrite is kept.
 from __future__ import annotations
 
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -39,8 +40,8 @@ class VerificationError(ReparamError):
 def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str] = (), verify: bool = True,
              provider: str = "auto", input_shapes: dict[str, Sequence[int]] | None = None,
              inputs: dict[str, np.ndarray] | None = None, seed: int = 0, rtol: float | None = None,
-             atol: float | None = None, strict: bool = False,
-             weights_as_constants: bool = False) -> tuple[onnx.ModelProto, Report]:
+             atol: float | None = None, strict: bool = False, weights_as_constants: bool = False,
+             progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Rewrites a training-structure model into its deploy structure and, unless ``verify`` is
     False, checks in onnxruntime that the outputs are unchanged. A rewrite that fails the check is
     dropped and named in ``report.dropped``; the model returned has the others, verified. Raises
@@ -50,7 +51,9 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     ``model``: a path, an onnx.ModelProto, or what ``torch.onnx.export(..., dynamo=True)``
     returns (its ONNXProgram, or the onnx_ir model it holds). Weights that are also graph inputs
     can be overridden at run time, so nothing reading them is folded; ``weights_as_constants``
-    treats them as constants and drops them from the inputs."""
+    treats them as constants and drops them from the inputs. ``progress`` is called with a short
+    line at each stage (load, each pass of each sweep, verify, isolate)."""
+    step = progress or (lambda message: None)
     passes = select_passes(only, skip)
     _check_arguments(verify=verify, strict=strict, weights_as_constants=weights_as_constants,
                      provider=provider, input_shapes=input_shapes, inputs=inputs)
@@ -69,33 +72,47 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
         return loaded
 
     start = time.perf_counter()
+    step("loading")
     original = load()
     report.seconds["load"] = time.perf_counter() - start
     report.before = GraphStats.of(original)
 
     start = time.perf_counter()
-    optimized, report.passes, applied = _rewrite(original, passes)
+    optimized, report.passes, applied = _rewrite(original, passes, progress=progress)
     del original  # it became `optimized`
     report.seconds["rewrite"] = time.perf_counter() - start
 
     if verify and applied:
         start = time.perf_counter()
+        step(f"verifying ({len(optimized.graph.node)} nodes against {report.before.nodes})")
         checker = Checker(load(), provider=provider, input_shapes=input_shapes, inputs=inputs, seed=seed,
                           rtol=rtol, atol=atol)
         report.verification = checker.check(optimized)
         report.seconds["verify"] = time.perf_counter() - start
         if not report.verification.passed and not report.verification.inconclusive:
             start = time.perf_counter()
+            step("a rewrite did not verify: isolating it")
             optimized, report.passes, report.verification, report.dropped = _drop_failing(
                 load, passes, checker, applied, report.verification)
             report.seconds["isolate"] = time.perf_counter() - start
     report.after = GraphStats.of(optimized)
+    report.peak_memory = peak_memory()
     if report.verification is not None and not report.verification.passed:
         raise VerificationError(optimized, report)
     if strict and report.dropped:
         raise VerificationError(optimized, report, f"{len(report.dropped)} rewrite(s) did not verify "
                                 f"(strict): {report.dropped[0].node}: {report.dropped[0].reason}")
     return optimized, report
+
+
+def peak_memory() -> int | None:
+    """The process's peak resident memory in bytes, where the platform says."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _check_arguments(**arguments) -> None:
@@ -142,11 +159,11 @@ def _drop_inputs(model: onnx.ModelProto, names: list[str]) -> None:
         model.ir_version = 4
 
 
-def _rewrite(original: onnx.ModelProto, passes: tuple[Pass, ...], policy=None
+def _rewrite(original: onnx.ModelProto, passes: tuple[Pass, ...], policy=None, progress=None
              ) -> tuple[onnx.ModelProto, list[PassReport], list[Rewrite]]:
     """Rewrites ``original`` into the result (in place, so weights are not copied)."""
     graph = Graph(original)
-    reports, applied = run_passes(graph, passes, policy)
+    reports, applied = run_passes(graph, passes, policy, progress)
     return (graph.to_model(original) if applied else original), reports, applied
 
 

@@ -86,6 +86,30 @@ def _output_options(f):
     return f
 
 
+class _Progress:
+    """One status line on stderr, rewritten in place, for runs longer than a couple of seconds;
+    only on a terminal and never with --quiet."""
+
+    DELAY = 2.0
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.shown = False
+
+    def __call__(self, message: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        if self.enabled and elapsed >= self.DELAY:
+            sys.stderr.write(f"\r\033[Konnx-reparam {elapsed:5.1f}s: {message}")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
 def _writable(path: Path, what: str) -> None:
     """Checked before any work, so a bad path fails before anything is written."""
     folder = path.parent if str(path.parent) else Path(".")
@@ -150,20 +174,25 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
     if report_path:
         _writable(Path(report_path), "report")
     inputs = load_inputs(inputs_file) if inputs_file else None
+    progress = _Progress(not quiet)
     try:
         model, report = api.optimize(source, only=only, skip=skip, verify=not no_verify,
                                      provider=provider, input_shapes=parse_input_shapes(input_shapes),
                                      inputs=inputs, seed=seed, rtol=rtol, atol=atol, strict=strict,
-                                     weights_as_constants=weights_as_constants)
+                                     weights_as_constants=weights_as_constants, progress=progress)
         failed = False
     except api.VerificationError as exc:
         model, report, failed = exc.model, exc.report, True
+    finally:
+        progress.clear()
     protected = report.input_files
     if target.resolve() in protected or (target.parent / (target.name + ".data")).resolve() in protected:
         raise ReparamError(f"{target} would overwrite the input's external data; choose another output name")
     if not failed or force:
         start = time.perf_counter()
+        progress(f"saving {target}")
         save_model(model, target, external_data=bool(protected) or None, protected=protected)
+        progress.clear()
         report.seconds["save"] = time.perf_counter() - start
         if run_bench:
             report.bench = api.bench(source, model, names=(str(source), str(target)), provider=provider,

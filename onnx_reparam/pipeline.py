@@ -32,8 +32,8 @@ def _names(value: str | Sequence[str], option: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def run_passes(graph: Graph, passes: tuple[Pass, ...],
-               policy: Policy | None = None) -> tuple[list[PassReport], list[Rewrite]]:
+def run_passes(graph: Graph, passes: tuple[Pass, ...], policy: Policy | None = None,
+               progress=None) -> tuple[list[PassReport], list[Rewrite]]:
     """Rewrites until a sweep changes nothing. Rewrites add up over sweeps; refusals are those of
     the last sweep, so a pattern refused early and rewritten later is not reported as refused.
     ``policy`` may withhold rewrites (see PassLog). A pass that fails outside any one rewrite is
@@ -41,9 +41,11 @@ def run_passes(graph: Graph, passes: tuple[Pass, ...],
     the order they were applied."""
     reports = [PassReport(p.name) for p in passes]
     applied: list[Rewrite] = []
-    for _ in range(MAX_SWEEPS):
+    for sweep in range(1, MAX_SWEEPS + 1):
         changed = False
         for p, report in zip(passes, reports):
+            if progress is not None:
+                progress(f"sweep {sweep}: {p.name} ({len(graph.gs.nodes)} nodes)")
             log = PassLog(graph, p.name, policy)
             try:
                 p.run(graph, log)

@@ -124,6 +124,7 @@ class Report:
     dropped: list[Refusal] = field(default_factory=list)  # rewrites that failed the check
     notes: list[str] = field(default_factory=list)  # about the model as a whole
     input_files: set = field(default_factory=set)  # the input's external data files (never written)
+    peak_memory: int | None = None  # bytes: the process's peak resident memory
     bench: object | None = None  # bench.BenchResult of IN against OUT, when asked for
     seconds: dict[str, float] = field(default_factory=dict)
 

@@ -156,3 +156,28 @@ def test_pre_commit_hook_and_inspect_check_on_several_files(model_path, tmp_path
     assert cli("inspect", "--check", "-q", deployed)[0] == 0
     code, output = cli("inspect", "--check", "-q", deployed, model_path)
     assert code == 1 and str(model_path) in output
+
+
+def test_progress_is_shown_on_a_terminal_after_a_delay_and_cleared(monkeypatch, tmp_path):
+    import io
+
+    from onnx_reparam import cli as cli_module
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(cli_module._Progress, "DELAY", 0.0)
+    progress = cli_module._Progress(True)
+    onnx_reparam.optimize(block_model(), verify=False, progress=progress)
+    progress.clear()
+    shown = terminal.getvalue()
+    assert "sweep 1: fold_affine" in shown and shown.endswith("\r\033[K")
+    assert cli_module._Progress(False).enabled is False  # --quiet
+
+
+def test_json_report_has_stage_times_and_peak_memory(model_path, tmp_path):
+    cli("optimize", model_path, tmp_path / "out.onnx", "--report", tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert {"load", "rewrite", "verify", "save"} <= set(data["seconds"]) and data["peak_memory"] > 2**20

@@ -187,7 +187,11 @@ class Graph:
         a time. The graph is not to be used afterwards."""
         with _weights_as_placeholders(self.gs, 0) as values:
             exported = gs.export_onnx(self.gs, do_type_check=False)
+        # Nothing may still point into the model's initializers when they are deleted below.
         self._read.clear()
+        self.gs = None
+        values = {name: value for name, value in values.items() if not isinstance(value, onnx.TensorProto)
+                  or name not in {t.name for t in model.graph.initializer}}
         graph = model.graph
         sparse = {t.values.name for t in graph.sparse_initializer}
         wanted = [t.name for t in exported.graph.initializer if t.name not in sparse]

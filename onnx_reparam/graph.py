@@ -100,6 +100,14 @@ class Graph:
         return len(tensor.shape) if tensor.shape is not None else None
 
     @staticmethod
+    def axis_size(tensor: Tensor, axis: int) -> str:
+        """How big ``tensor`` is on ``axis``, for a refusal: a number, a symbolic name, or unknown."""
+        size = tensor.shape[axis] if tensor.shape is not None and axis < len(tensor.shape) else None
+        if isinstance(size, int) and size >= 0:
+            return f"axis {axis} (size {size})"
+        return f"axis {axis} (symbolic size '{size}')" if size else f"axis {axis} (unknown size)"
+
+    @staticmethod
     def static_shape(tensor: Tensor) -> tuple[int, ...] | None:
         shape = tensor.shape
         if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):

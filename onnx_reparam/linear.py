@@ -116,7 +116,7 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
         geometry = {**conv_geometry(node, weight), "group": channels}
     else:
         return None
-    geometry = explicit_geometry(geometry, Graph.static_shape(source))
+    geometry = explicit_geometry(geometry, source)
     if isinstance(geometry, str):
         return geometry
     if node.op == "AveragePool" and any(geometry["pads"]) and not attr(node, "count_include_pad", 0):
@@ -163,16 +163,21 @@ def fc_form(graph: Graph, node: Node) -> FCForm | None:
     return FCForm(node.inputs[0], matrix, bias, weight.dtype)
 
 
-def explicit_geometry(geometry: dict, shape: tuple[int, ...] | None) -> dict | str:
-    """Turns auto_pad into explicit pads, which needs the input's spatial size for SAME_*."""
+def explicit_geometry(geometry: dict, source: Tensor) -> dict | str:
+    """Turns auto_pad into explicit pads, which needs the input's spatial sizes for SAME_* (the
+    batch and channel sizes may stay symbolic)."""
     auto_pad = geometry["auto_pad"]
     if auto_pad in ("NOTSET", ""):
         return geometry
     spatial = len(geometry["kernel"])
     if auto_pad == "VALID":
         return {**geometry, "pads": (0,) * 2 * spatial, "auto_pad": "NOTSET"}
-    if shape is None:
+    shape = source.shape
+    if shape is None or len(shape) != spatial + 2:
         return f"auto_pad {auto_pad} with an input of unknown size"
+    for a in range(spatial):
+        if not isinstance(shape[2 + a], int) or shape[2 + a] < 0:
+            return f"auto_pad {auto_pad} with an input of unknown size on {Graph.axis_size(source, 2 + a)}"
     pairs = [algebra.same_pads(shape[2 + a], geometry["kernel"][a], geometry["strides"][a],
                                geometry["dilations"][a], auto_pad == "SAME_UPPER") for a in range(spatial)]
     return {**geometry, "pads": tuple(p[0] for p in pairs) + tuple(p[1] for p in pairs), "auto_pad": "NOTSET"}

@@ -45,7 +45,8 @@ FLOAT_TYPES = {value for name, value in onnx.TensorProto.DataType.items()
                if name.startswith("FLOAT") or name in ("DOUBLE", "BFLOAT16")}
 NOISE_FACTOR = 4  # the bound is at least this many times the reference's own float noise
 NOISE_SIZE_LIMIT = 1 << 30  # bytes of weights
-MAX_INPUT_BYTES = 1 << 32  # a generated input larger than this is a mistake in --input-shape
+MAX_INPUT_BYTES = 1 << 32
+BATCH_FOR_CHECK = 1  # the size a dynamic batch axis gets when the user gives none  # a generated input larger than this is a mistake in --input-shape
 
 
 def _ort():
@@ -256,9 +257,11 @@ def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[in
 
 
 def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
-                seed: int = 0, given: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+                seed: int = 0, given: dict[str, np.ndarray] | None = None,
+                chosen: list[str] | None = None) -> list[dict[str, np.ndarray]]:
     """The input sets of the check: the user's arrays as they are, or seeded normal ones (two seeds)
-    and a constant one, shaped from the model with ``shapes`` filling in dynamic dims."""
+    and a constant one, shaped from the model with ``shapes`` filling in dynamic dims. A dynamic
+    batch axis (axis 0) not in ``shapes`` is set to 1, and ``chosen`` says so."""
     shapes, given = shapes or {}, given or {}
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ReparamError(f"seed must be a non-negative integer, not {seed!r}")
@@ -278,7 +281,7 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
         if not value.type.HasField("tensor_type"):
             raise ReparamError(f"input '{value.name}' is not a tensor; give its value with --inputs")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        shape = tuple(shapes[value.name]) if value.name in shapes else _static_shape(value)
+        shape = tuple(shapes[value.name]) if value.name in shapes else _static_shape(value, chosen)
         _check_against_model(value, shape)
         if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_INPUT_BYTES:
             raise ReparamError(f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take more "
@@ -306,10 +309,16 @@ def _check_against_model(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> 
                                f"--input-shape gives {size}")
 
 
-def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...]:
+def _static_shape(value: onnx.ValueInfoProto, chosen: list[str] | None = None) -> tuple[int, ...]:
     dims = value.type.tensor_type.shape.dim
     shape = []
-    for dim in dims:
+    for axis, dim in enumerate(dims):
+        if not dim.HasField("dim_value") and axis == 0:  # a batch axis: any size shows the same
+            shape.append(BATCH_FOR_CHECK)
+            if chosen is not None:
+                chosen.append(f"input '{value.name}': dynamic batch '{dim.dim_param or '?'}' set to "
+                              f"{BATCH_FOR_CHECK} for the check (--input-shape to choose)")
+            continue
         if not dim.HasField("dim_value"):
             label = dim.dim_param or "?"
             example = ",".join(str(d.dim_value) if d.HasField("dim_value") else "1" for d in dims)
@@ -370,7 +379,8 @@ class Checker:
                 raise ReparamError(f"{name} must be a finite number >= 0, not {value!r}")
         check_runtime_can_read(reference)
         self.output_names = [o.name for o in reference.graph.output]
-        self.feed_sets = make_inputs(reference, input_shapes, seed, inputs)
+        self.chosen: list[str] = []
+        self.feed_sets = make_inputs(reference, input_shapes, seed, inputs, self.chosen)
         self.runner = Runner(provider)
         try:
             self.expected = self.runner.run(reference, self.feed_sets)
@@ -433,7 +443,7 @@ class Checker:
         for check in checks:
             if check.compared == 0:
                 check.passed, check.note = False, "nothing compared (empty or non-finite output)"
-        return Verification(self.runner.provider, checks, note=self.runner.note,
+        return Verification(self.runner.provider, checks, note="; ".join(self.runner.notes + self.chosen) or None,
                             inputs=len(self.feed_sets), bound=self.tolerance.how,
                             device=f"{self.runner.device}; onnxruntime {_ort().__version__}")
 

@@ -45,10 +45,12 @@ def test_a0_has_nothing_left_to_refuse(exported):
 
 
 @pytest.mark.parametrize("exporter", ["ts", "dynamo"])
-def test_dynamic_batch_export_with_input_shape(tmp_path, exporter):
+def test_dynamic_batch_export_needs_no_input_shape(tmp_path, exporter):
     train, deploy = export.build("repvgg_a0", 0.125, 10)
     path = export.export(train, tmp_path / "dyn.onnx", exporter, dynamic_batch=True)
-    with pytest.raises(onnx_reparam.ReparamError, match="dynamic dim"):
-        onnx_reparam.optimize(path)
+    model, report = onnx_reparam.optimize(path)
+    assert ops(model)["Conv"] == 22 and report.verification.passed
+    assert "dynamic batch 'batch' set to 1 for the check" in report.verification.note
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # stays dynamic
     model, report = onnx_reparam.optimize(path, input_shapes={"x": (3, 3, 32, 32)})
     assert ops(model)["Conv"] == 22 and report.verification.passed

@@ -6,6 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
+import onnx_reparam
 from conftest import GraphBuilder, ops, refusals, rewrite
 
 
@@ -364,3 +365,25 @@ def test_gemm_with_trans_a_is_not_a_branch():
                        b.node("Gemm", [x, b.const(b.rand(6, 5))], transA=1)])
     model, _ = rewrite(b.model([y]))
     assert ops(model) == {"Gemm": 2, "Add": 1}
+
+
+def test_a_dynamic_batch_does_not_stop_a_merge_that_needs_the_spatial_sizes():
+    # stride 2 with end pads that agree only for this input length, and auto_pad SAME: both need
+    # H and W, which are static; the batch is not needed and stays symbolic
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, 8, 8])
+    keras_like = b.conv(x, 4, 4, 3, strides=[2, 2], pads=[0, 0, 1, 1])
+    y = b.node("Add", [keras_like, b.conv(x, 4, 4, 1, strides=[2, 2])])
+    same = b.node("Add", [b.conv(x, 4, 4, 3, auto_pad="SAME_UPPER"), b.conv(x, 4, 4, 1)])
+    model, report = rewrite(b.model([y, same]))
+    assert ops(model) == {"Conv": 2} and not refusals(report)
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+
+
+def test_a_refusal_for_an_unknown_spatial_size_names_the_axis_and_its_symbol():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, "H", 8])
+    y = b.node("Add", [b.conv(x, 4, 4, 3, strides=[2, 2], pads=[0, 0, 1, 1]), b.conv(x, 4, 4, 1, strides=[2, 2])])
+    report = onnx_reparam.inspect(b.model([y]))
+    assert any(r.startswith("branches of 'x' not merged: axis 2 (symbolic size 'H'): end pads")
+               for r in refusals(report)), refusals(report)

@@ -212,7 +212,7 @@ def _merge_group(graph: Graph, group: Group) -> Merged | str:
     if Graph.rank(group.source) not in (None, rank):
         return "input rank differs from the kernels' rank"
     spatial = rank - 2
-    shape = Graph.static_shape(group.source)
+    shape = group.source.shape  # spatial sizes are used where known; batch and channels may be symbolic
     channels = _channels(group.source, convs, diagonals, rank)
     if isinstance(channels, str):
         return channels
@@ -235,12 +235,14 @@ def _merge_group(graph: Graph, group: Group) -> Merged | str:
         dilations.append(max({g["dilations"][axis] for g in geometries if g["kernel"][axis] > 1} or {1}))
         branches = [algebra.AxisBranch(g["kernel"][axis], g["pads"][axis], g["pads"][axis + spatial])
                     for g in geometries]
+        length = shape[2 + axis] if shape is not None and len(shape) == rank else None
         plan = algebra.plan_axis(branches, stride[axis], dilations[-1],
-                                 shape[2 + axis] if shape else None)
+                                 length if isinstance(length, int) and length >= 0 else None)
+        where = Graph.axis_size(group.source, 2 + axis)
         if isinstance(plan, str):
-            return f"axis {axis}: {plan}"
+            return f"{where}: {plan}"
         if min(plan.pad_begin, plan.pad_end) < 0:
-            return f"axis {axis}: every branch crops its input (merged pads {plan.pad_begin}, {plan.pad_end})"
+            return f"{where}: every branch crops its input (merged pads {plan.pad_begin}, {plan.pad_end})"
         plans.append(plan)
     groups = 0
     for t in convs:

@@ -42,6 +42,7 @@ class Graph:
         self._counter = 0
         self._pending: list[tuple[str, list[Tensor], list[Tensor], dict, str]] = []
         self._read: dict[str, np.ndarray] = {}  # initializers read so far
+        self._rewires: list[tuple[Tensor, Tensor]] = []
         # Tool-made node name -> the original nodes it stands for, and the rule that made it.
         self.origins: dict[str, tuple[str, ...]] = {}
         self.rules: dict[str, str] = {}
@@ -156,9 +157,14 @@ class Graph:
             self.add_node("MatMul", [source, weight_const], [product], {}, name)
             self.add_node("Add", [product, bias_const], [output], {}, name)
 
+    def add_rewire(self, old: Tensor, new: Tensor) -> None:
+        """Writes down that every reader of ``old`` is to read ``new`` (``old`` is then dead)."""
+        self._rewires.append((old, new))
+
     def discard(self) -> None:
-        """Forgets the nodes written down since the last commit."""
+        """Forgets the nodes and rewirings written down since the last commit."""
         self._pending.clear()
+        self._rewires.clear()
 
     def label(self, node: Node) -> str:
         """A name for a node a user can find in their model: the original node(s) it came from."""
@@ -183,6 +189,12 @@ class Graph:
             self.origins[node.name], self.rules[node.name] = origins, rule
             added.append(node)
         self._pending.clear()
+        for old, new in self._rewires:
+            for reader in list(old.outputs):
+                for index, tensor in enumerate(reader.inputs):
+                    if tensor is old:
+                        reader.inputs[index] = new
+        self._rewires.clear()
         return added
 
     def cleanup(self) -> None:

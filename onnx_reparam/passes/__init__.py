@@ -63,9 +63,9 @@ class Pass:
 
 
 def default_passes() -> tuple[Pass, ...]:
-    from . import compose, conv_into_fc, fold_affine, fold_constants, merge_branches
+    from . import compose, conv_into_fc, drop_noops, fold_affine, fold_constants, merge_branches
     return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, _first_sentence(module.__doc__))
-                 for module in (fold_constants, compose, fold_affine, merge_branches, conv_into_fc))
+                 for module in (fold_constants, drop_noops, compose, fold_affine, merge_branches, conv_into_fc))
 
 
 def _first_sentence(doc: str) -> str:

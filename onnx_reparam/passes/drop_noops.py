@@ -1,0 +1,71 @@
+"""Removes nodes that change nothing, so they do not stand between the nodes of a pattern:
+Identity; Mul/Div by 1 and Add/Sub of 0 (a constant that does not broadcast the data to a larger
+shape); a Transpose followed by one that undoes it; and a second Transpose, Reshape, Squeeze,
+Unsqueeze or Flatten identical to one already reading the same tensor.
+
+Exporters write these (paddle2onnx's `x + 0` is Identity -> Mul(1) -> Add(0) -> Identity, tf2onnx
+puts a Transpose of the input in front of each branch). Readers of the removed node's output read
+its input instead; a node whose output is a graph output stays, so output names are kept.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import Graph, Node
+from ..matcher import DEFAULT_DOMAINS
+from . import PassLog
+
+NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
+DUPLICABLE = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def run(graph: Graph, log: PassLog) -> None:
+    done: set[int] = set()
+    seen: dict[tuple, Node] = {}
+    for node in graph.nodes():
+        if id(node) in done or node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
+            continue
+        if node.outputs[0].name in graph.output_names:
+            continue
+        removed = log.attempt(node, _drop, graph, node, seen, log)
+        done.update(id(n) for n in removed or [])
+
+
+def _drop(graph: Graph, node: Node, seen: dict[tuple, Node], log: PassLog) -> list[Node]:
+    output = node.outputs[0]
+    if node.op == "Identity":
+        return _rewire(graph, log, "Identity", [node], output, node.inputs[0])
+    if node.op in NEUTRAL and len(node.inputs) == 2:
+        data, constant = node.inputs[0], graph.constant(node.inputs[1])
+        if constant is None and node.op in ("Mul", "Add"):
+            data, constant = node.inputs[1], graph.constant(node.inputs[0])
+        if constant is not None and graph.constant(data) is None and _neutral(constant, NEUTRAL[node.op], data):
+            return _rewire(graph, log, f"{node.op} by {NEUTRAL[node.op]:g}", [node], output, data)
+        return []
+    if node.op == "Transpose":
+        prior = graph.producer(node.inputs[0])
+        if prior is not None and prior.op == "Transpose" and graph.shared_reason(node.inputs[0]) is None:
+            first, second = prior.attrs.get("perm"), node.attrs.get("perm")
+            if first is not None and second is not None and len(first) == len(second) \
+                    and [first[p] for p in second] == list(range(len(first))):
+                return _rewire(graph, log, "Transpose pair", [node, prior], output, prior.inputs[0])
+    if node.op in DUPLICABLE:
+        key = (node.op, tuple(id(t) for t in node.inputs), tuple(sorted((k, repr(v)) for k, v in node.attrs.items())))
+        twin = seen.setdefault(key, node)
+        if twin is not node and twin.outputs[0].dtype == output.dtype:
+            return _rewire(graph, log, f"duplicate {node.op}", [node], output, twin.outputs[0])
+    return []
+
+
+def _neutral(constant: np.ndarray, value: float, data) -> bool:
+    """The constant is all ``value`` and broadcasting it does not enlarge the data."""
+    if not np.all(constant == value):
+        return False
+    if constant.ndim == 0 or constant.size == 1 and data.shape is not None and constant.ndim <= len(data.shape):
+        return True
+    return False
+
+
+def _rewire(graph: Graph, log: PassLog, pattern: str, replaced: list[Node], old, new) -> list[Node]:
+    graph.add_rewire(old, new)
+    return replaced if log.rewrote(pattern, replaced) else []

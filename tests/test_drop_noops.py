@@ -1,0 +1,51 @@
+"""drop_noops: nodes that change nothing no longer stand between the nodes of a pattern."""
+from __future__ import annotations
+
+import numpy as np
+
+from conftest import GraphBuilder, ops, refusals, rewrite
+
+
+def test_paddle_style_sum_through_identity_merges_all_three_branches():
+    # a + b + c written as Add -> Identity -> Add (ACNet 3x3 + 1x3 + 3x1)
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    square = b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1])
+    wide, tall = b.conv(x, 4, 4, (1, 3), pads=[0, 1, 0, 1]), b.conv(x, 4, 4, (3, 1), pads=[1, 0, 1, 0])
+    y = b.node("Add", [b.node("Identity", [b.node("Add", [square, wide])]), tall])
+    model, _ = rewrite(b.model([b.node("Relu", [y])]))
+    assert ops(model) == {"Conv": 1, "Relu": 1}
+
+
+def test_paddle_style_identity_branch_x_plus_0():
+    # x + 0 as Identity -> Mul(1) -> Add(0) -> Identity, summed with a conv of x
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    same = b.node("Identity", [b.node("Add", [b.node("Mul", [b.node("Identity", [x]), b.const(np.float32(1))]),
+                                               b.const(np.zeros((1,), np.float32))])])
+    model, report = rewrite(b.model([b.node("Relu", [b.node("Add", [b.conv(x, 4, 4, 3, pads=[1] * 4), same])])]))
+    assert ops(model) == {"Conv": 1, "Relu": 1}
+    patterns = {r.pattern for p in report.passes if p.name == "drop_noops" for r in p.rewrites}
+    assert patterns == {"Identity", "Mul by 1", "Add by 0"}
+
+
+def test_a_transpose_pair_and_duplicate_transposes_of_one_tensor():
+    # tf2onnx: each branch reads its own Transpose of the NHWC input
+    b = GraphBuilder()
+    x = b.input("x", [1, 6, 6, 4])
+    first, second = (b.node("Transpose", [x], perm=[0, 3, 1, 2]) for _ in range(2))
+    y = b.node("Add", [b.conv(first, 4, 4, 3, pads=[1] * 4), b.conv(second, 4, 4, 1)])
+    back = b.node("Transpose", [b.node("Transpose", [y], perm=[0, 2, 3, 1])], perm=[0, 3, 1, 2])
+    model, _ = rewrite(b.model([b.node("Relu", [back])]))
+    assert ops(model) == {"Transpose": 1, "Conv": 1, "Relu": 1}
+
+
+def test_what_is_not_a_no_op_stays():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    ones_broadcasting = b.node("Mul", [x, b.const(np.ones((2, 1, 1, 1), np.float32))])  # makes batch 2
+    twos = b.node("Mul", [x, b.const(np.full((1,), 2, np.float32))])
+    kept_output = b.node("Identity", [x])  # a graph output keeps its name
+    model, report = rewrite(b.model([ones_broadcasting, twos, kept_output]))
+    assert ops(model) == {"Mul": 2, "Identity": 1} and not report.rewrites
+    assert not refusals(report)

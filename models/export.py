@@ -5,7 +5,8 @@
 
 Exporters: ``ts`` TorchScript with do_constant_folding=False (BatchNormalization nodes stay),
 ``ts-fold`` TorchScript with its default constant folding (in eval mode it already folds Conv+BN),
-``dynamo`` torch.export-based (its optimizer also folds Conv+BN). Files are named
+``dynamo`` torch.export-based (its optimizer also folds Conv+BN), ``dynamo-raw`` the same with
+``optimize=False`` (nothing folded; each conv's zero bias computed at run time). Files are named
 ``{arch}_{train|deploy}_{exporter}.onnx``. Weights are seeded and every BN gets random statistics,
 so folding is exercised for real. Archs: RepVGG (repvgg.py), the block families (families.py) and the
 RepMLP nets (repmlp.py);
@@ -32,7 +33,7 @@ import repvgg  # noqa: E402
 NETS = {**families.FAMILIES, **repmlp.NETS}  # name: (constructor(c, classes), input shape)
 ARCHS = {"repvgg_a0": repvgg.repvgg_a0, "repvgg_b1g4": repvgg.repvgg_b1g4,
          **{name: ctor for name, (ctor, _) in NETS.items()}}
-EXPORTERS = ("ts", "ts-fold", "dynamo")
+EXPORTERS = ("ts", "ts-fold", "dynamo", "dynamo-raw")
 WIDTH = 128  # channels of a family net at scale 1.0
 REPMLP_WIDTH = 64  # RepMLP's FC grows with (channels * h * w)^2
 
@@ -66,9 +67,9 @@ def export(model: torch.nn.Module, path: str | os.PathLike, exporter: str,
     x = torch.randn(*shape, dtype=dtype)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        if exporter == "dynamo":
+        if exporter.startswith("dynamo"):
             dims = ({"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None)
-            program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"],
+            program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], optimize=exporter == "dynamo",
                                         output_names=["logits"], dynamic_shapes=dims, verbose=False)
             program.save(str(path), external_data=False)
         else:

@@ -2,9 +2,11 @@
 and replaces them by their values, so the other passes see plain constants.
 
 Exporters compute pad values, scatter indices and summed weights at run time when their own
-constant folding is off; onnx-graphsurgeon's fold_constants evaluates those in onnxruntime. Shapes
-are folded here, not by onnx-graphsurgeon (0.6.1 ignores Shape's start/end): a Shape, or one
-Gather of it, becomes a constant when the dims it selects are static.
+constant folding is off; onnx-graphsurgeon's fold_constants evaluates those in onnxruntime. Values
+that are constant although an input is computed are folded here first: a Shape (with its
+start/end, which onnx-graphsurgeon 0.6.1 ignores), or one Gather of it, when the dims it selects
+are static; CastLike of a constant, which reads only the other input's type (the dynamo exporter
+builds each conv's zero bias as Expand(CastLike(0, x), Shape(weight))).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def run(graph: Graph, log: PassLog) -> None:
         # Folding fixes shapes (slice bounds become constants), shapes let Shape ops fold: repeat.
         for _ in range(MAX_ROUNDS):
             count = _computing_nodes(graph)
-            _fold_shapes(graph)
+            _fold_by_type(graph)
             graph.gs.fold_constants(fold_shapes=False, size_threshold=SIZE_LIMIT, should_exclude_node=lambda node: any(
                 t.name in graph.overridable for t in node.inputs))  # values the caller may replace
             graph.cleanup()
@@ -58,11 +60,19 @@ def _computing_nodes(graph: Graph) -> int:
     return sum(1 for n in graph.gs.nodes if n.op != "Constant")
 
 
-def _fold_shapes(graph: Graph) -> None:
+def _fold_by_type(graph: Graph) -> None:
     """Shape (with its start/end) and Gather(Shape, constant indices) become constants when the
-    dims they select are static; Size when all are."""
+    dims they select are static; Size when all are; CastLike of a constant when the type it is
+    cast like is known."""
     for node in graph.nodes():
-        if node.op not in ("Shape", "Size") or node.domain not in ("", "ai.onnx", None):
+        if node.domain not in ("", "ai.onnx", None):
+            continue
+        if node.op == "CastLike" and len(node.inputs) == 2 and not node.attrs:
+            value, like = graph.constant(node.inputs[0]), node.inputs[1].dtype
+            if value is not None and like is not None and np.dtype(like).kind in "fiub":
+                _to_constant(node, value.astype(np.dtype(like)))
+            continue
+        if node.op not in ("Shape", "Size"):
             continue
         dims = _selected_dims(node)
         if dims is None:

@@ -28,7 +28,10 @@ def test_training_export_becomes_deploy_export(exported, arch, exporter):
     train_path, deploy_path = exported[(arch, exporter)]
     model, report = onnx_reparam.optimize(train_path)
     deploy = onnx.load(deploy_path)
-    assert ops(model) == ops(deploy)
+    if exporter == "dynamo-raw":  # the unoptimized deploy export keeps shape arithmetic we fold
+        assert all(ops(model)[op] <= ops(deploy)[op] for op in ops(model)) and ops(model)["Conv"] == ops(deploy)["Conv"]
+    else:
+        assert ops(model) == ops(deploy)
     assert report.verification.passed
     assert max(o.max_rel_error for o in report.verification.outputs) <= 1e-5
     # and the rewritten model matches the network's own conversion, not just the training export

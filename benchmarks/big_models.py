@@ -54,7 +54,6 @@ print(json.dumps({"seconds": seconds, "peak": peak}))
 
 
 def build(name: str):
-    import torch
     import families
     import repmlp
     import repvgg

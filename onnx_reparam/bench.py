@@ -57,14 +57,8 @@ class _Timed:
 
     def __init__(self, runner: Runner, model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None):
         ort = _ort()
-        options = ort.SessionOptions()
-        options.log_severity_level = 4
-        if threads:
-            options.intra_op_num_threads = threads
-        providers = [(runner.provider, {"use_tf32": "0"})] if runner.provider.startswith("CUDA") else []
         try:
-            self.session = ort.InferenceSession(model.SerializeToString(), options,
-                                                providers=providers + ["CPUExecutionProvider"], enable_fallback=0)
+            self.session = runner.session(model, optimized=True, threads=threads)
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
             raise ReparamError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
         self.feeds = feeds
@@ -93,7 +87,8 @@ def bench(a: onnx.ModelProto, b: onnx.ModelProto, *, names: tuple[str, str] = ("
     if rounds < 1 or warmup < 0:
         raise ReparamError("rounds must be at least 1 and warm-up at least 0")
     runner = Runner(provider)
-    feeds = make_inputs(a, input_shapes, seed)[0]
+    chosen: list[str] = []
+    feeds = make_inputs(a, input_shapes, seed, chosen=chosen)[0]
     timed = [_Timed(runner, model, feeds, threads) for model in (a, b)]
     for _ in range(warmup):
         for t in timed:
@@ -106,7 +101,7 @@ def bench(a: onnx.ModelProto, b: onnx.ModelProto, *, names: tuple[str, str] = ("
     ms = times * 1e3
     ratios = times[:, 1] / times[:, 0]
     latencies = [Latency(name, *np.percentile(ms[:, i], [50, 25, 75])) for i, name in enumerate(names)]
-    notes = list(runner.notes)
+    notes = runner.notes + chosen
     if not runner.provider.startswith("CUDA"):
         notes.append("measured on the CPU")
     return BenchResult(runner.provider, device_name(runner.provider), _ort().__version__,

@@ -53,19 +53,25 @@ def _one_line_errors(command):
     return click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")(wrapper)
 
 
-def _check_options(f):
+def _run_options(f):
+    """How models are run: by the check, and by the bench."""
     f = click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
-                     show_default=True, help="onnxruntime execution provider for verification.")(f)
+                     show_default=True, help="onnxruntime execution provider.")(f)
+    f = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1,3,224,224",
+                     help="Shape of an input with dynamic dims, as 1,3,224,224 or 1x3x224x224 (repeatable).")(f)
+    f = click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+                     help="Seed of the random inputs.")(f)
+    return f
+
+
+def _check_options(f):
+    f = _run_options(f)
     f = click.option("--rtol", type=click.FloatRange(0, 1e300),
                      help="Relative tolerance (default by the lowest float precision inside: fp32 1e-4).")(f)
     f = click.option("--atol", type=click.FloatRange(0, 1e300),
                      help="Absolute tolerance (default by the lowest float precision inside: fp32 1e-6).")(f)
-    f = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1,3,224,224",
-                     help="Shape of an input with dynamic dims, as 1,3,224,224 or 1x3x224x224 (repeatable).")(f)
     f = click.option("--inputs", "inputs_file", type=click.Path(),
                      help=".npz file with input arrays, by input name.")(f)
-    f = click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
-                     help="Seed of the random inputs.")(f)
     return f
 
 
@@ -266,14 +272,10 @@ def verify(reference, candidate, provider, rtol, atol, input_shapes, inputs_file
 @main.command()
 @click.argument("model_a", metavar="A", type=click.Path())
 @click.argument("model_b", metavar="B", type=click.Path())
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
-              help="onnxruntime execution provider.")
-@click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1,3,224,224",
-              help="Shape of an input with dynamic dims (repeatable).")
+@_run_options
 @click.option("--rounds", type=click.IntRange(1), default=50, show_default=True, help="Timed rounds.")
 @click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
 @click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: its own).")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the inputs.")
 @click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON (for CI).")
 @_output_options
 @_one_line_errors

@@ -5,6 +5,11 @@ class ReparamError(Exception):
     """A problem with the user's input or environment, stated in one line."""
 
 
+def internal_error(exc: BaseException) -> str:
+    """A defect of ours, as a refusal's reason."""
+    return f"internal error: {type(exc).__name__}: {first_line(exc)} (please report)"
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, for one-line errors."""
     text = str(exc).strip()

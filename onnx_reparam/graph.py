@@ -210,16 +210,17 @@ class Graph:
         # Nothing may still point into the model's initializers when they are deleted below.
         self._read.clear()
         self.gs = None
-        values = {name: value for name, value in values.items() if not isinstance(value, onnx.TensorProto)
-                  or name not in {t.name for t in model.graph.initializer}}
         graph = model.graph
+        stored = {t.name for t in graph.initializer}
+        values = {name: value for name, value in values.items()
+                  if not isinstance(value, onnx.TensorProto) or name not in stored}
         sparse = {t.values.name for t in graph.sparse_initializer}
         wanted = [t.name for t in exported.graph.initializer if t.name not in sparse]
         keep = set(wanted)
         for index in reversed(range(len(graph.initializer))):
             if graph.initializer[index].name not in keep:
                 del graph.initializer[index]
-        present = {t.name for t in graph.initializer}
+        present = stored & keep
         small = {t.name: t for t in exported.graph.initializer if t.name not in values}
         for name in wanted:
             if name in present:

@@ -91,7 +91,7 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
     for tensor in model.graph.initializer:
         if not tensor.HasField("raw_data") or tensor.data_type in PACKED_TYPES:
             continue
-        expected, held = _nbytes(tensor), len(tensor.raw_data)
+        expected, held = tensor_bytes(tensor), len(tensor.raw_data)
         if held != expected:
             raise ReparamError(f"initializer '{tensor.name}' holds {held} bytes, its shape needs "
                                f"{expected}: the file or its external data is truncated")
@@ -99,10 +99,10 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
 
 def fits_in_protobuf(model: onnx.ModelProto) -> bool:
     """Whether the model serializes as one protobuf (ByteSize itself is slow on big models)."""
-    return sum(_nbytes(t) for t in external_data_helper._get_all_tensors(model)) < PROTOBUF_LIMIT
+    return sum(tensor_bytes(t) for t in external_data_helper._get_all_tensors(model)) < PROTOBUF_LIMIT
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int:
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
     """Size from the dims: reading raw_data would copy the bytes."""
     if tensor.data_type == onnx.TensorProto.STRING:
         return sum(len(s) for s in tensor.string_data)
@@ -120,7 +120,7 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
                                      value_info=graph.value_info, sparse_initializer=graph.sparse_initializer))
     inputs = {i.name for i in graph.input}
     for tensor in graph.initializer:
-        if _nbytes(tensor) <= LARGE_TENSOR:
+        if tensor_bytes(tensor) <= LARGE_TENSOR:
             light.graph.initializer.append(tensor)
         elif tensor.name not in inputs:
             light.graph.input.append(onnx.helper.make_tensor_value_info(
@@ -156,7 +156,7 @@ def _save_with_external_data(model: onnx.ModelProto, path: Path, data_name: str)
     directory, not to the model, and refuses when it does.)"""
     with open(path.parent / data_name, "wb") as data:
         for tensor in external_data_helper._get_all_tensors(model):
-            if not tensor.HasField("raw_data") or _nbytes(tensor) < EXTERNAL_THRESHOLD:
+            if not tensor.HasField("raw_data") or tensor_bytes(tensor) < EXTERNAL_THRESHOLD:
                 continue
             offset = data.tell()
             data.write(tensor.raw_data)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import ReparamError, first_line
+from .errors import ReparamError, internal_error
 from .graph import Graph
 from .passes import Pass, PassLog, Policy, default_passes
-from .report import PassReport, Refusal, Rewrite
+from .report import PassReport, Rewrite
 
 MAX_SWEEPS = 100  # each sweep that changes something removes nodes, so this is never reached
 
@@ -51,8 +51,7 @@ def run_passes(graph: Graph, passes: tuple[Pass, ...], policy: Policy | None = N
                 p.run(graph, log)
             except Exception as exc:  # noqa: BLE001 - a defect of ours costs only this pass
                 graph.discard()
-                log.refusals.append(Refusal("(whole graph)", f"internal error in pass {p.name}: "
-                                            f"{type(exc).__name__}: {first_line(exc)} (please report)"))
+                log.refused("(whole graph)", internal_error(exc))
             report.rewrites += log.rewrites
             applied += log.rewrites
             report.refusals = log.refusals

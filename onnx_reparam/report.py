@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
+from .model_io import tensor_bytes
+
 
 @dataclass
 class Refusal:
@@ -31,9 +33,6 @@ class Rewrite:
         """Names this rewrite across runs of the pipeline on the same model."""
         return self.pass_name, self.pattern, tuple(self.replaced)
 
-    def __str__(self) -> str:
-        return f"{self.pass_name} {self.pattern} of {', '.join(self.replaced)}"
-
 
 @dataclass
 class PassReport:
@@ -53,10 +52,8 @@ class GraphStats:
     def of(cls, model: onnx.ModelProto) -> GraphStats:
         tensors = model.graph.initializer
         params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors)
-        size = sum(int(np.prod(t.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-                   for t in tensors if t.data_type != onnx.TensorProto.STRING)
         ops = Counter(n.op_type for n in model.graph.node)
-        return cls(len(model.graph.node), params, dict(sorted(ops.items())), size)
+        return cls(len(model.graph.node), params, dict(sorted(ops.items())), sum(map(tensor_bytes, tensors)))
 
 
 @dataclass
@@ -182,8 +179,7 @@ def is_reparam(refusal: Refusal) -> bool:
     if refusal.reason.startswith(("internal error", "its rewrite did not verify")):
         return True
     pattern = refusal.pattern
-    return pattern.startswith(("branches", "fc", "Conv chain", "AveragePool chain")) or \
-        "BatchNormalization" in pattern or pattern.startswith("AveragePool")
+    return pattern.startswith(("branches", "fc", "Conv chain", "AveragePool")) or "BatchNormalization" in pattern
 
 
 def _grouped(refusals: list[Refusal]) -> list[tuple[tuple[str, str], list[Refusal]]]:

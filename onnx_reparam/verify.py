@@ -45,8 +45,8 @@ FLOAT_TYPES = {value for name, value in onnx.TensorProto.DataType.items()
                if name.startswith("FLOAT") or name in ("DOUBLE", "BFLOAT16")}
 NOISE_FACTOR = 4  # the bound is at least this many times the reference's own float noise
 NOISE_SIZE_LIMIT = 1 << 30  # bytes of weights
-MAX_INPUT_BYTES = 1 << 32
-BATCH_FOR_CHECK = 1  # the size a dynamic batch axis gets when the user gives none  # a generated input larger than this is a mistake in --input-shape
+MAX_INPUT_BYTES = 1 << 32  # a generated input larger than this is a mistake in --input-shape
+BATCH_FOR_CHECK = 1  # the size a dynamic batch axis gets when the user gives none
 
 
 def _ort():
@@ -208,17 +208,17 @@ class Runner:
         self.provider = "CUDAExecutionProvider" if use_cuda else "CPUExecutionProvider"
         self.device = device_name(self.provider)
 
-    @property
-    def note(self) -> str | None:
-        return "; ".join(self.notes) or None
-
-    def session(self, model: onnx.ModelProto, optimized: bool = False):
-        """A session of the model; raises onnxruntime's own error if it does not load."""
+    def session(self, model: onnx.ModelProto, optimized: bool = False, threads: int | None = None):
+        """A session of the model (with ORT's optimizations when ``optimized``, as a deployment
+        runs it); raises onnxruntime's own error if it does not load."""
         ort = _ort()
+        options = _session_options(ort, optimized)
+        if threads:
+            options.intra_op_num_threads = threads
         # TF32 would make both models differ from float32 arithmetic by ~1e-3; keep full precision.
         providers = [(self.provider, {"use_tf32": "0"})] if self.provider.startswith("CUDA") else []
         with tempfile.TemporaryDirectory(prefix="onnx-reparam-") as tmp:
-            session = ort.InferenceSession(_session_source(model, Path(tmp)), _session_options(ort, optimized),
+            session = ort.InferenceSession(_session_source(model, Path(tmp)), options,
                                            providers=providers + ["CPUExecutionProvider"],
                                            enable_fallback=0)  # ORT's fallback prints to stdout
         if session.get_providers()[0] != self.provider:
@@ -388,19 +388,24 @@ class Checker:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
             raise ReparamError(f"onnxruntime cannot run the input model: {first_line(exc)}") from None
+        self.noise_missing: str | None = None  # why the reference's noise was not measured
         self.noise = self._reference_noise(reference)
         self.tolerance = self._tolerance(reference, rtol, atol)
+        self.note = "; ".join(self.runner.notes + self.chosen) or None
 
     def _reference_noise(self, reference: onnx.ModelProto) -> list[float | None]:
         """Per output, the largest difference between the reference run with and without ORT's
         optimizations on the first input set; None where that run fails, and for a model whose
         weights exceed NOISE_SIZE_LIMIT (a third session of it would cost its size again)."""
+        nothing = [None] * len(self.output_names)
         if GraphStats.of(reference).weight_bytes > NOISE_SIZE_LIMIT:
-            return [None] * len(self.output_names)
+            self.noise_missing = f"weights over {NOISE_SIZE_LIMIT >> 30} GiB"
+            return nothing
         try:
             again = self.runner.run(reference, self.feed_sets[:1], optimized=True)[0]
-        except Exception:  # noqa: BLE001 - without it the bound is the dtype's alone
-            return [None] * len(self.output_names)
+        except Exception as exc:  # noqa: BLE001 - without it the bound is the dtype's alone
+            self.noise_missing = f"onnxruntime's optimized run failed ({first_line(exc)})"
+            return nothing
         noise = []
         for a, b in zip(self.expected[0], again):
             a, b = np.asarray(a), np.asarray(b)
@@ -422,6 +427,8 @@ class Checker:
             how = "rtol/atol as given"
         elif any(self.noise):
             how += f", at least {NOISE_FACTOR}x the reference's own noise"
+        elif self.noise_missing:
+            how += f" (reference noise not measured: {self.noise_missing})"
         return Tolerance(default_rtol if rtol is None else rtol, default_atol if atol is None else atol, how,
                          use_noise=not given)
 
@@ -429,7 +436,7 @@ class Checker:
         names = [o.name for o in candidate.graph.output]
         if names != self.output_names:
             return Verification(self.runner.provider, [], error=f"the outputs differ: {self.output_names} vs {names}",
-                                note=self.runner.note)
+                                note=self.note)
         checks = [OutputCheck(name, 0.0, 0.0, 0.0, True, noise=noise)
                   for name, noise in zip(self.output_names, self.noise)]
         try:
@@ -438,12 +445,12 @@ class Checker:
                 for check, e, a in zip(checks, expected, session.run(None, feeds)):
                     compare_output(check, e, a, self.tolerance)
         except Exception as exc:  # noqa: BLE001 - the rewritten model is ours: a failed check
-            return Verification(self.runner.provider, [], note=self.runner.note,
+            return Verification(self.runner.provider, [], note=self.note,
                                 error=f"onnxruntime cannot run the rewritten model: {first_line(exc)}")
         for check in checks:
             if check.compared == 0:
                 check.passed, check.note = False, "nothing compared (empty or non-finite output)"
-        return Verification(self.runner.provider, checks, note="; ".join(self.runner.notes + self.chosen) or None,
+        return Verification(self.runner.provider, checks, note=self.note,
                             inputs=len(self.feed_sets), bound=self.tolerance.how,
                             device=f"{self.runner.device}; onnxruntime {_ort().__version__}")
 
@@ -502,7 +509,3 @@ def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except (OSError, ValueError, EOFError) as exc:
         raise ReparamError(f"cannot read inputs from {path}: {first_line(exc)}") from None
 
-
-def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, **options) -> Verification:
-    """Runs both models on the same inputs and compares their outputs (see Checker)."""
-    return Checker(reference, **options).check(candidate)

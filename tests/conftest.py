@@ -1,6 +1,6 @@
 """Helpers to build tiny graphs with onnx.helper, and to rewrite and check them.
 
-The oracle is the library's own ``verify.compare`` (ORT optimizations off, strict tolerances),
+The oracle is the library's own ``verify.Checker`` (ORT optimizations off, strict tolerances),
 which ``optimize`` runs on every rewrite; tests add node counts and refusal reasons on top.
 """
 from __future__ import annotations

@@ -49,3 +49,22 @@ def test_what_is_not_a_no_op_stays():
     model, report = rewrite(b.model([ones_broadcasting, twos, kept_output]))
     assert ops(model) == {"Mul": 2, "Identity": 1} and not report.rewrites
     assert not refusals(report)
+
+
+def test_transposes_that_do_not_cancel_or_are_read_twice_stay():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 5])
+    rotated = b.node("Transpose", [b.node("Transpose", [x], perm=[0, 2, 3, 1])], perm=[0, 2, 3, 1])  # no identity
+    inner = b.node("Transpose", [x], perm=[0, 1, 3, 2])
+    undone = b.node("Transpose", [inner], perm=[0, 1, 3, 2])  # cancels, but inner is also an output
+    other = b.node("Transpose", [x], perm=[0, 2, 1, 3])  # same input as `inner`, another perm
+    model, report = rewrite(b.model([rotated, undone, inner, other]))
+    assert ops(model) == {"Transpose": 5} and not report.rewrites
+
+
+def test_a_constant_minus_the_data_is_not_a_no_op():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    zero = b.const(np.zeros((1,), np.float32))
+    model, report = rewrite(b.model([b.node("Sub", [zero, x]), b.node("Div", [b.const(np.ones((1,), np.float32)), x])]))
+    assert ops(model) == {"Sub": 1, "Div": 1} and not report.rewrites

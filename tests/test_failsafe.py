@@ -2,6 +2,7 @@
 the defects found by fuzzing the tool as a hostile user would (one test each, from its report)."""
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -401,3 +402,11 @@ def test_a_refusal_names_the_original_nodes_not_the_tool_made_ones():
     (refusal,) = [r for p in report.passes for r in p.refusals if "also read by" in r.reason]
     originals = {n.name for n in model.graph.node if n.op_type in ("Add", "Conv")}
     assert set(refusal.node.split(", ")) == originals and "_reparam" not in refusal.node
+
+
+def test_the_bound_says_when_the_reference_noise_was_not_measured(monkeypatch):
+    verification = importlib.import_module("onnx_reparam.verify")  # the module, not api.verify
+    monkeypatch.setattr(verification, "NOISE_SIZE_LIMIT", 0)
+    _, report = onnx_reparam.optimize(chain_model())
+    assert "reference noise not measured: weights over" in report.verification.bound
+    assert all(o.noise is None for o in report.verification.outputs)

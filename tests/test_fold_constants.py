@@ -52,3 +52,33 @@ def test_constant_nodes_alone_are_no_rewrite():
     model = b.model([b.node("Add", [x, c])])
     optimized, report = rewrite(model)
     assert not report.rewrites and optimized.graph == model.graph
+
+
+def test_castlike_of_a_constant_folds_to_the_type_it_is_cast_like():
+    # the dynamo exporter's zero bias: Expand(CastLike(0, x), Shape(weight, start=0, end=1))
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    w = b.const(b.rand(4, 4, 3, 3))
+    zero = b.node("CastLike", [b.const(np.array(0, np.int64)), x])
+    bias = b.node("Expand", [zero, b.node("Shape", [w], start=0, end=1)])
+    model, _ = rewrite(b.model([b.bn(b.node("Conv", [x, w, bias], pads=[1] * 4), 4)]))
+    assert ops(model) == {"Conv": 1}
+    assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.FLOAT}
+
+
+def test_castlike_of_a_computed_value_and_a_shape_of_dynamic_dims_stay():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, 6, 6])
+    computed = b.node("CastLike", [b.node("Relu", [x]), x])
+    batch = b.node("Shape", [x], start=0, end=1)  # the dynamic batch: not a constant
+    model, report = rewrite(b.model([computed, b.node("Cast", [batch], to=onnx.TensorProto.FLOAT)]))
+    assert ops(model)["CastLike"] == 1 and ops(model)["Shape"] == 1 and not report.rewrites
+
+
+def test_a_gather_of_a_static_dim_folds_while_the_batch_is_dynamic():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, 6, 6])
+    channels = b.node("Gather", [b.node("Shape", [x]), b.const(np.array([1], np.int64))], axis=0)
+    target = b.node("Concat", [b.const(np.array([-1], np.int64)), channels], axis=0)
+    model, _ = rewrite(b.model([b.node("Reshape", [b.node("Relu", [x]), target])]), input_shapes={"x": (2, 4, 6, 6)})
+    assert ops(model) == {"Relu": 1, "Reshape": 1}

@@ -115,3 +115,12 @@ def test_only_a_library_that_cannot_be_opened_counts_as_missing(monkeypatch):
     assert _cuda_library_problem(onnxruntime) is None  # not a missing library: the session decides
     monkeypatch.setattr(ctypes, "CDLL", lambda path, mode=0: None)
     assert _cuda_library_problem(onnxruntime) is None
+
+
+def test_bench_says_which_batch_it_chose_for_a_dynamic_axis():
+    from conftest import GraphBuilder
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, 6, 6])
+    model = b.model([b.node("Relu", [b.conv(x, 4, 4, 3, pads=[1] * 4)])])
+    result = onnx_reparam.bench(model, model, provider="cpu", rounds=3, warmup=0)
+    assert any("dynamic batch 'N' set to 1" in note for note in result.notes)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import first_line
+from ..errors import internal_error
 from ..graph import Graph, Node
 from ..report import Refusal, Rewrite
 
@@ -51,7 +51,7 @@ class PassLog:
             return build(*args)
         except Exception as exc:  # noqa: BLE001 - a defect of ours must cost only its rewrite
             self.graph.discard()
-            self.refused(node, f"internal error: {type(exc).__name__}: {first_line(exc)} (please report)")
+            self.refused(node, internal_error(exc))
             return None
 
 

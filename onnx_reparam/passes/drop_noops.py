@@ -59,11 +59,8 @@ def _drop(graph: Graph, node: Node, seen: dict[tuple, Node], log: PassLog) -> li
 
 def _neutral(constant: np.ndarray, value: float, data) -> bool:
     """The constant is all ``value`` and broadcasting it does not enlarge the data."""
-    if not np.all(constant == value):
-        return False
-    if constant.ndim == 0 or constant.size == 1 and data.shape is not None and constant.ndim <= len(data.shape):
-        return True
-    return False
+    fits = constant.ndim == 0 or constant.size == 1 and data.shape is not None and constant.ndim <= len(data.shape)
+    return fits and bool(np.all(constant == value))
 
 
 def _rewire(graph: Graph, log: PassLog, pattern: str, replaced: list[Node], old, new) -> list[Node]:

@@ -21,10 +21,11 @@ def bn_affine(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.nda
     return scale, np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * scale
 
 
-def scale_conv_weight(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """Conv weight (C_out, C_in/g, k...): output channels are axis 0."""
-    scale = np.asarray(scale, np.float64)
-    return np.asarray(weight, np.float64) * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+def scale_conv_weight(weight: np.ndarray, scale: np.ndarray, dtype: np.dtype = np.float64) -> np.ndarray:
+    """Conv weight (C_out, C_in/g, k...): output channels are axis 0. Computed in float64 and
+    rounded once to ``dtype`` (element by element: no float64 copy of the whole weight)."""
+    scale = np.asarray(scale, np.float64).reshape((-1,) + (1,) * (weight.ndim - 1))
+    return np.multiply(weight, scale, dtype=np.float64, out=np.empty(weight.shape, dtype), casting="same_kind")
 
 
 def scale_conv_transpose_weight(weight: np.ndarray, scale: np.ndarray, groups: int) -> np.ndarray:
@@ -147,25 +148,36 @@ def dilate_kernel(weight: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
 
 
 def conv_as_matrix(weight: np.ndarray, spatial: tuple[int, ...], strides: tuple[int, ...],
-                   pads: tuple[int, ...], dilations: tuple[int, ...]) -> np.ndarray:
+                   pads: tuple[int, ...], dilations: tuple[int, ...], row_scale: np.ndarray | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """The matrix M with conv(x).ravel() == M @ x.ravel() for one sample x of shape (C, *spatial)
     (one group: ``weight`` is (O, C, *k)): RepMLP's conv applied to the identity basis, built tap by
-    tap. Rows are (O, *out) and columns (C, *spatial) in C order."""
+    tap. Rows are (O, *out) and columns (C, *spatial) in C order. Row i is multiplied by
+    ``row_scale[i]``; with ``out`` (a view of a larger matrix) M is added into it, in place."""
     out_channels, in_channels, *kernel = weight.shape
     n = len(spatial)
-    if all(s == 1 for s in spatial) and all(k == 1 for k in kernel) and not any(pads):
-        return np.asarray(weight, np.float64).reshape(out_channels, in_channels)  # an FC as a 1x1 conv
-    out = tuple(conv_output_length(spatial[a], kernel[a], pads[a], pads[a + n], strides[a], dilations[a])
-                for a in range(n))
-    # Built in its final (O, *out, C, *spatial) layout, so the last reshape copies nothing.
-    matrix = np.zeros((out_channels,) + out + (in_channels,) + tuple(spatial))
+    sizes = tuple(conv_output_length(spatial[a], kernel[a], pads[a], pads[a + n], strides[a], dilations[a])
+                  for a in range(n))
+    rows_count, cols_count = out_channels * int(np.prod(sizes)), in_channels * int(np.prod(spatial))
+    scale = np.ones(rows_count) if row_scale is None else np.asarray(row_scale, np.float64)
+    if all(s == 1 for s in spatial) and all(k == 1 for k in kernel) and not any(pads):  # an FC as a 1x1 conv
+        matrix = np.multiply(weight.reshape(out_channels, in_channels), scale[:, None], dtype=np.float64)
+        if out is None:
+            return matrix
+        out += matrix
+        return out
+    if out is None:
+        out = np.zeros((rows_count, cols_count))
+    # Indexed in the (O, *out, C, *spatial) layout: a view of ``out``, never a copy.
+    grid = np.reshape(out, (out_channels,) + sizes + (in_channels,) + tuple(spatial), copy=False)
+    scale = scale.reshape((out_channels,) + sizes)
     weight = np.asarray(weight, np.float64)
     rows = np.arange(out_channels).reshape((-1,) + (1,) * (n + 1))
     cols = np.arange(in_channels).reshape((1,) * (n + 1) + (-1,))
     for taps in itertools.product(*(range(k) for k in kernel)):
         outs, ins = [], []
         for a in range(n):
-            o = np.arange(out[a])
+            o = np.arange(sizes[a])
             i = o * strides[a] - pads[a] + taps[a] * dilations[a]
             valid = (i >= 0) & (i < spatial[a])
             shape = [1] * (n + 2)
@@ -173,8 +185,9 @@ def conv_as_matrix(weight: np.ndarray, spatial: tuple[int, ...], strides: tuple[
             outs.append(o[valid].reshape(shape))
             ins.append(i[valid].reshape(shape))
         tap = weight[(slice(None), slice(None)) + taps].reshape((out_channels,) + (1,) * n + (in_channels,))
-        matrix[(rows, *outs, cols, *ins)] += tap
-    return matrix.reshape(out_channels * int(np.prod(out)), in_channels * int(np.prod(spatial)))
+        scales = scale[(rows[..., 0], *(o[..., 0] for o in outs))][..., None]
+        grid[(rows, *outs, cols, *ins)] += tap * scales
+    return out
 
 
 def block_diagonal(blocks: list[np.ndarray], groups: int) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from .bench import BenchResult
 from .bench import bench as latency_ab
 from .errors import ReparamError
 from .graph import Graph
-from .model_io import load_model
+from .model_io import load_model, load_weights
 from .passes import Pass
 from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
@@ -41,7 +41,8 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
              provider: str = "auto", input_shapes: dict[str, Sequence[int]] | None = None,
              inputs: dict[str, np.ndarray] | None = None, seed: int = 0, rtol: float | None = None,
              atol: float | None = None, strict: bool = False, weights_as_constants: bool = False,
-             progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+             lazy_weights: bool = False, progress: Callable[[str], None] | None = None
+             ) -> tuple[onnx.ModelProto, Report]:
     """Rewrites a training-structure model into its deploy structure and, unless ``verify`` is
     False, checks in onnxruntime that the outputs are unchanged. A rewrite that fails the check is
     dropped and named in ``report.dropped``; the model returned has the others, verified. Raises
@@ -52,17 +53,22 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     returns (its ONNXProgram, or the onnx_ir model it holds). Weights that are also graph inputs
     can be overridden at run time, so nothing reading them is folded; ``weights_as_constants``
     treats them as constants and drops them from the inputs. ``progress`` is called with a short
-    line at each stage (load, each pass of each sweep, verify, isolate)."""
+    line at each stage (load, each pass of each sweep, verify, isolate).
+
+    ``lazy_weights`` (for a model read from a file): the weights the rewrite leaves as they are stay
+    in the input's files, and the model returned refers to them by absolute path; memory then holds
+    the model without its weights plus the folded ones. Such a model is valid while those files are
+    unchanged; ``onnx_reparam.save_model`` copies the weights into the output."""
     step = progress or (lambda message: None)
     passes = select_passes(only, skip)
     _check_arguments(verify=verify, strict=strict, weights_as_constants=weights_as_constants,
-                     provider=provider, input_shapes=input_shapes, inputs=inputs)
+                     lazy_weights=lazy_weights, provider=provider, input_shapes=input_shapes, inputs=inputs)
     report = Report()
     source = _as_model_source(model)
 
     def load() -> onnx.ModelProto:
         """A fresh model of our own: the rewrite turns the one it is given into its result."""
-        loaded = load_model(source, report.input_files)
+        loaded = load_model(source, report.input_files, lazy=True)
         overridable = weights_as_inputs(loaded)
         if overridable and weights_as_constants:
             _drop_inputs(loaded, overridable)
@@ -96,6 +102,8 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
                 load, passes, checker, applied, report.verification)
             report.seconds["isolate"] = time.perf_counter() - start
     report.after = GraphStats.of(optimized)
+    if not lazy_weights:
+        load_weights(optimized)
     report.peak_memory = peak_memory()
     if report.verification is not None and not report.verification.passed:
         raise VerificationError(optimized, report)
@@ -116,7 +124,7 @@ def peak_memory() -> int | None:
 
 
 def _check_arguments(**arguments) -> None:
-    for name in ("verify", "strict", "weights_as_constants"):
+    for name in ("verify", "strict", "weights_as_constants", "lazy_weights"):
         if not isinstance(arguments[name], bool):
             raise ReparamError(f"{name} must be True or False, not {arguments[name]!r}")
     if arguments["provider"] not in ("auto", "cuda", "cpu"):

@@ -185,7 +185,8 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
         model, report = api.optimize(source, only=only, skip=skip, verify=not no_verify,
                                      provider=provider, input_shapes=parse_input_shapes(input_shapes),
                                      inputs=inputs, seed=seed, rtol=rtol, atol=atol, strict=strict,
-                                     weights_as_constants=weights_as_constants, progress=progress)
+                                     weights_as_constants=weights_as_constants, lazy_weights=True,
+                                     progress=progress)
         failed = False
     except api.VerificationError as exc:
         model, report, failed = exc.model, exc.report, True

@@ -14,9 +14,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
+from onnx_graphsurgeon.importers.onnx_importer import get_itemsize, get_onnx_tensor_dtype, get_onnx_tensor_shape
 from onnx_graphsurgeon.ir import tensor as gs_tensor
+from onnx_graphsurgeon.util import misc
 
-from .model_io import LARGE_TENSOR, inferred_value_info
+from .model_io import LARGE_TENSOR, append_array, inferred_value_info, on_disk, read_array
 
 Node = gs.Node
 Tensor = gs.Tensor
@@ -35,6 +37,10 @@ class Graph:
             self.gs = gs.import_onnx(model)
         finally:
             del model.graph.value_info[known:]
+        for tensor in self.gs.tensors().values():
+            values = getattr(tensor, "_values", None)
+            if type(values) is gs_tensor.LazyValues and on_disk(values.tensor) is not None:
+                tensor._values = DiskValues(values.tensor)
         self.output_names = {t.name for t in self.gs.outputs}
         # An initializer that is also a graph input can be overridden at run time: not a constant.
         self.overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
@@ -74,7 +80,7 @@ class Graph:
                 return None
             if isinstance(tensor._values, gs_tensor.LazyValues):
                 if tensor.name not in self._read:
-                    self._read[tensor.name] = numpy_helper.to_array(tensor._values.tensor)
+                    self._read[tensor.name] = read_array(stored_tensor(tensor._values))
                 return self._read[tensor.name]
             return np.asarray(tensor.values)
         node = self.producer(tensor) if tensor is not None else None
@@ -143,7 +149,7 @@ class Graph:
         weight and bias, or MatMul (weight stored (in, out)) followed by an Add of the bias when
         there is one. Weights take the data's type, which ONNX requires of these ops (``dtype``
         where the data's type is unknown)."""
-        dtype = np.dtype(source.dtype) if source.dtype is not None else np.dtype(dtype or weight.dtype)
+        dtype = self.layer_dtype(source, dtype or weight.dtype)
         weight_const = self.add_constant(f"{name}_weight", np.asarray(weight).astype(dtype, copy=False))
         bias_const = self.add_constant(f"{name}_bias", np.asarray(bias).astype(dtype, copy=False)) \
             if bias is not None else None
@@ -156,6 +162,11 @@ class Graph:
             product = self.add_variable(f"{name}_product", output, same_shape=False)
             self.add_node("MatMul", [source, weight_const], [product], {}, name)
             self.add_node("Add", [product, bias_const], [output], {}, name)
+
+    @staticmethod
+    def layer_dtype(source: Tensor, fallback: np.dtype) -> np.dtype:
+        """The type of a layer's weights: its data's (ONNX requires it), ``fallback`` where unknown."""
+        return np.dtype(source.dtype) if source.dtype is not None else np.dtype(fallback)
 
     def add_rewire(self, old: Tensor, new: Tensor) -> None:
         """Writes down that every reader of ``old`` is to read ``new`` (``old`` is then dead)."""
@@ -232,7 +243,7 @@ class Graph:
                 graph.initializer.append(value)
                 graph.initializer[-1].name = name
             else:
-                graph.initializer.append(numpy_helper.from_array(value, name))
+                append_array(graph.initializer, name, value)
         for field in ("node", "value_info", "input", "output"):
             del getattr(graph, field)[:]
             getattr(graph, field).extend(getattr(exported.graph, field))
@@ -262,7 +273,7 @@ def _weights_as_placeholders(graph: gs.Graph, larger_than: int):
             continue
         values = tensor._values
         if isinstance(values, gs_tensor.LazyValues):
-            stored = values.tensor
+            stored = stored_tensor(values)
             if values.nbytes <= larger_than:
                 continue
             placeholder = onnx.TensorProto(name=tensor.name, dims=list(stored.dims), data_type=stored.data_type)
@@ -281,6 +292,30 @@ def _weights_as_placeholders(graph: gs.Graph, larger_than: int):
     finally:
         for tensor, values in swapped:
             tensor._values = values
+
+
+class DiskValues(gs_tensor.LazyValues):
+    """The values of an initializer on disk (see model_io). To onnx-graphsurgeon, which exports
+    ``tensor`` when it evaluates constant subgraphs in onnxruntime, ``tensor`` is the initializer
+    read in; ``stored`` is the one on disk, which the export to a model keeps."""
+
+    def __init__(self, stored: onnx.TensorProto):  # LazyValues' would read ``tensor``
+        self.stored = stored
+        self.shape = get_onnx_tensor_shape(stored)
+        self.dtype = get_onnx_tensor_dtype(stored)
+        self.nbytes = misc.volume(self.shape) * get_itemsize(self.dtype)
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        return numpy_helper.from_array(self.load(), self.stored.name)
+
+    def load(self) -> np.ndarray:
+        return read_array(self.stored)
+
+
+def stored_tensor(values: gs_tensor.LazyValues) -> onnx.TensorProto:
+    """The initializer behind lazily loaded values, as the model stores it."""
+    return values.stored if isinstance(values, DiskValues) else values.tensor
 
 
 def optional_input(node: Node, index: int) -> Tensor | None:

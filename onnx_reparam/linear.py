@@ -134,9 +134,15 @@ def bias_vector(bias: np.ndarray, channels: int) -> np.ndarray:
 class FCForm:
     """A fully connected layer y = x @ matrix.T + bias over the last axis of ``source``."""
     source: Tensor
-    matrix: np.ndarray  # (out, in), float64, Gemm's alpha applied
+    weight: np.ndarray  # (out, in): a view of the stored weight, as stored
+    alpha: float  # Gemm's alpha
     bias: np.ndarray  # (out,), float64, Gemm's beta applied
     dtype: np.dtype  # of the stored weight
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """(out, in) in float64 with alpha applied: a new array each time (read it once)."""
+        return np.multiply(self.weight, self.alpha, dtype=np.float64)
 
 
 def fc_form(graph: Graph, node: Node) -> FCForm | None:
@@ -148,19 +154,17 @@ def fc_form(graph: Graph, node: Node) -> FCForm | None:
         return None
     if node.op == "Gemm" and attr(node, "transA", 0):
         return None
-    matrix = np.asarray(weight, np.float64)
     if node.op == "MatMul" or not attr(node, "transB", 0):
-        matrix = matrix.T
+        weight = weight.T
     bias_input = optional_input(node, 2) if node.op == "Gemm" else None
     bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
     if bias is None:
         return None
-    bias = algebra.per_channel(np.asarray(bias), matrix.shape[0], -1, 2)
+    bias = algebra.per_channel(np.asarray(bias), weight.shape[0], -1, 2)
     if isinstance(bias, str):
         return None
-    if node.op == "Gemm":
-        matrix, bias = matrix * attr(node, "alpha", 1.0), bias * attr(node, "beta", 1.0)
-    return FCForm(node.inputs[0], matrix, bias, weight.dtype)
+    alpha, beta = (float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))) if node.op == "Gemm" else (1.0, 1.0)
+    return FCForm(node.inputs[0], weight, alpha, bias * beta, weight.dtype)
 
 
 def explicit_geometry(geometry: dict, source: Tensor) -> dict | str:

@@ -1,14 +1,25 @@
-"""Loading and saving ONNX models: validation with one-line errors, external data, atomic writes."""
+"""Loading and saving ONNX models: validation with one-line errors, external data, atomic writes.
+
+Large initializers are not read at load: a model file is scanned at the protobuf wire level, and each
+initializer over LARGE_TENSOR bytes becomes a tensor "on disk" (external data with the absolute
+path of the file holding it, its offset and length), whether its bytes sit in the model file itself
+or in its external data. Passes read the weights they fold (``read_array``); ``save_model`` copies
+the others from their file into the output one at a time. So the model is held once, without
+its weights, plus the folded ones. ``load_weights`` reads them all in, for callers that want a
+self-contained model.
+"""
 from __future__ import annotations
 
+import mmap
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from .errors import ReparamError, first_line
 
@@ -21,41 +32,219 @@ PACKED_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "F
 LARGE_TENSOR = 1 << 16  # bytes: larger initializers are left out of checker and shape inference
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path] | None = None) -> onnx.ModelProto:
+def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path] | None = None,
+               lazy: bool = False) -> onnx.ModelProto:
     """Reads and validates a model; a ModelProto is copied, never modified. The external data
-    files it reads are added to ``data_files``."""
+    files it reads are added to ``data_files``. With ``lazy``, large initializers of a model read
+    from a file stay on disk (see the module's doc); otherwise they are read in."""
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
-        external_dir = None
     else:
         path = Path(source)
         if not path.exists():
             raise ReparamError(f"{path}: no such file")
         if not path.is_file():
             raise ReparamError(f"{path}: not a file")
-        model = _parse(path)
-        external_dir = path.parent
+        model = _read_skeleton(path)
+        _check_structure(model)
+        _locate_external(model, path.parent, data_files)
     _check_structure(model)
-    if external_dir is not None and _external_tensors(model):
-        if data_files is not None:
-            data_files |= {(external_dir / external_data_helper.ExternalDataInfo(t).location).resolve()
-                           for t in _external_tensors(model)}
-        _load_external(model, external_dir)
     _check_tensor_sizes(model)
     _check(model)
+    if not lazy:
+        load_weights(model)
     return model
 
 
-def _parse(path: Path) -> onnx.ModelProto:
-    model = onnx.ModelProto()
+def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Reads every initializer still on disk into the model, which is then self-contained."""
+    for tensor in model.graph.initializer:
+        place = on_disk(tensor)
+        if place is not None:
+            _take_in(tensor, _read_bytes(*place))
+    return model
+
+
+def _take_in(tensor: onnx.TensorProto, data: bytes) -> None:
+    tensor.raw_data = data
+    del tensor.external_data[:]
+    tensor.ClearField("data_location")
+
+
+def on_disk(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
+    """(file, offset, length) of an initializer load_model left on disk; None for one in memory."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return None
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    if not os.path.isabs(info.get("location", "")):
+        return None  # relative: external data nobody located (a ModelProto loaded without it)
+    return info["location"], int(info["offset"]), int(info["length"])
+
+
+def read_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """An initializer's value, read from its file when it is on disk."""
+    place = on_disk(tensor)
+    if place is None:
+        return numpy_helper.to_array(tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if tensor.data_type in PACKED_TYPES or dtype.kind not in "fiucb" or sys.byteorder != "little":
+        whole = onnx.TensorProto(dims=tensor.dims, data_type=tensor.data_type, raw_data=_read_bytes(*place))
+        return numpy_helper.to_array(whole)
+    return np.frombuffer(_read_bytes(*place), dtype=dtype).reshape(tuple(tensor.dims))
+
+
+def append_array(tensors, name: str, array: np.ndarray) -> None:
+    """Appends ``array`` to a repeated TensorProto field; a plain numeric one is filled in place
+    (from_array and append would each copy its bytes once more)."""
+    if array.dtype.kind not in "fiucb" or sys.byteorder != "little":
+        tensors.append(numpy_helper.from_array(array, name))
+        return
+    tensor = tensors.add(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+    tensor.raw_data = np.ascontiguousarray(array).tobytes()
+
+
+def disk_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
+    """The initializers on disk as read-only memory maps of their files (nothing is read until
+    used), by name; None when one has a type numpy cannot map (bfloat16, 4-bit)."""
+    arrays = {}
+    for tensor in model.graph.initializer:
+        place = on_disk(tensor)
+        if place is None:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        if tensor.data_type in PACKED_TYPES or dtype.kind not in "fiucb" or sys.byteorder != "little":
+            return None
+        location, offset, _ = place
+        arrays[tensor.name] = np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
+    return arrays
+
+
+def _read_bytes(location: str, offset: int, length: int) -> bytes:
     try:
-        model.ParseFromString(path.read_bytes())
+        with open(location, "rb") as f:
+            f.seek(offset)
+            data = f.read(length)
+    except OSError as exc:
+        raise ReparamError(f"cannot read weights from {location}: {exc.strerror or exc}") from None
+    if len(data) != length:
+        raise ReparamError(f"{location} is shorter than when it was loaded: was it changed meanwhile?")
+    return data
+
+
+# The protobuf wire format, as far as the scan needs it (field numbers from onnx.proto).
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+
+
+def _read_skeleton(path: Path) -> onnx.ModelProto:
+    """The model without the bytes of its large initializers, which stay on disk."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise ReparamError(f"{path}: empty file, not an ONNX model")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _skeleton(data, str(path.resolve()))
+    except _WireError as exc:
+        raise ReparamError(f"{path}: not an ONNX model or truncated ({exc})") from None
     except DecodeError as exc:
         raise ReparamError(f"{path}: not an ONNX model or truncated ({exc})") from None
     except OSError as exc:
         raise ReparamError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def _skeleton(data: mmap.mmap, location: str) -> onnx.ModelProto:
+    model_parts, graph_parts, initializers = [], [], []
+    for number, wire, start, end, field_start in _fields(data, 0, len(data)):
+        if number != _MODEL_GRAPH or wire != _LENGTH:
+            model_parts.append(data[field_start:end])
+            continue
+        # A message field given twice is merged: its contents concatenated.
+        for number, wire, start2, end2, field_start2 in _fields(data, start, end):
+            if number == _GRAPH_INITIALIZER and wire == _LENGTH:
+                initializers.append(_initializer(data, start2, end2, location))
+            else:
+                graph_parts.append(data[field_start2:end2])
+        graph_parts.append(b"")  # the graph is present even if empty
+    model = onnx.ModelProto.FromString(b"".join(model_parts))
+    if graph_parts:
+        model.graph.ParseFromString(b"".join(graph_parts))
+        model.graph.initializer.extend(initializers)
     return model
+
+
+def _initializer(data: mmap.mmap, start: int, end: int, location: str) -> onnx.TensorProto:
+    raw, parts = None, []
+    for number, wire, value_start, value_end, field_start in _fields(data, start, end):
+        if number == _TENSOR_RAW_DATA and wire == _LENGTH:
+            raw = (value_start, value_end)  # the last one counts
+        else:
+            parts.append(data[field_start:value_end])
+    if raw is None or raw[1] - raw[0] <= LARGE_TENSOR:
+        return onnx.TensorProto.FromString(data[start:end])
+    tensor = onnx.TensorProto.FromString(b"".join(parts))
+    _point_at(tensor, location, raw[0], raw[1] - raw[0])
+    return tensor
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+class _WireError(Exception):
+    pass
+
+
+def _varint(data, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _WireError(f"bad varint at byte {pos}")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(data, pos: int, end: int):
+    """(field number, wire type, value start, value end, field start) of each field in data[pos:end]."""
+    while pos < end:
+        field_start = pos
+        key, pos = _varint(data, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == _VARINT:
+            _, value_end = _varint(data, pos, end)
+        elif wire == _LENGTH:
+            length, pos = _varint(data, pos, end)
+            value_end = pos + length
+        elif wire in (_FIXED64, _FIXED32):
+            value_end = pos + (8 if wire == _FIXED64 else 4)
+        else:
+            raise _WireError(f"unexpected wire type {wire} at byte {field_start}")
+        if number == 0 or value_end > end:
+            raise _WireError(f"field {number} at byte {field_start} runs past its message")
+        yield number, wire, pos, value_end, field_start
+        pos = value_end
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _key(number: int, wire: int = _LENGTH) -> bytes:
+    return _varint_bytes(number << 3 | wire)
 
 
 def _check_structure(model: onnx.ModelProto) -> None:
@@ -69,37 +258,50 @@ def _check_structure(model: onnx.ModelProto) -> None:
                            f"(supported: {MIN_OPSET} to {latest})")
 
 
-def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [t for t in external_data_helper._get_all_tensors(model)
-            if external_data_helper.uses_external_data(t)]
-
-
-def _load_external(model: onnx.ModelProto, base_dir: Path) -> None:
-    for tensor in _external_tensors(model):
+def _locate_external(model: onnx.ModelProto, folder: Path, data_files: set[Path] | None) -> None:
+    """Points the model's external data at its files by absolute path (checked to lie in the
+    model's folder, as onnx requires); small tensors are read in, large ones stay on disk."""
+    root = folder.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL or on_disk(tensor) is not None:
+            continue
         info = external_data_helper.ExternalDataInfo(tensor)
-        location = base_dir / info.location
+        location = (root / info.location).resolve()
+        if os.path.isabs(info.location) or not location.is_relative_to(root):
+            raise ReparamError(f"tensor '{tensor.name}': external data location '{info.location}' "
+                               "lies outside the model's folder")
         if not location.is_file():
             raise ReparamError(f"missing external data: {location} (needed by tensor '{tensor.name}')")
-    try:
-        external_data_helper.load_external_data_for_model(model, str(base_dir))
-    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-        raise ReparamError(f"cannot read external data: {exc}") from None
+        if data_files is not None:
+            data_files.add(location)
+        offset = int(info.offset or 0)
+        length = int(info.length) if info.length else location.stat().st_size - offset
+        if offset < 0 or length < 0 or offset + length > location.stat().st_size:
+            raise ReparamError(f"tensor '{tensor.name}': its external data runs past the end of {location} "
+                               "(the file is truncated)")
+        if length <= LARGE_TENSOR:
+            _take_in(tensor, _read_bytes(str(location), offset, length))
+        else:
+            _point_at(tensor, str(location), offset, length)
 
 
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:
     """A truncated file or external data file shows up as raw data shorter than the dims say."""
     for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data") or tensor.data_type in PACKED_TYPES:
+        place = on_disk(tensor)
+        if tensor.data_type in PACKED_TYPES or place is None and not tensor.HasField("raw_data"):
             continue
-        expected, held = tensor_bytes(tensor), len(tensor.raw_data)
+        expected, held = tensor_bytes(tensor), (place[2] if place else len(tensor.raw_data))
         if held != expected:
             raise ReparamError(f"initializer '{tensor.name}' holds {held} bytes, its shape needs "
                                f"{expected}: the file or its external data is truncated")
 
 
-def fits_in_protobuf(model: onnx.ModelProto) -> bool:
-    """Whether the model serializes as one protobuf (ByteSize itself is slow on big models)."""
-    return sum(tensor_bytes(t) for t in external_data_helper._get_all_tensors(model)) < PROTOBUF_LIMIT
+def fits_in_protobuf(model: onnx.ModelProto, on_disk_too: bool = True) -> bool:
+    """Whether the model serializes as one protobuf (ByteSize itself is slow on big models), with
+    the initializers still on disk written in, or (``on_disk_too`` False) as it is."""
+    tensors = external_data_helper._get_all_tensors(model)
+    return sum(tensor_bytes(t) for t in tensors if on_disk_too or on_disk(t) is None) < PROTOBUF_LIMIT
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -148,27 +350,14 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file
-
-
-def _save_with_external_data(model: onnx.ModelProto, path: Path, data_name: str) -> None:
-    """Writes tensors of EXTERNAL_THRESHOLD bytes or more to ``data_name`` beside ``path``, the
-    rest to ``path``. (onnx's own save checks whether ``data_name`` exists relative to the current
-    directory, not to the model, and refuses when it does.)"""
-    with open(path.parent / data_name, "wb") as data:
-        for tensor in external_data_helper._get_all_tensors(model):
-            if not tensor.HasField("raw_data") or tensor_bytes(tensor) < EXTERNAL_THRESHOLD:
-                continue
-            offset = data.tell()
-            data.write(tensor.raw_data)
-            external_data_helper.set_external_data(tensor, data_name, offset, data.tell() - offset)
-            tensor.ClearField("raw_data")
-    with open(path, "wb") as f:
-        f.write(model.SerializeToString())
+COPY_CHUNK = 1 << 24
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
                protected: set[Path] = frozenset()) -> None:
-    """Writes ``model`` to ``path`` atomically (temporary files in the same folder, then renames).
+    """Writes ``model`` to ``path`` atomically (temporary files in the same folder, then renames),
+    one initializer at a time: those still on disk are copied from their file, none is held twice.
+    The model is not modified.
 
     External data is used when asked, or when the model does not fit in one protobuf (2 GB); it goes
     to ``<name>.data`` beside the model. ``protected`` files (the input's own data) are never written.
@@ -185,15 +374,84 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     try:
         with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-reparam-") as tmp:
             tmp_model = Path(tmp) / path.name
-            if external_data:
-                _save_with_external_data(model, tmp_model, data_name)
-                # The tensors now point at the file; read them back so the caller's model is whole.
-                external_data_helper.load_external_data_for_model(model, tmp)
-                if (Path(tmp) / data_name).exists():
-                    os.replace(Path(tmp) / data_name, folder / data_name)
-            else:
-                with open(tmp_model, "wb") as f:
-                    f.write(model.SerializeToString())
+            with open(tmp_model, "wb") as out:
+                if external_data:
+                    with open(Path(tmp) / data_name, "wb") as data:
+                        _write(model, out, data, data_name)
+                    if os.path.getsize(Path(tmp) / data_name):
+                        os.replace(Path(tmp) / data_name, folder / data_name)
+                else:
+                    _write(model, out)
             os.replace(tmp_model, path)
     except OSError as exc:
         raise ReparamError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _write(model: onnx.ModelProto, out, data=None, data_name: str | None = None) -> None:
+    """Serializes ``model`` into ``out`` as protobuf would, but each initializer's bytes straight
+    from where they are (a message's fields may come in any order; protobuf's own ByteSize and
+    SerializeToString would copy them, slowly). With ``data``, initializers of EXTERNAL_THRESHOLD
+    bytes or more go there as external data named ``data_name``."""
+    records = []  # per initializer: (its fields but the bytes, where its bytes are, their length if inline)
+    offset = 0
+    for tensor in model.graph.initializer:
+        place = on_disk(tensor)
+        if place is None and (not tensor.HasField("raw_data") or tensor.data_type in PACKED_TYPES):
+            records.append((tensor.SerializeToString(), None, None))  # typed fields: small or rare
+            continue
+        length = place[2] if place else tensor_bytes(tensor)
+        header = _without(tensor, ("raw_data", "external_data", "data_location"))
+        if data is not None and length >= EXTERNAL_THRESHOLD:
+            _point_at(header, data_name, offset, length)
+            offset += length
+            records.append((header.SerializeToString(), place or tensor, None))
+        else:
+            records.append((header.SerializeToString(), place or tensor, length))
+    rest = _without(model.graph, ("initializer",)).SerializeToString()
+    sizes = [len(header) + (0 if length is None else len(_key(_TENSOR_RAW_DATA)) + len(_varint_bytes(length)) + length)
+             for header, _, length in records]
+    graph_size = len(rest) + sum(len(_key(_GRAPH_INITIALIZER)) + len(_varint_bytes(n)) + n for n in sizes)
+    out.write(_without(model, ("graph",)).SerializeToString())
+    out.write(_key(_MODEL_GRAPH) + _varint_bytes(graph_size) + rest)
+    for (header, source, length), size in zip(records, sizes):
+        out.write(_key(_GRAPH_INITIALIZER) + _varint_bytes(size) + header)
+        if length is not None:  # its bytes follow as raw_data
+            out.write(_key(_TENSOR_RAW_DATA) + _varint_bytes(length))
+            _copy_bytes(source, out)
+        elif source is not None:
+            _copy_bytes(source, data)
+
+
+def _without(message, fields: tuple[str, ...]):
+    """A copy of ``message`` without ``fields``, made without reading them (ListFields would copy
+    a tensor's bytes)."""
+    copy = type(message)()
+    for field in message.DESCRIPTOR.fields:
+        if field.name in fields:
+            continue
+        value = getattr(message, field.name)
+        if hasattr(value, "extend"):  # repeated (protobuf's field labels differ across versions)
+            getattr(copy, field.name).extend(value)
+        elif not message.HasField(field.name):
+            continue
+        elif hasattr(value, "CopyFrom"):
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
+
+
+def _copy_bytes(source: onnx.TensorProto | tuple[str, int, int], out) -> None:
+    """Writes a tensor's bytes: its raw_data, or a range of the file it is on disk in."""
+    if isinstance(source, onnx.TensorProto):
+        out.write(source.raw_data)
+        return
+    location, offset, length = source
+    with open(location, "rb") as f:
+        f.seek(offset)
+        while length:
+            chunk = f.read(min(length, COPY_CHUNK))
+            if not chunk:
+                raise ReparamError(f"{location} is shorter than when it was loaded: was it changed meanwhile?")
+            out.write(chunk)
+            length -= len(chunk)

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from .errors import ReparamError, first_line
-from .model_io import fits_in_protobuf, save_model
+from .model_io import disk_arrays, fits_in_protobuf, save_model
 from .report import GraphStats, OutputCheck, Verification
 
 # (rtol, atol) by float type: an element passes when |a - b| <= atol + rtol * (scale of its channel).
@@ -218,7 +218,10 @@ class Runner:
         # TF32 would make both models differ from float32 arithmetic by ~1e-3; keep full precision.
         providers = [(self.provider, {"use_tf32": "0"})] if self.provider.startswith("CUDA") else []
         with tempfile.TemporaryDirectory(prefix="onnx-reparam-") as tmp:
-            session = ort.InferenceSession(_session_source(model, Path(tmp)), options,
+            source, weights = _session_source(model, Path(tmp))
+            if weights:  # kept alive until the session has copied them
+                options.add_external_initializers(list(weights), list(weights.values()))
+            session = ort.InferenceSession(source, options,
                                            providers=providers + ["CPUExecutionProvider"],
                                            enable_fallback=0)  # ORT's fallback prints to stdout
         if session.get_providers()[0] != self.provider:
@@ -234,12 +237,17 @@ class Runner:
         return [session.run(None, feeds) for feeds in feed_sets]
 
 
-def _session_source(model: onnx.ModelProto, tmp: Path):
-    if fits_in_protobuf(model):
-        return model.SerializeToString()
+def _session_source(model: onnx.ModelProto, tmp: Path) -> tuple[bytes | str, dict]:
+    """The model as onnxruntime loads it: its bytes, plus the weights still on disk as OrtValues
+    over memory maps of their files, by name; or, when it is too big for that, the path of a copy
+    written to ``tmp`` with external data."""
+    arrays = disk_arrays(model)
+    if arrays is not None and fits_in_protobuf(model, on_disk_too=False):
+        ort = _ort()
+        return model.SerializeToString(), {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
     path = tmp / "model.onnx"
     save_model(model, path, external_data=True)
-    return str(path)
+    return str(path), {}
 
 
 def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:

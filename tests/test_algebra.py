@@ -114,6 +114,13 @@ def test_conv_as_matrix_is_the_conv(kernel, stride, pads, dilation):
     padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     expected = conv(padded, w, stride=stride, dilation=dilation)
     np.testing.assert_allclose(matrix @ x.ravel(), expected.ravel(), atol=1e-12)
+    # Row-scaled and added into a block of a larger matrix, in place.
+    scale = rng.standard_normal(matrix.shape[0])
+    larger = np.ones((matrix.shape[0] + 3, matrix.shape[1] + 5))
+    block = larger[1:1 + matrix.shape[0], 2:2 + matrix.shape[1]]
+    assert algebra.conv_as_matrix(w, (6, 5), stride, pads, dilation, scale, block) is block
+    np.testing.assert_allclose(block, 1 + scale[:, None] * matrix, atol=1e-12)
+    assert larger[0].sum() == larger.shape[1] and larger[:, :2].sum() == 2 * larger.shape[0]
 
 
 @pytest.mark.parametrize("c_in,mid,c_out,inner_groups,outer_groups,composes", [

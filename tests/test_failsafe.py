@@ -44,8 +44,8 @@ def wrong_fold_of_five_channels(monkeypatch):
     """A defect in one rewrite: the fold of the 5-channel conv gets a wrong weight."""
     real = fold_affine.scaled_weight
 
-    def broken(layer, weight, scale):
-        folded = real(layer, weight, scale)
+    def broken(layer, weight, scale, dtype):
+        folded = real(layer, weight, scale, dtype)
         return folded * 1.1 if weight.shape[0] == 5 else folded
     monkeypatch.setattr(fold_affine, "scaled_weight", broken)
 

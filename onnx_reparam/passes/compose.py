@@ -101,7 +101,7 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     if fc is None or graph.shared_reason(data) is not None:
         return []
     flatten, prior = None, graph.producer(data)
-    channels, axis, rank, repeat = fc.matrix.shape[1], -1, Graph.rank(data), 1
+    channels, axis, rank, repeat = fc.weight.shape[1], -1, Graph.rank(data), 1
     if prior is not None and prior.op in ("Reshape", "Flatten"):
         flatten, unflat = prior, prior.inputs[0]
         before, after = Graph.static_shape(unflat), Graph.static_shape(data)
@@ -119,8 +119,9 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
             log.refused(node, f"cannot fold {prior.op} into {node.op}: {affine}", pattern)
         return []
     scale, shift = np.repeat(affine.scale, repeat), np.repeat(affine.shift, repeat)
-    matrix = algebra.scale_matrix_weight(fc.matrix, scale, 1)  # (out, in): scales the inputs
-    bias = fc.bias + fc.matrix @ shift
+    original = fc.matrix
+    matrix = algebra.scale_matrix_weight(original, scale, 1)  # (out, in): scales the inputs
+    bias = fc.bias + original @ shift
     if node.op == "MatMul" and np.any(bias):
         log.refused(node, f"folding {prior.op} into MatMul would need a bias Add (no fewer nodes)", pattern)
         return []

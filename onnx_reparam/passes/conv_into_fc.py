@@ -12,6 +12,7 @@ the same shape add up to one matrix, written as the FC partner leaf's op (a grou
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import gcd
 
@@ -70,8 +71,18 @@ def trace(graph: Graph, leaf: Leaf) -> Branch | None:
     return Branch(leaf, source, in_shape[0], node, norms, nodes + [node], data if is_fc else None, shape)
 
 
-def matrix_of(graph: Graph, branch: Branch) -> tuple[list[np.ndarray], np.ndarray] | str:
-    """The branch's map of one row as block-diagonal blocks (one per group) and a bias, in float64."""
+@dataclass
+class RowMap:
+    """A branch's map of one row, built only once the fold is decided: ``groups`` block-diagonal
+    blocks with each row scaled (its BNs), and a bias, in float64."""
+    groups: int
+    build: Callable[[int, np.ndarray, np.ndarray | None], np.ndarray]  # (group, row scale, add into)
+    row_scale: np.ndarray
+    bias: np.ndarray
+
+
+def row_map(graph: Graph, branch: Branch) -> RowMap | str:
+    """The branch's map of one row, or why it has none."""
     node = branch.op
     shape = Graph.static_shape(node.inputs[0])
     if node.op == "Conv":
@@ -80,13 +91,15 @@ def matrix_of(graph: Graph, branch: Branch) -> tuple[list[np.ndarray], np.ndarra
             return form or "a conv with a computed weight or bias"
         # A kernel that reaches beyond the partition is exact too: its outer taps only ever meet
         # the conv's zero padding, which the conv-as-matrix leaves out.
-        geometry, spatial = form.geometry, shape[2:]
-        groups, out_channels = geometry["group"], form.weight.shape[0]
+        geometry, spatial, weight = form.geometry, shape[2:], form.weight
+        groups, out_channels = geometry["group"], weight.shape[0]
         if branch.shape[0] * branch.shape[1] // groups > MAX_ENTRIES:
             return f"its {branch.shape[0]}x{branch.shape[1]} matrix is too large to build"
         per = out_channels // groups
-        blocks = [algebra.conv_as_matrix(form.weight[g * per:(g + 1) * per], spatial, geometry["strides"],
-                                         geometry["pads"], geometry["dilations"]) for g in range(groups)]
+
+        def build(g: int, scale: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+            return algebra.conv_as_matrix(weight[g * per:(g + 1) * per], spatial, geometry["strides"],
+                                          geometry["pads"], geometry["dilations"], scale, out)
         bias = np.repeat(form.bias, branch.shape[0] // out_channels)
     elif len(shape) != 2:
         return "a fully connected layer over more than one axis"
@@ -94,7 +107,15 @@ def matrix_of(graph: Graph, branch: Branch) -> tuple[list[np.ndarray], np.ndarra
         fc = fc_form(graph, node)
         if fc is None:
             return "a fully connected layer with a computed or non-per-feature bias, or a transposed input"
-        blocks, bias = [fc.matrix], fc.bias
+        groups, bias = 1, fc.bias
+
+        def build(g: int, scale: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+            block = np.multiply(fc.weight, fc.alpha * scale[:, None], dtype=np.float64)
+            if out is None:
+                return block
+            out += block
+            return out
+    row_scale = np.ones(branch.shape[0])
     for norm in branch.norms:
         affine = inference_bn(graph, norm)
         if isinstance(affine, str):
@@ -104,10 +125,8 @@ def matrix_of(graph: Graph, branch: Branch) -> tuple[list[np.ndarray], np.ndarra
             return "a BatchNormalization over a layout with other rows"
         repeat = int(np.prod(layout[2:]))  # BN on (rows, S, h, w): its channel value per h*w
         scale, shift = np.repeat(affine[0], repeat), np.repeat(affine[1], repeat)
-        starts = np.cumsum([0] + [b.shape[0] for b in blocks])
-        blocks = [b * scale[s:s + b.shape[0], None] for b, s in zip(blocks, starts)]
-        bias = bias * scale + shift
-    return blocks, bias
+        row_scale, bias = row_scale * scale, bias * scale + shift
+    return RowMap(groups, build, row_scale, bias)
 
 
 def run(graph: Graph, log: PassLog) -> None:
@@ -127,41 +146,48 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     members, rest = [], []
     for leaf in tree.leaves:
         branch = branches[id(leaf)]
-        reason = None if branch is partner else _mismatch(branch, partner, output)
-        if reason is None:
-            found = matrix_of(graph, branch)
-            reason = found if isinstance(found, str) else None
-        if reason is None:
-            members.append((branch, *found))
+        found = _mismatch(branch, partner, output) if branch is not partner else None
+        if found is None:
+            found = row_map(graph, branch)
+        if not isinstance(found, str):
+            members.append((branch, found))
             continue
         rest.append(leaf)
         if branch is not None and branch.fc_input is None:
-            log.refused(tree.root, f"conv branch not folded into the fully connected layer: {reason}", "fc")
-    if len(members) < 2 or not any(b is partner for b, _, _ in members):
+            log.refused(tree.root, f"conv branch not folded into the fully connected layer: {found}", "fc")
+    if len(members) < 2 or not any(b is partner for b, _ in members):
         return False
     groups = 0
-    for _, blocks, _ in members:
-        groups = gcd(groups, len(blocks))
-    partner_blocks = next(blocks for b, blocks, _ in members if b is partner)
-    if groups < len(partner_blocks):
-        log.refused(tree.root, f"folding would take the fully connected layer from {len(partner_blocks)} groups "
+    for _, found in members:
+        groups = gcd(groups, found.groups)
+    partner_groups = next(found.groups for b, found in members if b is partner)
+    if groups < partner_groups:
+        log.refused(tree.root, f"folding would take the fully connected layer from {partner_groups} groups "
                     f"to {groups}", "fc")
         return False
-    weight = [np.zeros(b.shape) for b in partner_blocks]
-    bias = np.zeros(partner.shape[0])
-    for branch, blocks, branch_bias in members:
-        for total, block in zip(weight, algebra.block_diagonal(blocks, groups)):
-            if branch.leaf.sign > 0:
-                total += block
-            else:
-                total -= block
-        bias += branch.leaf.sign * branch_bias
-    removed = len(tree.nodes) + sum(len(b.nodes) for b, _, _ in members)
+    removed = len(tree.nodes) + sum(len(b.nodes) for b, _ in members)
     if 2 + combination_nodes(1 + len(rest), rest) > removed:
         return False
+    # The partner's blocks are built first; every other branch's blocks are added into them in
+    # place, so one float64 matrix is held, not one per branch.
+    members.sort(key=lambda member: member[0] is not partner)
+    weight: list[np.ndarray] = []
+    bias = np.zeros(partner.shape[0])
+    for branch, found in members:
+        per = found.groups // groups  # its consecutive blocks on the diagonal of one of ours
+        rows, cols = partner.shape[0] // found.groups, partner.shape[1] // found.groups
+        scale = branch.leaf.sign * found.row_scale
+        for g in range(found.groups):
+            if branch is partner:
+                weight.append(found.build(g, scale[g * rows:(g + 1) * rows], None))
+                continue
+            at = g % per
+            found.build(g, scale[g * rows:(g + 1) * rows],
+                        weight[g // per][at * rows:(at + 1) * rows, at * cols:(at + 1) * cols])
+        bias += branch.leaf.sign * found.bias
     _emit(graph, tree, partner, weight, bias, output, rest)
-    return log.rewrote("fc(" + "+".join(sorted(b.op.op for b, _, _ in members)) + ")",
-                       tree.nodes + [n for b, _, _ in members for n in b.nodes])
+    return log.rewrote("fc(" + "+".join(sorted(b.op.op for b, _ in members)) + ")",
+                       tree.nodes + [n for b, _ in members for n in b.nodes])
 
 
 def _mismatch(branch: Branch | None, partner: Branch, output: tuple[int, ...] | None) -> str | None:
@@ -192,12 +218,13 @@ def _emit(graph: Graph, tree: Tree, partner: Branch, blocks: list[np.ndarray], b
     if partner.op.op == "Conv":
         spatial = len(Graph.static_shape(partner.fc_input)) - 2
         weight = np.empty((bias.shape[0], blocks[0].shape[1]), partner.fc_input.dtype or dtype)
-        start = 0
-        for block in blocks:  # cast block by block: no float64 copy of the whole weight
+        groups, start = len(blocks), 0
+        while blocks:  # cast block by block, each float64 block let go once cast
+            block = blocks.pop(0)
             weight[start:start + block.shape[0]] = block
             start += block.shape[0]
         weight = weight.reshape((bias.shape[0], -1) + (1,) * spatial)
-        graph.emit_layer("Conv", partner.fc_input, weight, bias, rows, {"group": len(blocks)}, name, dtype)
+        graph.emit_layer("Conv", partner.fc_input, weight, bias, rows, {"group": groups}, name, dtype)
     else:
         matrix = algebra.block_diagonal(blocks, 1)[0]
         graph.emit_layer("Gemm", partner.fc_input, matrix, bias, rows, {"transB": 1}, name, dtype)

@@ -91,9 +91,10 @@ def affine_of(graph: Graph, node: Node, index: int, layer: Linear,
     return affine
 
 
-def scaled_weight(layer: Linear, weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+def scaled_weight(layer: Linear, weight: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The weight times the output channels' scale, in ``dtype`` (computed in float64)."""
     if layer.op == "Conv":
-        return algebra.scale_conv_weight(weight, scale)
+        return algebra.scale_conv_weight(weight, scale, dtype)
     if layer.op == "ConvTranspose":
         return algebra.scale_conv_transpose_weight(weight, scale, int(layer.attrs.get("group", 1)))
     out_axis = 0 if layer.op == "Gemm" and layer.attrs.get("transB", 0) else 1
@@ -133,8 +134,9 @@ def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
         log.refused(layer_node, f"cannot fold {affine_nodes[-1].op} into {layer_node.op}: {match.blocked}",
                     pattern)
         return False
-    weight = scaled_weight(layer, layer.weight, scale)
+    dtype = Graph.layer_dtype(layer_node.inputs[0], layer.dtype)
+    weight = scaled_weight(layer, layer.weight, scale, dtype)
     needs_bias = layer.op != "MatMul" or bias_node is not None or np.any(shift)
     graph.emit_layer(layer.op, layer_node.inputs[0], weight, shift if needs_bias else None,
-                     affine_nodes[-1].outputs[0], layer.attrs, layer_node.name)
+                     affine_nodes[-1].outputs[0], layer.attrs, layer_node.name, dtype)
     return log.rewrote(pattern, match.nodes)

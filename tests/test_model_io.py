@@ -1,0 +1,141 @@
+"""model_io: large weights stay on disk from load to save, and what is written is what onnx writes."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import onnx_reparam
+from test_cli import block_model, one_line_error, run
+from onnx_reparam.errors import ReparamError
+from onnx_reparam.model_io import LARGE_TENSOR, load_model, load_weights, on_disk, read_array, save_model
+
+
+def big_model(rows: int = 64, cols: int = 512) -> onnx.ModelProto:
+    """A MatMul whose weight is over LARGE_TENSOR bytes, a Mul by a small constant, and metadata
+    fields on both sides of the graph in the file."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((rows, cols)).astype(np.float32), "w")
+    weight.doc_string = "kept"
+    small = numpy_helper.from_array(np.float32([2.0]), "s")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Mul", ["y", "s"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, rows])],
+        [helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, cols])], [weight, small])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10,
+                              producer_name="test", doc_string="a model")
+    helper.set_model_props(model, {"k": "v"})
+    assert rows * cols * 4 > LARGE_TENSOR
+    return model
+
+
+def loaded(path) -> onnx.ModelProto:
+    """onnx.load's reading, external data read in and marked as in the file (as never saved)."""
+    model = onnx.load(path)
+    for tensor in model.graph.initializer:
+        tensor.ClearField("data_location")
+    return model
+
+
+def test_large_initializers_stay_on_disk_and_read_back_exactly(tmp_path):
+    model = big_model()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    lazy = load_model(path, lazy=True)
+    weight, small = lazy.graph.initializer
+    assert on_disk(weight)[0] == str(path.resolve()) and on_disk(small) is None
+    assert not weight.HasField("raw_data") and weight.doc_string == "kept"
+    np.testing.assert_array_equal(read_array(weight), numpy_helper.to_array(model.graph.initializer[0]))
+    assert load_weights(lazy) == model  # read in, it is the model onnx saved, field for field
+    assert load_model(path) == model  # the default: whole
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_saving_copies_weights_from_disk_as_onnx_would(tmp_path, external):
+    model = big_model()
+    source = tmp_path / "in.onnx"
+    onnx.save(model, source)
+    lazy = load_model(source, lazy=True)
+    before = lazy.SerializeToString()
+    target = tmp_path / "out.onnx"
+    save_model(lazy, target, external_data=external)
+    assert lazy.SerializeToString() == before  # the caller's model is not changed
+    assert (tmp_path / "out.onnx.data").exists() == external
+    assert loaded(target) == model
+    if not external:
+        assert onnx.load(target, load_external_data=False).graph.initializer[0].HasField("raw_data")
+
+
+def test_a_self_contained_model_saves_to_the_bytes_onnx_reads(tmp_path):
+    model = big_model()
+    save_model(model, tmp_path / "a.onnx")
+    assert loaded(tmp_path / "a.onnx") == model
+    save_model(model, tmp_path / "b.onnx", external_data=True)
+    assert loaded(tmp_path / "b.onnx") == model
+
+
+def test_external_data_input_stays_on_disk(tmp_path):
+    onnx.save(big_model(), tmp_path / "in.onnx", save_as_external_data=True, location="in.data",
+              size_threshold=0)
+    lazy = load_model(tmp_path / "in.onnx", lazy=True)
+    weight, small = lazy.graph.initializer
+    assert on_disk(weight)[0] == str((tmp_path / "in.data").resolve())
+    assert on_disk(small) is None and small.HasField("raw_data")  # small ones are read in
+    assert load_weights(lazy) == big_model()
+
+
+def test_a_graph_given_in_two_parts_is_merged_as_protobuf_does(tmp_path):
+    model = big_model()
+    nodes, rest = onnx.ModelProto(), onnx.ModelProto()
+    nodes.CopyFrom(model)
+    del nodes.graph.initializer[:]
+    rest.graph.initializer.extend(model.graph.initializer)
+    path = tmp_path / "parts.onnx"
+    path.write_bytes(nodes.SerializeToString() + rest.SerializeToString())
+    assert onnx.load(path) == model  # protobuf's own reading of the file
+    assert load_model(path) == model
+
+
+def test_external_data_outside_the_models_folder_is_refused(tmp_path):
+    model = big_model()
+    (tmp_path / "sub").mkdir()
+    onnx.save(model, tmp_path / "sub" / "m.onnx", save_as_external_data=True, location="w.data", size_threshold=0)
+    loaded = onnx.load(tmp_path / "sub" / "m.onnx", load_external_data=False)
+    (tmp_path / "sub" / "w.data").rename(tmp_path / "w.data")
+    for entry in loaded.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../w.data"
+    onnx.save(loaded, tmp_path / "sub" / "m.onnx")
+    with pytest.raises(ReparamError, match="outside the model's folder"):
+        load_model(tmp_path / "sub" / "m.onnx")
+
+
+@pytest.mark.parametrize("damage", ["cut in a weight", "bad varint", "length past the end"])
+def test_damaged_files_give_one_line(tmp_path, damage):
+    data = big_model().SerializeToString()
+    if damage == "cut in a weight":
+        data = data[:len(data) // 2]
+    elif damage == "bad varint":
+        data = data[:4] + b"\xff" * 12
+    else:
+        data = b"\x3a\xff\xff\xff\x07" + data  # field 7 (graph) claiming 2 GB
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data)
+    code, output = run("optimize", path, tmp_path / "out.onnx")
+    assert code == 2 and one_line_error(output) and "not an ONNX model or truncated" in output
+
+
+def test_optimize_returns_a_whole_model_unless_asked_for_lazy_weights(tmp_path):
+    path = tmp_path / "in.onnx"
+    onnx.save(block_model((1, 64, 8, 8)), path)
+    whole, _ = onnx_reparam.optimize(path)
+    assert not any(on_disk(t) for t in whole.graph.initializer)
+    lazy, report = onnx_reparam.optimize(path, lazy_weights=True)
+    assert report.verification.passed
+    kept = [t for t in lazy.graph.initializer if on_disk(t)]
+    new = [t for t in lazy.graph.initializer if not on_disk(t)]
+    assert all(on_disk(t)[0] == str(path.resolve()) for t in kept) and new  # folded ones are in memory
+    save_model(lazy, tmp_path / "a.onnx")
+    save_model(whole, tmp_path / "b.onnx")
+    assert onnx.load(tmp_path / "a.onnx") == onnx.load(tmp_path / "b.onnx")

@@ -22,27 +22,32 @@ def bn_affine(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.nda
 
 
 def scale_conv_weight(weight: np.ndarray, scale: np.ndarray, dtype: np.dtype = np.float64) -> np.ndarray:
-    """Conv weight (C_out, C_in/g, k...): output channels are axis 0. Computed in float64 and
-    rounded once to ``dtype`` (element by element: no float64 copy of the whole weight)."""
-    scale = np.asarray(scale, np.float64).reshape((-1,) + (1,) * (weight.ndim - 1))
-    return np.multiply(weight, scale, dtype=np.float64, out=np.empty(weight.shape, dtype), casting="same_kind")
+    """Conv weight (C_out, C_in/g, k...): output channels are axis 0."""
+    return _scaled(weight, np.asarray(scale, np.float64).reshape((-1,) + (1,) * (weight.ndim - 1)), dtype)
 
 
-def scale_conv_transpose_weight(weight: np.ndarray, scale: np.ndarray, groups: int) -> np.ndarray:
+def scale_conv_transpose_weight(weight: np.ndarray, scale: np.ndarray, groups: int,
+                                dtype: np.dtype = np.float64) -> np.ndarray:
     """ConvTranspose weight (C_in, C_out/g, k...): output channel g_idx * C_out/g + j is axis 1 of
     the rows of group g_idx, so the scale is laid out per group."""
     c_in, out_per_group = weight.shape[:2]
     spatial = weight.shape[2:]
-    grouped = np.asarray(weight, np.float64).reshape((groups, c_in // groups, out_per_group) + spatial)
+    grouped = weight.reshape((groups, c_in // groups, out_per_group) + spatial)
     per_group = np.asarray(scale, np.float64).reshape((groups, 1, out_per_group) + (1,) * len(spatial))
-    return (grouped * per_group).reshape(weight.shape)
+    return _scaled(grouped, per_group, dtype).reshape(weight.shape)
 
 
-def scale_matrix_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int) -> np.ndarray:
+def scale_matrix_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int,
+                        dtype: np.dtype = np.float64) -> np.ndarray:
     """2-D weight of a Gemm/MatMul whose output features run along ``out_axis``."""
-    scale = np.asarray(scale, np.float64)
-    shape = (-1, 1) if out_axis == 0 else (1, -1)
-    return np.asarray(weight, np.float64) * scale.reshape(shape)
+    return _scaled(weight, np.asarray(scale, np.float64).reshape((-1, 1) if out_axis == 0 else (1, -1)), dtype)
+
+
+def _scaled(weight: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """weight * scale computed in float64 and rounded once to ``dtype``, element by element: no
+    float64 copy of the whole weight is made."""
+    return np.multiply(weight, scale, dtype=np.float64, out=np.empty(np.broadcast_shapes(weight.shape, scale.shape),
+                                                                     dtype), casting="same_kind")
 
 
 def per_channel(const: np.ndarray, channels: int, axis: int, rank: int | None) -> np.ndarray | str:

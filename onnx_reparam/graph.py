@@ -8,6 +8,7 @@ weight shared with another node stays as that node needs it. Nor do they edit th
 from __future__ import annotations
 
 import contextlib
+import gc
 import re
 
 import numpy as np
@@ -191,6 +192,10 @@ class Graph:
         from it, so the replaced nodes go dead and clean-up removes them. The new nodes remember
         the original nodes of ``replaced`` and the rule that made them."""
         origins = tuple(sorted({o for n in replaced for o in self.origin(n)}))
+        going = {id(n) for n in replaced}
+        for tensor in {t.name: t for n in replaced for t in n.inputs}.values():
+            if tensor.name in self._read and all(id(reader) in going for reader in tensor.outputs):
+                del self._read[tensor.name]  # read by nothing once these go: not held meanwhile
         added = []
         for op, inputs, outputs, attrs, name in self._pending:
             for tensor in outputs:
@@ -210,17 +215,29 @@ class Graph:
 
     def cleanup(self) -> None:
         self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
+        live = self.gs.tensors()
+        for name in [name for name in self._read if name not in live]:
+            del self._read[name]  # a weight folded away is not held until the export
+
+    def holds_new_weights(self) -> bool:
+        """Whether a rewrite's weights over LARGE_TENSOR bytes are in the graph (the cyclic
+        garbage collection that frees them early is worth its time only then)."""
+        return any(isinstance(getattr(t, "_values", None), np.ndarray) and t._values.nbytes > LARGE_TENSOR
+                   for t in self.gs.tensors().values())
 
     def to_model(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """Writes the graph into ``model``, the model it was read from, and returns it: the
         envelope (IR version, opsets, metadata, doc strings, functions) stays as it was, weights
         still read stay where they are (not copied), dead ones are deleted, new ones added one at
         a time. The graph is not to be used afterwards."""
-        with _weights_as_placeholders(self.gs, 0) as values:
+        collect = self.holds_new_weights()
+        with _weights_as_placeholders(self.gs, 0, restore=False) as values:  # each array freed once stored
             exported = gs.export_onnx(self.gs, do_type_check=False)
         # Nothing may still point into the model's initializers when they are deleted below.
         self._read.clear()
         self.gs = None
+        if collect:  # the graph is reference cycles: its weights go now, not at a later collection
+            gc.collect()
         graph = model.graph
         stored = {t.name for t in graph.initializer}
         values = {name: value for name, value in values.items()
@@ -263,10 +280,10 @@ class Graph:
 
 
 @contextlib.contextmanager
-def _weights_as_placeholders(graph: gs.Graph, larger_than: int):
+def _weights_as_placeholders(graph: gs.Graph, larger_than: int, restore: bool = True):
     """While exporting: constants over ``larger_than`` bytes stand in as dims-only tensors, so the
     export copies no weights. Yields, by name, what each stand-in stands for: the stored tensor or
-    the new array."""
+    the new array; the graph gets them back afterwards unless ``restore`` is False."""
     swapped, new_values = [], {}
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, gs_tensor.SparseValues):
@@ -290,7 +307,7 @@ def _weights_as_placeholders(graph: gs.Graph, larger_than: int):
     try:
         yield new_values
     finally:
-        for tensor, values in swapped:
+        for tensor, values in swapped if restore else ():
             tensor._values = values
 
 

@@ -145,11 +145,30 @@ def test_tolerance_follows_the_lowest_precision_inside_the_graph():
     assert result.passed and "float16 arithmetic" in result.bound and "3 input sets" in result.summary()
 
 
-def test_the_bound_widens_to_the_reference_noise_and_says_so():
+def test_the_bound_widens_to_the_reference_noise_and_says_so(monkeypatch):
+    verification = importlib.import_module("onnx_reparam.verify")
+    monkeypatch.setitem(verification.TOLERANCES, onnx.TensorProto.FLOAT, (0.0, 0.0))  # any difference is beyond
+    model = chain_model()
+    result = onnx_reparam.verify(model, onnx_reparam.optimize(model, verify=False)[0])
+    out = result.outputs[0]
+    assert out.noise is not None and out.noise > 0 and out.tolerance >= 4 * out.noise
+    assert "reference's own noise" in result.bound
+
+
+def test_the_reference_noise_is_measured_only_when_needed(monkeypatch):
+    """Within the type's bound, verification is the two models' runs: no third session."""
+    verification = importlib.import_module("onnx_reparam.verify")
+    sessions = []
+    real = verification.Runner.session
+
+    def counted(self, model, optimized=False, threads=None):
+        sessions.append(optimized)
+        return real(self, model, optimized, threads)
+    monkeypatch.setattr(verification.Runner, "session", counted)
     _, report = onnx_reparam.optimize(chain_model())
-    out = report.verification.outputs[0]
-    assert out.noise is not None and out.tolerance >= 4 * out.noise
-    assert "reference's own noise" in report.verification.bound
+    assert report.verification.passed and sessions == [False, False]
+    assert all(o.noise is None for o in report.verification.outputs)
+    assert "noise" not in report.verification.bound
 
 
 def test_auto_on_a_machine_without_cuda_says_why():
@@ -407,6 +426,8 @@ def test_a_refusal_names_the_original_nodes_not_the_tool_made_ones():
 def test_the_bound_says_when_the_reference_noise_was_not_measured(monkeypatch):
     verification = importlib.import_module("onnx_reparam.verify")  # the module, not api.verify
     monkeypatch.setattr(verification, "NOISE_SIZE_LIMIT", 0)
-    _, report = onnx_reparam.optimize(chain_model())
-    assert "reference noise not measured: weights over" in report.verification.bound
-    assert all(o.noise is None for o in report.verification.outputs)
+    monkeypatch.setitem(verification.TOLERANCES, onnx.TensorProto.FLOAT, (0.0, 0.0))  # so it is needed
+    model = chain_model()
+    result = onnx_reparam.verify(model, onnx_reparam.optimize(model, verify=False)[0])
+    assert "reference noise not measured: weights over" in result.bound
+    assert all(o.noise is None for o in result.outputs)

@@ -96,12 +96,11 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     """FC(BN(y)) = y @ (W * s).T + (W @ t + b) along the feature axis of the FC's input; through a
     Reshape/Flatten of (N, C, ...) to (N, C * rest) the BN's channel values repeat ``rest`` times
     (a pooled BN before a classifier or RepMLP's global perceptron)."""
-    fc = fc_form(graph, node)
     data = node.inputs[0]
-    if fc is None or graph.shared_reason(data) is not None:
+    if graph.shared_reason(data) is not None:
         return []
     flatten, prior = None, graph.producer(data)
-    channels, axis, rank, repeat = fc.weight.shape[1], -1, Graph.rank(data), 1
+    channels, axis, rank, repeat = None, -1, Graph.rank(data), 1
     if prior is not None and prior.op in ("Reshape", "Flatten"):
         flatten, unflat = prior, prior.inputs[0]
         before, after = Graph.static_shape(unflat), Graph.static_shape(data)
@@ -112,6 +111,10 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         axis, prior = 1 - rank, graph.producer(unflat)
     if prior is None or prior.op != "BatchNormalization":  # Mul/Add stay for ORT's fusions (GELU)
         return []
+    fc = fc_form(graph, node)  # read only now: the weight may be large
+    if fc is None:
+        return []
+    channels = fc.weight.shape[1] if channels is None else channels
     pattern = f"{prior.op}+{flatten.op + '+' if flatten else ''}{node.op}"
     affine = channel_affine(graph, prior, channels, axis, rank)
     if not isinstance(affine, ChannelAffine):

@@ -96,9 +96,9 @@ def scaled_weight(layer: Linear, weight: np.ndarray, scale: np.ndarray, dtype: n
     if layer.op == "Conv":
         return algebra.scale_conv_weight(weight, scale, dtype)
     if layer.op == "ConvTranspose":
-        return algebra.scale_conv_transpose_weight(weight, scale, int(layer.attrs.get("group", 1)))
+        return algebra.scale_conv_transpose_weight(weight, scale, int(layer.attrs.get("group", 1)), dtype)
     out_axis = 0 if layer.op == "Gemm" and layer.attrs.get("transB", 0) else 1
-    return algebra.scale_matrix_weight(weight, scale, out_axis)
+    return algebra.scale_matrix_weight(weight, scale, out_axis, dtype)
 
 
 def run(graph: Graph, log: PassLog) -> None:
@@ -120,7 +120,7 @@ def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
     if layer_node.op == "MatMul" and len(affine_nodes) == 1 and affine_nodes[0].op in ("Add", "Sub"):
         return False  # that Add is the MatMul's bias; the three-node pattern folds what follows it
     bias_node = affine_nodes[0] if len(affine_nodes) == 2 else None
-    scale, shift = np.ones(channels), layer.bias
+    scale, shift = 1.0, layer.bias  # scale stays a number until an affine scales per channel
     for node, index in zip(affine_nodes, match.input_index):
         affine = affine_of(graph, node, index, layer, channels)
         if affine is None:

@@ -10,6 +10,8 @@ builds each conv's zero bias as Expand(CastLike(0, x), Shape(weight))).
 """
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
@@ -49,6 +51,10 @@ def run(graph: Graph, log: PassLog) -> None:
     finally:
         gs.logger.G_LOGGER.severity = level
         ort.set_default_logger_severity(2)  # ORT's default; it has no getter to restore from
+        # onnx-graphsurgeon folds on clones of the graph, reference cycles sharing our weights:
+        # collected now, they do not keep weights that later rewrites let go.
+        if graph.holds_new_weights():
+            gc.collect()
     left = {graph.label(n) for n in graph.gs.nodes}
     folded = [n for n in before if graph.label(n) not in left]
     if folded and not log.rewrote("constant subgraphs", folded):

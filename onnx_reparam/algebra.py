@@ -166,11 +166,7 @@ def conv_as_matrix(weight: np.ndarray, spatial: tuple[int, ...], strides: tuple[
     rows_count, cols_count = out_channels * int(np.prod(sizes)), in_channels * int(np.prod(spatial))
     scale = np.ones(rows_count) if row_scale is None else np.asarray(row_scale, np.float64)
     if all(s == 1 for s in spatial) and all(k == 1 for k in kernel) and not any(pads):  # an FC as a 1x1 conv
-        matrix = np.multiply(weight.reshape(out_channels, in_channels), scale[:, None], dtype=np.float64)
-        if out is None:
-            return matrix
-        out += matrix
-        return out
+        return scaled_rows(weight.reshape(out_channels, in_channels), scale, out)
     if out is None:
         out = np.zeros((rows_count, cols_count))
     # Indexed in the (O, *out, C, *spatial) layout: a view of ``out``, never a copy.
@@ -192,6 +188,15 @@ def conv_as_matrix(weight: np.ndarray, spatial: tuple[int, ...], strides: tuple[
         tap = weight[(slice(None), slice(None)) + taps].reshape((out_channels,) + (1,) * n + (in_channels,))
         scales = scale[(rows[..., 0], *(o[..., 0] for o in outs))][..., None]
         grid[(rows, *outs, cols, *ins)] += tap * scales
+    return out
+
+
+def scaled_rows(matrix: np.ndarray, scale: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``matrix`` with row i multiplied by ``scale[i]``, in float64; added into ``out`` when given."""
+    scaled = np.multiply(matrix, np.asarray(scale, np.float64)[:, None], dtype=np.float64)
+    if out is None:
+        return scaled
+    out += scaled
     return out
 
 

@@ -132,7 +132,7 @@ def peak_memory() -> int | None:
         with open("/proc/self/status") as status:
             return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
     except (OSError, StopIteration, ValueError, IndexError):
-        pass
+        pass  # no /proc (macOS, Windows): ru_maxrss is the platform's own figure
     try:
         import resource
     except ImportError:  # Windows

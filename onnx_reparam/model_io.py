@@ -30,6 +30,7 @@ PROTOBUF_LIMIT = 2**31 - 2**27
 PACKED_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
                 if hasattr(onnx.TensorProto, name)}
 LARGE_TENSOR = 1 << 16  # bytes: larger initializers are left out of checker and shape inference
+COPY_CHUNK = 1 << 24  # bytes: weights are copied from file to file in pieces of this size
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path] | None = None,
@@ -47,7 +48,6 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path
         if not path.is_file():
             raise ReparamError(f"{path}: not a file")
         model = _read_skeleton(path)
-        _check_structure(model)
         _locate_external(model, path.parent, data_files)
     _check_structure(model)
     _check_tensor_sizes(model)
@@ -87,17 +87,24 @@ def read_array(tensor: onnx.TensorProto) -> np.ndarray:
     place = on_disk(tensor)
     if place is None:
         return numpy_helper.to_array(tensor)
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    if tensor.data_type in PACKED_TYPES or dtype.kind not in "fiucb" or sys.byteorder != "little":
+    if not _plain(tensor):
         whole = onnx.TensorProto(dims=tensor.dims, data_type=tensor.data_type, raw_data=_read_bytes(*place))
         return numpy_helper.to_array(whole)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     return np.frombuffer(_read_bytes(*place), dtype=dtype).reshape(tuple(tensor.dims))
+
+
+def _plain(tensor: onnx.TensorProto) -> bool:
+    """Whether numpy takes the tensor's raw bytes as they are (not bfloat16, float8 or 4-bit
+    types, which onnx's helpers convert, nor on a big-endian machine)."""
+    return tensor.data_type not in PACKED_TYPES and sys.byteorder == "little" and \
+        onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).kind in "fiucb"
 
 
 def append_array(tensors, name: str, array: np.ndarray) -> None:
     """Appends ``array`` to a repeated TensorProto field; a plain numeric one is filled in place
     (from_array and append would each copy its bytes once more)."""
-    if array.dtype.kind not in "fiucb" or sys.byteorder != "little":
+    if array.dtype.kind not in "fiucb" or sys.byteorder != "little":  # strings, ml_dtypes' types
         tensors.append(numpy_helper.from_array(array, name))
         return
     tensor = tensors.add(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
@@ -112,24 +119,31 @@ def disk_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
         place = on_disk(tensor)
         if place is None:
             continue
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        if tensor.data_type in PACKED_TYPES or dtype.kind not in "fiucb" or sys.byteorder != "little":
+        if not _plain(tensor):
             return None
         location, offset, _ = place
-        arrays[tensor.name] = np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=tuple(tensor.dims))
+        arrays[tensor.name] = np.memmap(location, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type),
+                                        mode="r", offset=offset, shape=tuple(tensor.dims))
     return arrays
 
 
 def _read_bytes(location: str, offset: int, length: int) -> bytes:
+    return b"".join(_chunks(location, offset, length, max(length, 1)))  # one piece: joined without a copy
+
+
+def _chunks(location: str, offset: int, length: int, size: int = COPY_CHUNK):
+    """The bytes of a range of a file, in pieces of at most ``size`` bytes."""
     try:
         with open(location, "rb") as f:
             f.seek(offset)
-            data = f.read(length)
+            while length:
+                chunk = f.read(min(length, size))
+                if not chunk:
+                    raise ReparamError(f"{location} is shorter than when it was loaded: was it changed meanwhile?")
+                yield chunk
+                length -= len(chunk)
     except OSError as exc:
         raise ReparamError(f"cannot read weights from {location}: {exc.strerror or exc}") from None
-    if len(data) != length:
-        raise ReparamError(f"{location} is shorter than when it was loaded: was it changed meanwhile?")
-    return data
 
 
 # The protobuf wire format, as far as the scan needs it (field numbers from onnx.proto).
@@ -274,9 +288,9 @@ def _locate_external(model: onnx.ModelProto, folder: Path, data_files: set[Path]
             raise ReparamError(f"missing external data: {location} (needed by tensor '{tensor.name}')")
         if data_files is not None:
             data_files.add(location)
-        offset = int(info.offset or 0)
-        length = int(info.length) if info.length else location.stat().st_size - offset
-        if offset < 0 or length < 0 or offset + length > location.stat().st_size:
+        offset, size = int(info.offset or 0), location.stat().st_size
+        length = int(info.length) if info.length else size - offset
+        if offset < 0 or length < 0 or offset + length > size:
             raise ReparamError(f"tensor '{tensor.name}': its external data runs past the end of {location} "
                                "(the file is truncated)")
         if length <= LARGE_TENSOR:
@@ -350,7 +364,6 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file
-COPY_CHUNK = 1 << 24
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
@@ -446,12 +459,5 @@ def _copy_bytes(source: onnx.TensorProto | tuple[str, int, int], out) -> None:
     if isinstance(source, onnx.TensorProto):
         out.write(source.raw_data)
         return
-    location, offset, length = source
-    with open(location, "rb") as f:
-        f.seek(offset)
-        while length:
-            chunk = f.read(min(length, COPY_CHUNK))
-            if not chunk:
-                raise ReparamError(f"{location} is shorter than when it was loaded: was it changed meanwhile?")
-            out.write(chunk)
-            length -= len(chunk)
+    for chunk in _chunks(*source):
+        out.write(chunk)

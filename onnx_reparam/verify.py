@@ -239,8 +239,9 @@ class Runner:
 
 def _session_source(model: onnx.ModelProto, tmp: Path) -> tuple[bytes | str, dict]:
     """The model as onnxruntime loads it: its bytes, plus the weights still on disk as OrtValues
-    over memory maps of their files, by name; or, when it is too big for that, the path of a copy
-    written to ``tmp`` with external data."""
+    over memory maps of their files, by name; or the path of a copy written to ``tmp`` with
+    external data, when its bytes would be over 2 GB or a weight on disk has a type numpy cannot
+    map (the results are the same either way)."""
     arrays = disk_arrays(model)
     if arrays is not None and fits_in_protobuf(model, on_disk_too=False):
         ort = _ort()
@@ -400,6 +401,7 @@ class Checker:
         self.noise: list[float | None] | None = None
         self.noise_missing: str | None = None  # why the reference's noise was not measured
         self.rtol, self.atol = rtol, atol
+        self.precision = lowest_precision(reference)  # the float type the tolerances follow
         self.note = "; ".join(self.runner.notes + self.chosen) or None
 
     def _reference_noise(self) -> list[float | None]:
@@ -429,9 +431,8 @@ class Checker:
     def _tolerance(self, noise: list[float | None] | None) -> Tolerance:
         """The bound: the user's rtol/atol, or the least precise float type's, widened to
         NOISE_FACTOR times the reference's noise where that was measured."""
-        precision = lowest_precision(self.reference)
-        default_rtol, default_atol = TOLERANCES.get(precision, LOOSEST)
-        name = onnx.TensorProto.DataType.Name(precision).lower()
+        default_rtol, default_atol = TOLERANCES.get(self.precision, LOOSEST)
+        name = onnx.TensorProto.DataType.Name(self.precision).lower()
         how = f"rtol {default_rtol:g}, atol {default_atol:g} for {name} arithmetic"
         given = self.rtol is not None or self.atol is not None
         if given:

@@ -110,11 +110,7 @@ def row_map(graph: Graph, branch: Branch) -> RowMap | str:
         groups, bias = 1, fc.bias
 
         def build(g: int, scale: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-            block = np.multiply(fc.weight, fc.alpha * scale[:, None], dtype=np.float64)
-            if out is None:
-                return block
-            out += block
-            return out
+            return algebra.scaled_rows(fc.weight, fc.alpha * scale, out)
     row_scale = np.ones(branch.shape[0])
     for norm in branch.norms:
         affine = inference_bn(graph, norm)

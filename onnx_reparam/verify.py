@@ -180,12 +180,15 @@ def device_name(provider: str) -> str:
 
 
 def doubled_install() -> str | None:
-    """Both onnxruntime and onnxruntime-gpu installed: they share one folder, and removing either
-    breaks the other."""
+    """Both onnxruntime and onnxruntime-gpu installed in one folder: they share the package's
+    files, and removing either breaks the other. In two folders the first on sys.path is used and
+    either may go."""
     try:
-        metadata.distribution("onnxruntime")
-        metadata.distribution("onnxruntime-gpu")
+        folders = {Path(metadata.distribution(name).locate_file("")).resolve()
+                   for name in ("onnxruntime", "onnxruntime-gpu")}
     except metadata.PackageNotFoundError:
+        return None
+    if len(folders) > 1:
         return None
     return ("onnxruntime and onnxruntime-gpu are both installed and share one folder; keep one: "
             "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (or onnxruntime)")
@@ -205,7 +208,18 @@ class Runner:
         if reason:
             self.notes.insert(0, f"CUDA not used: {reason}")
         use_cuda = provider != "cpu" and reason is None
+        self.requested = provider
         self.provider = "CUDAExecutionProvider" if use_cuda else "CPUExecutionProvider"
+        self.device = device_name(self.provider)
+
+    def cuda_cannot_run(self, problem: str) -> None:
+        """The CUDA provider loads but cannot run the input model (a kernel it lacks or refuses):
+        under auto, go on with the CPU and say why; with --provider cuda, that is the error."""
+        reason = f"onnxruntime's CUDA provider cannot run the input model: {problem}"
+        if self.requested == "cuda":
+            raise ReparamError(f"--provider cuda: {reason}; use --provider cpu or auto")
+        self.notes.insert(0, f"CUDA not used: {reason}")
+        self.provider = "CPUExecutionProvider"
         self.device = device_name(self.provider)
 
     def session(self, model: onnx.ModelProto, optimized: bool = False, threads: int | None = None):
@@ -216,7 +230,10 @@ class Runner:
         if threads:
             options.intra_op_num_threads = threads
         # TF32 would make both models differ from float32 arithmetic by ~1e-3; keep full precision.
-        providers = [(self.provider, {"use_tf32": "0"})] if self.provider.startswith("CUDA") else []
+        # A check runs each session a few times: cuDNN's exhaustive search for the fastest conv
+        # algorithm would cost more than the runs; a deployment-like session (a bench) keeps it.
+        cuda = {"use_tf32": "0", **({} if optimized else {"cudnn_conv_algo_search": "HEURISTIC"})}
+        providers = [(self.provider, cuda)] if self.provider.startswith("CUDA") else []
         with tempfile.TemporaryDirectory(prefix="onnx-reparam-") as tmp:
             source, weights = _session_source(model, Path(tmp))
             if weights:  # kept alive until the session has copied them
@@ -391,18 +408,25 @@ class Checker:
         self.chosen: list[str] = []
         self.feed_sets = make_inputs(reference, input_shapes, seed, inputs, self.chosen)
         self.runner = Runner(provider)
-        try:
-            self.expected = self.runner.run(reference, self.feed_sets)
-        except ReparamError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-            raise ReparamError(f"onnxruntime cannot run the input model: {first_line(exc)}") from None
+        self.expected = self._run_reference(reference)
         self.reference = reference  # for its noise, measured only when a candidate needs it
         self.noise: list[float | None] | None = None
         self.noise_missing: str | None = None  # why the reference's noise was not measured
         self.rtol, self.atol = rtol, atol
         self.precision = lowest_precision(reference)  # the float type the tolerances follow
         self.note = "; ".join(self.runner.notes + self.chosen) or None
+
+    def _run_reference(self, reference: onnx.ModelProto) -> list[list[np.ndarray]]:
+        try:
+            return self.runner.run(reference, self.feed_sets)
+        except ReparamError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
+            problem = first_line(exc)
+        if self.runner.provider.startswith("CUDA"):
+            self.runner.cuda_cannot_run(problem)
+            return self._run_reference(reference)
+        raise ReparamError(f"onnxruntime cannot run the input model: {problem}")
 
     def _reference_noise(self) -> list[float | None]:
         """Per output, the largest difference between the reference run with and without ORT's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
@@ -41,10 +42,52 @@ def test_each_platform_gets_the_onnxruntime_that_has_a_wheel_there(system, machi
     assert (wanted[0].extras == {"cuda", "cudnn"}) if PLATFORMS[system, machine] == "onnxruntime-gpu" else not wanted
 
 
-def test_a_doubled_onnxruntime_install_says_how_to_repair_it(monkeypatch):
-    monkeypatch.setattr(metadata, "distribution", lambda name: name)  # both "found"
+class _Installed:
+    def __init__(self, folder):
+        self.folder = folder
+
+    def locate_file(self, path):
+        return Path(self.folder) / path
+
+
+def test_a_doubled_onnxruntime_install_says_how_to_repair_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(metadata, "distribution", lambda name: _Installed(tmp_path))  # both in one folder
     assert "pip uninstall -y onnxruntime onnxruntime-gpu" in doubled_install()
     assert any("share one folder" in n for n in Runner("cpu").notes)
+
+
+def test_two_onnxruntimes_in_two_folders_are_not_a_doubled_install(monkeypatch, tmp_path):
+    # e.g. onnxruntime-gpu on PYTHONPATH before a CPU onnxruntime in the venv (seen on a GPU machine)
+    monkeypatch.setattr(metadata, "distribution", lambda name: _Installed(tmp_path / name))
+    assert doubled_install() is None and Runner("cpu").notes == []
+
+
+def test_cuda_that_cannot_run_the_input_model_falls_back_to_cpu_and_says_why(monkeypatch, tmp_path):
+    # Seen on an H200: cuDNN refuses a BatchNormalization (CUDNN_STATUS_BAD_PARAM) that the CPU runs.
+    # Here CUDA "loads" but no session can be placed on it, which takes the same path.
+    verify = sys.modules["onnx_reparam.verify"]  # the package exports a function of that name
+    monkeypatch.setattr(verify, "cuda_status", lambda: None)
+    monkeypatch.setattr(verify, "device_name", lambda provider: provider[:4])
+    if NO_CUDA is None:  # a real GPU: make its sessions fail as cuDNN's refusal did
+        monkeypatch.setattr(verify.Runner, "session", _cuda_refuses(verify.Runner.session))
+    _, report = onnx_reparam.optimize(block_model())
+    check = report.verification
+    assert check.passed and check.provider == "CPUExecutionProvider" and check.device.startswith("CPUE")
+    assert check.note.startswith("CUDA not used: onnxruntime's CUDA provider cannot run the input model: ")
+    onnx.save(block_model(), tmp_path / "a.onnx")
+    result = CliRunner().invoke(main, ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"),
+                                       "--provider", "cuda"])
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: --provider cuda: onnxruntime's CUDA provider cannot run the input model: ")
+    assert result.output.endswith("; use --provider cpu or auto\n") and not (tmp_path / "b.onnx").exists()
+
+
+def _cuda_refuses(session):
+    def refusing(self, *args, **kwargs):
+        if self.provider.startswith("CUDA"):
+            raise RuntimeError("CUDNN failure 2000: CUDNN_STATUS_BAD_PARAM")
+        return session(self, *args, **kwargs)
+    return refusing
 
 
 def test_the_check_names_provider_device_and_runtime():

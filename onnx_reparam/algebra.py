@@ -200,25 +200,6 @@ def scaled_rows(matrix: np.ndarray, scale: np.ndarray, out: np.ndarray | None = 
     return out
 
 
-def block_diagonal(blocks: list[np.ndarray], groups: int) -> list[np.ndarray]:
-    """Regroups a block-diagonal matrix given as ``len(blocks)`` blocks into ``groups`` blocks,
-    which must divide len(blocks): consecutive blocks are placed on the diagonal of larger ones."""
-    per = len(blocks) // groups
-    if per == 1:
-        return [np.asarray(b, np.float64) for b in blocks]
-    result = []
-    for g in range(groups):
-        part = blocks[g * per:(g + 1) * per]
-        rows, cols = sum(b.shape[0] for b in part), sum(b.shape[1] for b in part)
-        merged = np.zeros((rows, cols))
-        r = c = 0
-        for b in part:
-            merged[r:r + b.shape[0], c:c + b.shape[1]] = b
-            r, c = r + b.shape[0], c + b.shape[1]
-        result.append(merged)
-    return result
-
-
 def add_embedded(target: np.ndarray, weight: np.ndarray, offsets: tuple[int, ...], factor: float) -> None:
     """target += factor * weight, with ``weight`` zero-padded so that it sits at ``offsets`` (in
     taps) on the spatial axes of ``target``. Accumulates in place: no padded copy is made."""

@@ -157,11 +157,3 @@ def test_dilate_kernel_moves_the_dilation_into_the_taps():
     dense = algebra.dilate_kernel(w, (3, 2))
     np.testing.assert_allclose(conv(x, dense, dilation=(1, 2)), conv(x, w, dilation=(3, 4)), atol=1e-10)
 
-
-def test_block_diagonal_regroups_blocks():
-    blocks = [np.full((2, 3), i + 1.0) for i in range(4)]
-    merged = algebra.block_diagonal(blocks, 2)
-    assert [m.shape for m in merged] == [(4, 6), (4, 6)]
-    np.testing.assert_array_equal(merged[1][2:, 3:], blocks[3])
-    assert not merged[1][:2, 3:].any()
-    np.testing.assert_array_equal(algebra.block_diagonal(blocks, 1)[0][6:, 9:], blocks[3])

@@ -164,24 +164,26 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     removed = len(tree.nodes) + sum(len(b.nodes) for b, _ in members)
     if 2 + combination_nodes(1 + len(rest), rest) > removed:
         return False
-    # The partner's blocks are built first; every other branch's blocks are added into them in
-    # place, so one float64 matrix is held, not one per branch.
+    # One block of the result at a time, in a reused float64 scratch: the partner's rows first,
+    # then every other branch's added in place; each block is rounded once into the weight.
     members.sort(key=lambda member: member[0] is not partner)
-    weight: list[np.ndarray] = []
-    bias = np.zeros(partner.shape[0])
-    for branch, found in members:
-        per = found.groups // groups  # its consecutive blocks on the diagonal of one of ours
-        rows, cols = partner.shape[0] // found.groups, partner.shape[1] // found.groups
-        scale = branch.leaf.sign * found.row_scale
-        for g in range(found.groups):
-            if branch is partner:
-                weight.append(found.build(g, scale[g * rows:(g + 1) * rows], None))
-                continue
-            at = g % per
-            found.build(g, scale[g * rows:(g + 1) * rows],
-                        weight[g // per][at * rows:(at + 1) * rows, at * cols:(at + 1) * cols])
-        bias += branch.leaf.sign * found.bias
-    _emit(graph, tree, partner, weight, bias, output, rest)
+    dtype = graph.layer_dtype(partner.fc_input, graph.constant(partner.op.inputs[1]).dtype)
+    out_rows, in_cols = partner.shape
+    weight = np.empty((out_rows, in_cols // groups), dtype)
+    block = np.empty((out_rows // groups, in_cols // groups))
+    for j in range(groups):
+        block.fill(0.0)
+        for branch, found in members:
+            per = found.groups // groups  # its consecutive blocks on the diagonal of one of ours
+            rows, cols = out_rows // found.groups, in_cols // found.groups
+            scale = branch.leaf.sign * found.row_scale
+            for at, g in enumerate(range(j * per, (j + 1) * per)):
+                found.build(g, scale[g * rows:(g + 1) * rows],
+                            block[at * rows:(at + 1) * rows, at * cols:(at + 1) * cols])
+        weight[j * block.shape[0]:(j + 1) * block.shape[0]] = block
+    del block
+    bias = sum(branch.leaf.sign * found.bias for branch, found in members)
+    _emit(graph, tree, partner, weight, groups, bias, output, rest)
     return log.rewrote("fc(" + "+".join(sorted(b.op.op for b, _ in members)) + ")",
                        tree.nodes + [n for b, _ in members for n in b.nodes])
 
@@ -204,26 +206,20 @@ def _mismatch(branch: Branch | None, partner: Branch, output: tuple[int, ...] | 
     return None
 
 
-def _emit(graph: Graph, tree: Tree, partner: Branch, blocks: list[np.ndarray], bias: np.ndarray,
+def _emit(graph: Graph, tree: Tree, partner: Branch, weight: np.ndarray, groups: int, bias: np.ndarray,
           output_shape: tuple[int, ...], rest: list[Leaf]) -> None:
+    """Writes the summed map as the partner's kind of op: a grouped 1x1 Conv (``weight`` is
+    (out, in per group)) or a Gemm, then one Reshape to the sum's shape (and the leaves left)."""
     name, output = tree.root.name, tree.root.outputs[0]
-    dtype = graph.constant(partner.op.inputs[1]).dtype
     exact_shape = not any(graph.constant(leaf.tensor) is not None for leaf in rest)
     target = output if not rest else graph.add_variable(f"{name}_fc", output, exact_shape)
     rows = graph.add_variable(f"{name}_rows", output, same_shape=False)
     if partner.op.op == "Conv":
         spatial = len(Graph.static_shape(partner.fc_input)) - 2
-        weight = np.empty((bias.shape[0], blocks[0].shape[1]), partner.fc_input.dtype or dtype)
-        groups, start = len(blocks), 0
-        while blocks:  # cast block by block, each float64 block let go once cast
-            block = blocks.pop(0)
-            weight[start:start + block.shape[0]] = block
-            start += block.shape[0]
-        weight = weight.reshape((bias.shape[0], -1) + (1,) * spatial)
-        graph.emit_layer("Conv", partner.fc_input, weight, bias, rows, {"group": groups}, name, dtype)
+        weight = weight.reshape(weight.shape + (1,) * spatial)
+        graph.emit_layer("Conv", partner.fc_input, weight, bias, rows, {"group": groups}, name)
     else:
-        matrix = algebra.block_diagonal(blocks, 1)[0]
-        graph.emit_layer("Gemm", partner.fc_input, matrix, bias, rows, {"transB": 1}, name, dtype)
+        graph.emit_layer("Gemm", partner.fc_input, weight, bias, rows, {"transB": 1}, name)
     shape = graph.add_constant(f"{name}_shape", np.array(output_shape, np.int64))
     graph.add_node("Reshape", [rows, shape], [target], {}, name)
     if rest:

@@ -364,6 +364,7 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file
+ALIGN_THRESHOLD, ALIGNMENT = 1 << 20, 1 << 16  # external data this large starts at a multiple of 64 KiB
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
@@ -405,33 +406,37 @@ def _write(model: onnx.ModelProto, out, data=None, data_name: str | None = None)
     from where they are (a message's fields may come in any order; protobuf's own ByteSize and
     SerializeToString would copy them, slowly). With ``data``, initializers of EXTERNAL_THRESHOLD
     bytes or more go there as external data named ``data_name``."""
-    records = []  # per initializer: (its fields but the bytes, where its bytes are, their length if inline)
+    records = []  # per initializer: its fields but the bytes, where its bytes are, their length if
+    # inline, their offset in ``data`` if not
     offset = 0
     for tensor in model.graph.initializer:
         place = on_disk(tensor)
         if place is None and (not tensor.HasField("raw_data") or tensor.data_type in PACKED_TYPES):
-            records.append((tensor.SerializeToString(), None, None))  # typed fields: small or rare
+            records.append((tensor.SerializeToString(), None, None, None))  # typed fields: small or rare
             continue
         length = place[2] if place else tensor_bytes(tensor)
         header = _without(tensor, ("raw_data", "external_data", "data_location"))
         if data is not None and length >= EXTERNAL_THRESHOLD:
+            if length >= ALIGN_THRESHOLD:  # as onnx does: onnxruntime maps such data instead of reading it
+                offset = -(-offset // ALIGNMENT) * ALIGNMENT
             _point_at(header, data_name, offset, length)
+            records.append((header.SerializeToString(), place or tensor, None, offset))
             offset += length
-            records.append((header.SerializeToString(), place or tensor, None))
         else:
-            records.append((header.SerializeToString(), place or tensor, length))
+            records.append((header.SerializeToString(), place or tensor, length, None))
     rest = _without(model.graph, ("initializer",)).SerializeToString()
     sizes = [len(header) + (0 if length is None else len(_key(_TENSOR_RAW_DATA)) + len(_varint_bytes(length)) + length)
-             for header, _, length in records]
+             for header, _, length, _ in records]
     graph_size = len(rest) + sum(len(_key(_GRAPH_INITIALIZER)) + len(_varint_bytes(n)) + n for n in sizes)
     out.write(_without(model, ("graph",)).SerializeToString())
     out.write(_key(_MODEL_GRAPH) + _varint_bytes(graph_size) + rest)
-    for (header, source, length), size in zip(records, sizes):
+    for (header, source, length, offset), size in zip(records, sizes):
         out.write(_key(_GRAPH_INITIALIZER) + _varint_bytes(size) + header)
         if length is not None:  # its bytes follow as raw_data
             out.write(_key(_TENSOR_RAW_DATA) + _varint_bytes(length))
             _copy_bytes(source, out)
         elif source is not None:
+            data.write(bytes(offset - data.tell()))
             _copy_bytes(source, data)
 
 

@@ -20,6 +20,7 @@ import functools
 import io
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -31,7 +32,7 @@ import numpy as np
 import onnx
 
 from .errors import ReparamError, first_line
-from .model_io import disk_arrays, fits_in_protobuf, save_model
+from .model_io import disk_arrays, fits_in_protobuf, on_disk, save_model
 from .report import GraphStats, OutputCheck, Verification
 
 # (rtol, atol) by float type: an element passes when |a - b| <= atol + rtol * (scale of its channel).
@@ -64,6 +65,10 @@ def _session_options(ort, optimized: bool = False):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized \
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 4  # failures are raised and reported by us, in one line
+    if not optimized:
+        # A check runs a session a few times: repacking the weights for faster products would
+        # cost a copy of each (and onnxruntime could no longer use the file's pages as they are).
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
@@ -235,9 +240,11 @@ class Runner:
         cuda = {"use_tf32": "0", **({} if optimized else {"cudnn_conv_algo_search": "HEURISTIC"})}
         providers = [(self.provider, cuda)] if self.provider.startswith("CUDA") else []
         with tempfile.TemporaryDirectory(prefix="onnx-reparam-") as tmp:
-            source, weights = _session_source(model, Path(tmp))
+            source, weights, folder = _session_source(model, Path(tmp))
             if weights:  # kept alive until the session has copied them
                 options.add_external_initializers(list(weights), list(weights.values()))
+            if folder:
+                options.add_session_config_entry(EXTERNAL_FOLDER_OPTION, folder)
             session = ort.InferenceSession(source, options,
                                            providers=providers + ["CPUExecutionProvider"],
                                            enable_fallback=0)  # ORT's fallback prints to stdout
@@ -254,18 +261,50 @@ class Runner:
         return [session.run(None, feeds) for feeds in feed_sets]
 
 
-def _session_source(model: onnx.ModelProto, tmp: Path) -> tuple[bytes | str, dict]:
-    """The model as onnxruntime loads it: its bytes, plus the weights still on disk as OrtValues
-    over memory maps of their files, by name; or the path of a copy written to ``tmp`` with
-    external data, when its bytes would be over 2 GB or a weight on disk has a type numpy cannot
-    map (the results are the same either way)."""
-    arrays = disk_arrays(model)
-    if arrays is not None and fits_in_protobuf(model, on_disk_too=False):
-        ort = _ort()
-        return model.SerializeToString(), {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in arrays.items()}
+# Where onnxruntime finds external data of a model given as bytes (onnxruntime 1.21 and later).
+EXTERNAL_FOLDER_OPTION = "session.model_external_initializers_file_folder_path"
+
+
+def _session_source(model: onnx.ModelProto, tmp: Path) -> tuple[bytes | str, dict, str | None]:
+    """The model as onnxruntime loads it: (its bytes, OrtValues by name, the folder its external
+    data is in). Weights still on disk stay there: onnxruntime reads them from their files (in the
+    folder given), or, before 1.21, gets them as OrtValues over memory maps (it then copies them,
+    and the mapped pages count as resident too). When the bytes would be over 2 GB, or a weight
+    on disk has a type numpy cannot map, it is the path of a copy written to ``tmp`` with external
+    data. The results are the same either way."""
+    if fits_in_protobuf(model, on_disk_too=False):
+        places = [on_disk(t) for t in model.graph.initializer if on_disk(t) is not None]
+        if not places:
+            return model.SerializeToString(), {}, None
+        if _ort_version() >= (1, 21):
+            folder = os.path.commonpath([os.path.dirname(location) for location, _, _ in places])
+            return _serialized_relative_to(model, folder), {}, folder
+        arrays = disk_arrays(model)
+        if arrays is not None:
+            ort = _ort()
+            return model.SerializeToString(), {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}, None
     path = tmp / "model.onnx"
     save_model(model, path, external_data=True)
-    return str(path), {}
+    return str(path), {}, None
+
+
+def _serialized_relative_to(model: onnx.ModelProto, folder: str) -> bytes:
+    """The model's bytes with each on-disk weight's location relative to ``folder`` (onnxruntime
+    refuses absolute ones); the model itself is left as it was."""
+    entries = [entry for t in model.graph.initializer if on_disk(t) is not None
+               for entry in t.external_data if entry.key == "location"]
+    absolute = [entry.value for entry in entries]
+    try:
+        for entry in entries:
+            entry.value = os.path.relpath(entry.value, folder)
+        return model.SerializeToString()
+    finally:
+        for entry, location in zip(entries, absolute):
+            entry.value = location
+
+
+def _ort_version() -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", _ort().__version__)[:2])
 
 
 def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
@@ -521,33 +560,66 @@ def compare_output(result: OutputCheck, expected: np.ndarray, actual: np.ndarray
             result.max_abs_error = max(result.max_abs_error, float(np.max(np.abs(
                 e.astype(np.float64) - a.astype(np.float64)))))
         return
+    # Per piece of at most COMPARE_PIECE values (a huge output's temporaries stay small): whole
+    # channels (axis 1) where there are channels, else the output's largest magnitude first.
+    if e.ndim >= 2 and e.size:
+        step = max(1, COMPARE_PIECE // (e.size // e.shape[1]))
+        pieces = [(e[:, c:c + step], a[:, c:c + step]) for c in range(0, e.shape[1], step)]
+        scale = None
+    else:
+        e, a = e.reshape(-1), a.reshape(-1)
+        pieces = [(e[i:i + COMPARE_PIECE], a[i:i + COMPARE_PIECE]) for i in range(0, max(e.size, 1), COMPARE_PIECE)]
+        scale = max((_largest(p) for p, _ in pieces), default=0.0)
+    worst, largest, outside = 0.0, 0.0, 0
+    for pe, pa in pieces:
+        piece_worst, piece_largest, piece_outside, compared, same_specials = _compare_piece(pe, pa, tolerance,
+                                                                                            floor, scale)
+        worst, largest, outside = max(worst, piece_worst), max(largest, piece_largest), outside + piece_outside
+        result.compared += compared
+        if not same_specials:
+            result.passed, result.note = False, "inf/NaN values differ"
+    result.max_abs_error = max(result.max_abs_error, worst)
+    if largest > 0:
+        result.max_rel_error = max(result.max_rel_error, worst / largest)
+    elif worst > 0:
+        result.max_rel_error = float("inf")
+    result.tolerance = max(result.tolerance, max(tolerance.atol + tolerance.rtol * largest, floor))
+    if outside:
+        result.passed = False
+        result.note = f"{outside} of {e.size} values beyond their channel's bound"
+
+
+COMPARE_PIECE = 1 << 22  # values of an output compared at a time
+
+
+def _largest(values: np.ndarray) -> float:
+    """The largest finite magnitude."""
+    magnitude = np.abs(values.astype(np.float64 if values.dtype == np.float64 else np.float32, copy=False))
+    return float(magnitude[np.isfinite(magnitude)].max(initial=0.0))
+
+
+def _compare_piece(e: np.ndarray, a: np.ndarray, tolerance: Tolerance, floor: float,
+                   scale: float | None) -> tuple[float, float, int, int, bool]:
+    """(largest error, largest magnitude, values beyond their bound, finite values compared,
+    whether inf/NaN agree) for a piece of an output; the bound follows each channel's largest
+    magnitude, or ``scale``."""
     # Differences of close numbers are exact in their own float type; float16 is widened.
     work = np.float64 if e.dtype == np.float64 else np.float32
     e, a = e.astype(work, copy=False), a.astype(work, copy=False)
     finite = np.isfinite(e)
-    if not np.array_equal(finite, np.isfinite(a)) or not np.array_equal(e[~finite], a[~finite], equal_nan=True):
-        result.passed, result.note = False, "inf/NaN values differ"
-    error = np.abs(e - a)
-    error[~finite] = 0
+    same_specials = np.array_equal(finite, np.isfinite(a)) and np.array_equal(e[~finite], a[~finite], equal_nan=True)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf; mismatched specials fail above
+        error = np.abs(e - a)
+    error[~(finite & np.isfinite(error))] = 0
     magnitude = np.abs(e)
     magnitude[~finite] = 0
-    scale = float(magnitude.max(initial=0.0))
-    channel_scale = magnitude.max(axis=tuple(i for i in range(e.ndim) if i != 1), keepdims=True) \
-        if e.ndim >= 2 and e.size else scale
+    largest = float(magnitude.max(initial=0.0))
+    if scale is None:
+        scale = magnitude.max(axis=tuple(i for i in range(e.ndim) if i != 1), keepdims=True)
     del magnitude
-    bound = np.maximum(tolerance.atol + tolerance.rtol * np.asarray(channel_scale, np.float64), floor)
-    worst = float(error.max(initial=0.0))
-    result.compared += int(finite.sum())
-    result.max_abs_error = max(result.max_abs_error, worst)
-    if scale > 0:
-        result.max_rel_error = max(result.max_rel_error, worst / scale)
-    elif worst > 0:
-        result.max_rel_error = float("inf")
-    result.tolerance = max(result.tolerance, max(tolerance.atol + tolerance.rtol * scale, floor))
-    outside = int(np.count_nonzero(error > bound))
-    if outside:
-        result.passed = False
-        result.note = f"{outside} of {e.size} values beyond their channel's bound"
+    bound = np.maximum(tolerance.atol + tolerance.rtol * np.asarray(scale, np.float64), floor)
+    return (float(error.max(initial=0.0)), largest, int(np.count_nonzero(error > bound)), int(finite.sum()),
+            same_specials)
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -134,6 +134,28 @@ def test_an_error_in_small_values_of_a_mixed_scale_output_fails():
     assert result.outputs[0].max_rel_error < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 3, 5), (3, 11), (29,), ()])
+def test_an_output_compared_in_pieces_gives_what_one_piece_gives(monkeypatch, shape):
+    # a huge output is compared a few channels (or values) at a time: the same errors and counts
+    verify = sys.modules["onnx_reparam.verify"]
+    rng = np.random.default_rng(0)
+    scales = rng.uniform(0.1, 100.0, shape[1]).reshape((1, -1) + (1,) * (len(shape) - 2)) if len(shape) > 1 else 1.0
+    expected = (rng.standard_normal(shape) * scales).astype(np.float32)
+    actual = (expected + rng.standard_normal(shape).astype(np.float32) * 1e-3).astype(np.float32)
+    if expected.size > 2:
+        expected.flat[1], actual.flat[1] = np.inf, np.inf
+        actual.flat[2] = np.nan  # a NaN where a number was expected
+    tolerance = verify.Tolerance(1e-4, 1e-6, "test")
+    results = []
+    for piece in (1 << 22, 2, 1):
+        monkeypatch.setattr(verify, "COMPARE_PIECE", piece)
+        result = verify.OutputCheck("y", 0.0, 0.0, 0.0, True)
+        verify.compare_output(result, expected, actual, tolerance)
+        results.append(result)
+    assert results[0] == results[1] == results[2]
+    assert results[0].compared == expected.size - (expected.size > 2) and not results[0].passed
+
+
 def test_tolerance_follows_the_lowest_precision_inside_the_graph():
     b = GraphBuilder()
     x = b.input("x", [1, 4, 6, 6])

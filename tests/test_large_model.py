@@ -39,17 +39,17 @@ def test_model_over_two_gigabytes_round_trips(tmp_path):
     onnx.save_model(model, source, save_as_external_data=True, location="big.onnx.data")
     del model, graph
 
-    # As a user runs it, in its own process (its peak memory is its own): the rewrite and the
-    # save need under 3x the model's size; the check runs both models in onnxruntime, and this
-    # model's reference outputs are as large as one of its weights, so it is not held to that.
+    # As a user runs it, in its own process (its peak memory is its own): under 3x the model's
+    # size, with the check too (both models in onnxruntime, and reference outputs as large as a
+    # weight here: 2.7x measured), and well under that without it (1.9x measured).
     size = source.stat().st_size + (tmp_path / "big.onnx.data").stat().st_size
-    for options, limit in ((["--no-verify"], 3 * size), ([], None)):
+    for options, limit in ((["--no-verify"], 2.5 * size), ([], 3 * size)):
         target, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
         run = subprocess.run([sys.executable, "-m", "onnx_reparam.cli", "optimize", str(source), str(target),
                               "-q", "--report", str(report_path)] + options, capture_output=True, text=True)
         assert run.returncode == 0, run.stdout + run.stderr
         report = json.loads(report_path.read_text())
-        assert limit is None or report["peak_memory"] < limit, (report["peak_memory"], size)
+        assert report["peak_memory"] < limit, (options, report["peak_memory"], size)
     assert report["verification"]["passed"]
     assert (tmp_path / "out.onnx.data").stat().st_size > 2**31
     again = onnx_reparam.load_model(target, lazy=True)

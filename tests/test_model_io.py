@@ -139,3 +139,36 @@ def test_optimize_returns_a_whole_model_unless_asked_for_lazy_weights(tmp_path):
     save_model(lazy, tmp_path / "a.onnx")
     save_model(whole, tmp_path / "b.onnx")
     assert onnx.load(tmp_path / "a.onnx") == onnx.load(tmp_path / "b.onnx")
+
+
+def test_large_external_data_starts_at_multiples_of_64_kib(tmp_path):
+    # as onnx saves it: onnxruntime then maps such data instead of reading it into memory
+    model = big_model(rows=4, cols=1 << 16)  # 1 MiB: aligned
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(300, np.float32), "odd"))  # 1200 bytes
+    model.graph.initializer.insert(0, model.graph.initializer.pop())  # the odd-sized one first
+    save_model(model, tmp_path / "out.onnx", external_data=True)
+    saved = onnx.load(tmp_path / "out.onnx", load_external_data=False)
+    offsets = {t.name: int(next(e.value for e in t.external_data if e.key == "offset"))
+               for t in saved.graph.initializer if t.external_data}
+    assert offsets == {"odd": 0, "w": 1 << 16}
+    assert loaded(tmp_path / "out.onnx") == model
+
+
+@pytest.mark.parametrize("runtime", [(1, 31), (1, 20)])
+def test_onnxruntime_reads_weights_on_disk_where_they_are(tmp_path, monkeypatch, runtime):
+    # 1.21 and later: from their file, by a folder given to the session (nothing is copied
+    # into the bytes we hand it); before, as OrtValues over memory maps
+    import sys
+    verify = sys.modules["onnx_reparam.verify"]
+    monkeypatch.setattr(verify, "_ort_version", lambda: runtime)
+    model = big_model()
+    onnx.save(model, tmp_path / "in.onnx", save_as_external_data=True, location="in.data")
+    lazy = load_model(tmp_path / "in.onnx", lazy=True)
+    before = lazy.SerializeToString()
+    source, weights, folder = verify._session_source(lazy, tmp_path)
+    assert lazy.SerializeToString() == before  # locations made relative only in the bytes
+    assert len(source) < 4096 and (folder == str(tmp_path.resolve())) == (runtime >= (1, 21))
+    assert bool(weights) == (runtime < (1, 21))
+    x = {"x": np.ones((1, 64), np.float32)}
+    expected = verify.Runner("cpu").run(big_model(), [x])[0][0]  # onnx.save made `model` external
+    np.testing.assert_array_equal(verify.Runner("cpu").run(lazy, [x])[0][0], expected)

@@ -23,7 +23,7 @@ from .model_io import load_model, load_weights
 from .passes import Pass
 from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
-from .verify import Checker
+from .verify import Checker, check_input_shape, input_shape
 
 MAX_DROPPED = 16  # rewrites dropped before giving up: past that, something is wrong everywhere
 EARLY_REFERENCE_BYTES = 1 << 28  # weights: a bigger model's reference runs before the rewrite
@@ -42,8 +42,8 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
              provider: str = "auto", input_shapes: dict[str, Sequence[int]] | None = None,
              inputs: dict[str, np.ndarray] | None = None, seed: int = 0, rtol: float | None = None,
              atol: float | None = None, strict: bool = False, weights_as_constants: bool = False,
-             lazy_weights: bool = False, progress: Callable[[str], None] | None = None
-             ) -> tuple[onnx.ModelProto, Report]:
+             lazy_weights: bool = False, static_shape: bool = False,
+             progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Rewrites a training-structure model into its deploy structure and, unless ``verify`` is
     False, checks in onnxruntime that the outputs are unchanged. A rewrite that fails the check is
     dropped and named in ``report.dropped``; the model returned has the others, verified. Raises
@@ -53,8 +53,10 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     ``model``: a path, an onnx.ModelProto, or what ``torch.onnx.export(..., dynamo=True)``
     returns (its ONNXProgram, or the onnx_ir model it holds). Weights that are also graph inputs
     can be overridden at run time, so nothing reading them is folded; ``weights_as_constants``
-    treats them as constants and drops them from the inputs. ``progress`` is called with a short
-    line at each stage (load, each pass of each sweep, verify, isolate).
+    treats them as constants and drops them from the inputs. ``static_shape`` fixes the inputs'
+    symbolic dims (to ``input_shapes``, a batch axis to 1 otherwise) in the model returned, for
+    rewrites that hold for one size only (the report names those it refused). ``progress`` is
+    called with a short line at each stage (load, each pass of each sweep, verify, isolate).
 
     ``lazy_weights`` (for a model read from a file): the weights the rewrite leaves as they are stay
     in the input's files, and the model returned refers to them by absolute path; memory then holds
@@ -63,13 +65,18 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     step = progress or (lambda message: None)
     passes = select_passes(only, skip)
     _check_arguments(verify=verify, strict=strict, weights_as_constants=weights_as_constants,
-                     lazy_weights=lazy_weights, provider=provider, input_shapes=input_shapes, inputs=inputs)
+                     lazy_weights=lazy_weights, static_shape=static_shape, provider=provider,
+                     input_shapes=input_shapes, inputs=inputs)
     report = Report()
     source = _as_model_source(model)
 
-    def load() -> onnx.ModelProto:
+    def load(fixed: bool = static_shape) -> onnx.ModelProto:
         """A fresh model of our own: the rewrite turns the one it is given into its result."""
         loaded = load_model(source, report.input_files, lazy=True)
+        if fixed:
+            fixed_inputs = fix_input_sizes(loaded, input_shapes)
+            if fixed_inputs and not any(n.startswith("inputs fixed") for n in report.notes):
+                report.notes.append(f"inputs fixed to static sizes (--static-shape): {fixed_inputs}")
         overridable = weights_as_inputs(loaded)
         if overridable and weights_as_constants:
             _drop_inputs(loaded, overridable)
@@ -87,7 +94,7 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     def reference_run() -> Checker:
         start = time.perf_counter()
         step("running the input model for the check")
-        checker = Checker(load(), provider=provider, input_shapes=input_shapes, inputs=inputs, seed=seed,
+        checker = Checker(load(fixed=False), provider=provider, input_shapes=input_shapes, inputs=inputs, seed=seed,
                           rtol=rtol, atol=atol)
         report.seconds["verify"] = report.seconds.get("verify", 0.0) + time.perf_counter() - start
         return checker
@@ -141,8 +148,37 @@ def peak_memory() -> int | None:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def fix_input_sizes(model: onnx.ModelProto, shapes: dict[str, Sequence[int]] | None) -> str:
+    """Gives every symbolic dim of the graph inputs a size: from ``shapes``, else 1 on a batch
+    axis (as the check chooses); a dim name used elsewhere (outputs) takes the same size, and the
+    inferred shapes are dropped to be inferred again. Says which inputs changed, and how."""
+    initializers = {t.name for t in model.graph.initializer}
+    sizes, fixed = {}, []
+    for value in model.graph.input:
+        if value.name in initializers or not value.type.HasField("tensor_type"):
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if all(d.HasField("dim_value") for d in dims):
+            continue
+        shape = tuple((shapes or {}).get(value.name) or ()) or input_shape(value)
+        check_input_shape(value, shape)
+        for dim, size in zip(dims, shape):
+            if not dim.HasField("dim_value"):
+                if dim.dim_param:
+                    sizes[dim.dim_param] = size
+                dim.dim_value = size
+        fixed.append(f"{value.name} {'x'.join(map(str, shape))}")
+    for value in model.graph.output:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in sizes:
+                dim.dim_value = sizes[dim.dim_param]
+    if fixed:
+        del model.graph.value_info[:]
+    return ", ".join(fixed)
+
+
 def _check_arguments(**arguments) -> None:
-    for name in ("verify", "strict", "weights_as_constants", "lazy_weights"):
+    for name in ("verify", "strict", "weights_as_constants", "lazy_weights", "static_shape"):
         if not isinstance(arguments[name], bool):
             raise ReparamError(f"{name} must be True or False, not {arguments[name]!r}")
     if arguments["provider"] not in ("auto", "cuda", "cpu"):

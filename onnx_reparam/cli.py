@@ -164,12 +164,15 @@ def main():
 @click.option("--force", is_flag=True, help="Write OUT even if verification fails.")
 @click.option("--strict", is_flag=True,
               help="Fail (exit 1, nothing written) when a rewrite had to be dropped for not verifying.")
+@click.option("--static-shape", is_flag=True,
+              help="Fix the inputs' symbolic dims in OUT (to --input-shape, a batch axis to 1) so that "
+                   "rewrites that hold for one size only apply.")
 @click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @click.option("--bench", "run_bench", is_flag=True, help="Then time IN against OUT (see `bench`).")
 @_output_options
 @_one_line_errors
 def optimize(input_path, output_path, skip, only, weights_as_constants, provider, rtol, atol, input_shapes,
-             inputs_file, seed, no_verify, force, strict, report_path, run_bench, quiet, verbose):
+             inputs_file, seed, no_verify, force, strict, static_shape, report_path, run_bench, quiet, verbose):
     """Rewrite IN into its deploy structure, verify it, write OUT."""
     source = Path(input_path)
     target = Path(output_path)
@@ -186,7 +189,7 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
                                      provider=provider, input_shapes=parse_input_shapes(input_shapes),
                                      inputs=inputs, seed=seed, rtol=rtol, atol=atol, strict=strict,
                                      weights_as_constants=weights_as_constants, lazy_weights=True,
-                                     progress=progress)
+                                     static_shape=static_shape, progress=progress)
         failed = False
     except api.VerificationError as exc:
         model, report, failed = exc.model, exc.report, True

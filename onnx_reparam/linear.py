@@ -17,7 +17,7 @@ import numpy as np
 
 from . import algebra
 from .graph import Graph, Node, Tensor, attr, conv_geometry, optional_input
-from .routing import PadView, pad_view
+from .routing import PadView, SizeDependent, pad_view
 
 
 def inference_bn(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray] | str:
@@ -223,8 +223,8 @@ def conv_chain(graph: Graph, node: Node) -> tuple[ConvForm | str | None, str | N
     if not isinstance(outer, ConvForm):
         return outer, None
     view = pad_view(graph, outer.source) if graph.shared_reason(outer.source) is None else None
-    if isinstance(view, str):
-        return outer, None
+    if isinstance(view, str):  # not a view: said only where fixing the sizes would make it one
+        return outer, view if isinstance(view, SizeDependent) else None
     data = view.source if view is not None else outer.source
     inner = pointwise_form(graph, data)
     note = None

@@ -23,7 +23,7 @@ from .graph import Graph, Node, Tensor
 
 ROUTING_OPS = frozenset({"Pad", "Slice", "ScatterND", "ScatterElements", "Concat", "Transpose",
                          "Identity", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Flatten",
-                         "Gather", "Tile"})
+                         "Gather", "Tile", "CastLike"})  # CastLike: only to the type it has
 RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})  # these keep memory order
 MAX_NODES = 64  # a border written piecewise takes a handful of nodes; more is not this pattern
 FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -45,10 +45,12 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | str | None:
     node = graph.producer(tensor)
     if node is None or node.op not in ROUTING_OPS or node.domain not in ("", "ai.onnx", None):
         return None
-    nodes, source = _subgraph(graph, tensor)
+    nodes, source, shaped_by = _subgraph(graph, tensor)
     if isinstance(nodes, str):
         return nodes
-    in_shape, out_shape = Graph.static_shape(source), Graph.static_shape(tensor)
+    if shaped_by:
+        return symbolic_reason(graph, "the padding/cropping indices")
+    in_shape, out_shape = _probe_shapes(source, tensor)
     if in_shape is None or out_shape is None or len(in_shape) != len(out_shape) or len(in_shape) < 3:
         return "padding/cropping ops on a tensor of unknown or different shape"
     if np.dtype(source.dtype) not in FLOATS:
@@ -62,19 +64,48 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | str | None:
         plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
     except Exception as exc:  # noqa: BLE001 - onnx's evaluator rejects some valid ops (negative Pad)
         return f"the padding/cropping ops could not be evaluated ({type(exc).__name__}: {first_line(exc)})"
-    return _as_view(source, tensor, nodes, plus, minus) or "not a pad or crop of one tensor"
+    return _as_view(source, in_shape, nodes, plus, minus) or "not a pad or crop of one tensor"
+
+
+PROBE_BATCH = 2  # samples in the probe of a symbolic batch axis: ops mixing samples would show
+
+
+def _probe_shapes(source: Tensor, tensor: Tensor) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """The shapes to probe the ops with: the static ones, or, where both have the same symbolic
+    batch dim and static others, that dim at PROBE_BATCH (the ops' pads, indices and shapes are
+    constants then, so they treat every sample alike, whatever the batch size)."""
+    a, b = source.shape, tensor.shape
+    if a and b and len(a) == len(b) and isinstance(a[0], str) and a[0] == b[0] and \
+            all(isinstance(d, int) for d in list(a[1:]) + list(b[1:])):
+        return (PROBE_BATCH, *a[1:]), (PROBE_BATCH, *b[1:])
+    return Graph.static_shape(source), Graph.static_shape(tensor)
 
 
 def view_source(graph: Graph, tensor: Tensor) -> Tensor | None:
     """The one computed tensor the data-movement ops producing ``tensor`` read, if there is one."""
-    nodes, source = _subgraph(graph, tensor)
+    nodes, source, _ = _subgraph(graph, tensor)
     return None if isinstance(nodes, str) else source
 
 
-def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | None]:
-    """The routing nodes that compute ``tensor`` from one non-constant tensor, in graph order."""
+class SizeDependent(str):
+    """A reason naming symbolic sizes that a rewrite depends on: worth reporting wherever the
+    rewrite was looked for, since fixing the sizes (--static-shape) lets it apply."""
+
+
+def symbolic_reason(graph: Graph, what: str) -> SizeDependent:
+    """Why values computed from tensor shapes stop a rewrite: with every size static, constant
+    folding would have computed them, so some size is symbolic; names the inputs' symbolic dims."""
+    dims = [f"{i.name}: {d}" for i in graph.gs.inputs for d in (i.shape or []) if not isinstance(d, int)]
+    return SizeDependent(f"{what} are computed from symbolic input sizes ({', '.join(dims) or 'unknown'}), "
+                         "so the rewrite would hold for one size only: --static-shape fixes the sizes")
+
+
+def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | None, list[Tensor]]:
+    """The routing nodes that compute ``tensor`` from one non-constant tensor, in graph order, and
+    the tensors whose shapes (read by Shape/Size) their computed indices, pads or shapes come from."""
     found: dict[int, Node] = {}
     sources: dict[str, Tensor] = {}
+    shaped_by: list[Tensor] = []
     stack = [tensor]
     while stack:
         value = stack.pop()
@@ -88,12 +119,49 @@ def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | 
             continue
         found[id(node)] = node
         if len(found) > MAX_NODES:
-            return "padding/cropping subgraph too large", None
-        stack.extend(t for t in node.inputs if t.name)
+            return "padding/cropping subgraph too large", None, []
+        if node.op == "CastLike" and node.inputs[0].dtype != node.inputs[1].dtype:
+            return "a CastLike changes the type of the values", None, []
+        data = DATA_INPUTS.get(node.op, (0,))
+        for index, value in enumerate(node.inputs):
+            if node.op == "CastLike" and index == 1:
+                continue  # read for its type alone
+            if not value.name:
+                continue
+            if data is None or index in data:
+                stack.append(value)
+            elif graph.constant(value) is None:  # an index, pad or shape the graph computes
+                shapes = _shapes_read(graph, value)
+                if shapes is None:
+                    return f"the {node.op}'s input {index} is computed from data", None, []
+                shaped_by += shapes
     if len(sources) != 1:
-        return f"padding/cropping ops read {len(sources)} computed tensors", None
+        return f"padding/cropping ops read {len(sources)} computed tensors", None, []
     order = {id(n): i for i, n in enumerate(graph.gs.nodes)}
-    return sorted(found.values(), key=lambda n: order[id(n)]), next(iter(sources.values()))
+    return sorted(found.values(), key=lambda n: order[id(n)]), next(iter(sources.values())), shaped_by
+
+
+# The inputs of a routing op that carry data (None: all); the others are indices, pads or shapes.
+DATA_INPUTS = {"ScatterND": (0, 2), "ScatterElements": (0, 2), "Concat": None}
+
+
+def _shapes_read(graph: Graph, tensor: Tensor) -> list[Tensor] | None:
+    """The tensors whose shapes ``tensor`` is computed from (through Shape/Size, with constants),
+    or None when it depends on some tensor's values."""
+    shaped, stack, seen = [], [tensor], set()
+    while stack:
+        value = stack.pop()
+        node = graph.producer(value)
+        if graph.constant(value) is not None or id(node) in seen:
+            continue
+        if node is None or len(seen) > 4 * MAX_NODES:
+            return None
+        seen.add(id(node))
+        if node.op in ("Shape", "Size"):
+            shaped.append(node.inputs[0])
+            continue
+        stack.extend(t for t in node.inputs if t.name)
+    return shaped
 
 
 def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
@@ -101,12 +169,16 @@ def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
     constants, protos = {}, []
     computed = {t.name for n in nodes for t in n.outputs} | {source.name}
     for node in nodes:
-        for t in node.inputs:
+        inputs = node.inputs[:1] if node.op == "CastLike" else node.inputs
+        for t in inputs:
             if t.name and t.name not in computed and t.name not in constants:
                 value = graph.constant(t)
                 if value.dtype == source.dtype:  # data written into the tensor: widened with it
                     value = value.astype(np.float64)
                 constants[t.name] = numpy_helper.from_array(value, t.name)
+        if node.op == "CastLike":  # to the type the value has (_subgraph checked): a copy
+            protos.append(helper.make_node("Identity", [inputs[0].name], [node.outputs[0].name]))
+            continue
         protos.append(helper.make_node(node.op, [t.name for t in node.inputs],
                                        [t.name for t in node.outputs], **node.attrs))
     elem = helper.np_dtype_to_tensor_dtype(values.dtype)
@@ -130,12 +202,12 @@ def _opset(graph: Graph) -> int:
     return graph.gs.opset or onnx.defs.onnx_opset_version()
 
 
-def _as_view(source: Tensor, tensor: Tensor, nodes: list[Node], plus: np.ndarray,
+def _as_view(source: Tensor, probed: tuple[int, ...], nodes: list[Node], plus: np.ndarray,
              minus: np.ndarray) -> PadView | None:
     copied = (plus == -minus) & (plus != 0)
     if not copied.any():
         return None
-    in_shape = np.array(source.shape)
+    in_shape = np.array(probed)
     first = np.argwhere(copied)[0]
     origin = np.array(np.unravel_index(int(abs(plus[tuple(first)])) - 1, tuple(in_shape)))
     begins = first - origin

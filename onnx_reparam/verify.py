@@ -346,8 +346,8 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
         if not value.type.HasField("tensor_type"):
             raise ReparamError(f"input '{value.name}' is not a tensor; give its value with --inputs")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        shape = tuple(shapes[value.name]) if value.name in shapes else _static_shape(value, chosen)
-        _check_against_model(value, shape)
+        shape = tuple(shapes[value.name]) if value.name in shapes else input_shape(value, chosen)
+        check_input_shape(value, shape)
         if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_INPUT_BYTES:
             raise ReparamError(f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take more "
                                f"than {MAX_INPUT_BYTES >> 30} GiB; give a smaller --input-shape")
@@ -361,7 +361,7 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
     return sets
 
 
-def _check_against_model(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None:
+def check_input_shape(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None:
     """A given shape must keep the model's static dims (found here, not deep inside onnxruntime)."""
     if not value.type.tensor_type.HasField("shape"):
         return
@@ -374,7 +374,7 @@ def _check_against_model(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> 
                                f"--input-shape gives {size}")
 
 
-def _static_shape(value: onnx.ValueInfoProto, chosen: list[str] | None = None) -> tuple[int, ...]:
+def input_shape(value: onnx.ValueInfoProto, chosen: list[str] | None = None) -> tuple[int, ...]:
     dims = value.type.tensor_type.shape.dim
     shape = []
     for axis, dim in enumerate(dims):

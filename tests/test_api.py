@@ -80,3 +80,19 @@ def test_initializer_that_is_a_graph_input_is_not_folded():
     model.graph.input.append(onnx.helper.make_tensor_value_info(weight.name, weight.data_type, weight.dims))
     optimized, report = onnx_reparam.optimize(model)
     assert report.rewrites == 0 and ops(optimized) == {"Conv": 1, "BatchNormalization": 1}
+
+
+def test_static_shape_fixes_the_inputs_symbolic_dims_and_says_so():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, "H", 6])
+    model = b.model([b.node("Relu", [b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)])])
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    with pytest.raises(onnx_reparam.ReparamError, match="dynamic dim 'H': give its size, e.g. --input-shape x:1,4,1,6"):
+        onnx_reparam.optimize(model, static_shape=True)
+    fixed, report = onnx_reparam.optimize(model, static_shape=True, input_shapes={"x": (2, 4, 5, 6)})
+    assert report.verification.passed and ops(fixed) == {"Conv": 1, "Relu": 1}
+    assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [2, 4, 5, 6]
+    assert fixed.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 2  # the same name, the same size
+    assert "inputs fixed to static sizes (--static-shape): x 2x4x5x6" in report.notes
+    kept, _ = onnx_reparam.optimize(model, input_shapes={"x": (2, 4, 5, 6)})
+    assert kept.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "H"  # only when asked

@@ -68,3 +68,25 @@ def test_a_constant_minus_the_data_is_not_a_no_op():
     zero = b.const(np.zeros((1,), np.float32))
     model, report = rewrite(b.model([b.node("Sub", [zero, x]), b.node("Div", [b.const(np.ones((1,), np.float32)), x])]))
     assert ops(model) == {"Sub": 1, "Div": 1} and not report.rewrites
+
+
+def _sliced(starts, ends, axes, steps=None, batch="N"):
+    # torch.export writes x[:, ...] as a Slice of axis 0 from 0 to INT64_MAX
+    b = GraphBuilder()
+    x = b.input("x", [batch, 4, 6, 6])
+    params = [b.const(np.array(v, np.int64)) for v in (starts, ends, axes) + ((steps,) if steps else ())]
+    return b.model([b.node("Relu", [b.node("Slice", [x] + params)])])
+
+
+def test_a_slice_of_whole_axes_is_dropped():
+    for model in (_sliced([0], [2**63 - 1], [0]), _sliced([0, 0], [6, 2**31 - 1], [2, 3], [1, 1])):
+        optimized, report = rewrite(model)
+        assert ops(optimized) == {"Relu": 1}
+        assert [(r.pattern) for p in report.passes for r in p.rewrites if p.name == "drop_noops"] == ["Slice of whole axes"]
+
+
+def test_a_slice_that_takes_part_of_an_axis_stays():
+    for model in (_sliced([1], [2**63 - 1], [2]), _sliced([0], [5], [2]), _sliced([0], [2**63 - 1], [3], [2]),
+                  _sliced([0], [3], [0])):  # the last: 3 of a batch of unknown size
+        optimized, _ = rewrite(model)
+        assert ops(optimized) == {"Slice": 1, "Relu": 1}

@@ -41,3 +41,30 @@ def test_dynamo_without_its_optimizer_folds_like_the_static_export(arch, tmp_pat
     assert counts["Conv"] == reference["Conv"] and counts["BatchNormalization"] == reference["BatchNormalization"]
     assert counts["Add"] <= reference["Add"]  # TorchScript writes GELU with an Add more
     assert not {"CastLike", "Expand"} & set(ops(model))
+
+
+@pytest.mark.parametrize("exporter", ["ts", "dynamo-raw"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_dynamic_batch_export_folds_like_the_static_one_or_says_which_size_stops_it(
+        arch, exporter, tmp_path, reference_counts):
+    train, _ = export.build(arch)
+    shape = export.input_shape(arch)
+    shape = shape if exporter == "ts" else (2,) + shape[1:]  # torch.export's batch dim starts at 2
+    path = export.export(train, tmp_path / f"{arch}.onnx", exporter, shape, dynamic_batch=True)
+    model, report = onnx_reparam.optimize(path)
+    assert report.verification.passed
+    size_bound = [r for p in report.passes for r in p.refusals if "--static-shape" in r.reason]
+    if not _as_folded(model, reference_counts[arch]):  # what is left depends on the batch size, named
+        assert size_bound and all("symbolic input sizes (x: batch)" in r.reason for r in size_bound), report.summary()
+    static, report = onnx_reparam.optimize(path, static_shape=True)
+    assert report.verification.passed and _as_folded(static, reference_counts[arch]), report.summary()
+    assert [d.dim_value for d in static.graph.input[0].type.tensor_type.shape.dim] == [1, *shape[1:]]
+    assert any(n == f"inputs fixed to static sizes (--static-shape): x 1x{'x'.join(map(str, shape[1:]))}"
+               for n in report.notes)
+
+
+def _as_folded(model, reference) -> bool:
+    """The static export's Conv and BN counts, and no more Adds (TorchScript writes GELU with one more)."""
+    counts = {op: ops(model)[op] for op in COUNTED}
+    return counts["Conv"] == reference["Conv"] and counts["BatchNormalization"] == reference["BatchNormalization"] \
+        and counts["Add"] <= reference["Add"]

@@ -99,3 +99,30 @@ def test_float16_tensor_larger_than_float16_can_count():
     view = view_of(b, border_scatter(b, padded, (1, 4, 34, 34), 1, values))
     assert view.begins == (1, 1)
     np.testing.assert_array_equal(view.border, values.astype(np.float64))
+
+
+def test_a_symbolic_batch_kept_by_the_ops_is_probed_with_two_samples():
+    # constant pads treat every sample alike: the view holds for any batch (probed at 2: an op
+    # mixing samples would show)
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 5, 6])
+    graph = Graph(b.model([b.node("Pad", [x, b.const(np.array([0, 0, 1, 2, 0, 0, 3, 0], np.int64))])]))
+    graph.infer_shapes()
+    view = routing.pad_view(graph, graph.gs.outputs[0])
+    assert (view.begins, view.ends) == ((1, 2), (3, 0))
+
+
+def test_a_border_written_at_indices_computed_from_a_symbolic_batch_names_it():
+    # torch's dynamic-batch export of DBB: ScatterND indices built from Shape(x)
+    b = GraphBuilder()
+    x = b.input("x", ["N", 2, 3, 3])
+    padded = b.node("Pad", [x, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))])
+    batch = b.node("Gather", [b.node("Shape", [x]), b.const(np.array([0], np.int64))], axis=0)
+    rows = b.node("Range", [b.const(np.int64(0)), b.node("Squeeze", [batch]), b.const(np.int64(1))])
+    index = b.node("Reshape", [rows, b.const(np.array([-1, 1], np.int64))])
+    written = b.node("ScatterND", [padded, index, b.node("Expand", [b.const(np.zeros((1, 2, 5, 5), np.float32)),
+                                                                     b.node("Shape", [padded])])])
+    graph = Graph(b.model([written]))
+    reason = routing.pad_view(graph, graph.gs.outputs[0])
+    assert isinstance(reason, routing.SizeDependent) and "symbolic input sizes (x: N)" in reason
+    assert reason.endswith("--static-shape fixes the sizes")

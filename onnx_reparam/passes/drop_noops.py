@@ -1,7 +1,7 @@
 """Removes nodes that change nothing, so they do not stand between the nodes of a pattern:
 Identity; Mul/Div by 1 and Add/Sub of 0 (a constant that does not broadcast the data to a larger
-shape); a Transpose followed by one that undoes it; and a second Transpose, Reshape, Squeeze,
-Unsqueeze or Flatten identical to one already reading the same tensor.
+shape); a Transpose followed by one that undoes it; a Slice of whole axes; and a second
+Transpose, Reshape, Squeeze, Unsqueeze or Flatten identical to one already reading the same tensor.
 
 Exporters write these (paddle2onnx's `x + 0` is Identity -> Mul(1) -> Add(0) -> Identity, tf2onnx
 puts a Transpose of the input in front of each branch). Readers of the removed node's output read
@@ -29,6 +29,8 @@ def run(graph: Graph, log: PassLog) -> None:
             continue
         removed = log.attempt(node, _drop, graph, node, seen, log)
         done.update(id(n) for n in removed or [])
+    if done:
+        graph.infer_shapes()  # what the dropped nodes hid (a Slice of a whole axis loses its name)
 
 
 def _drop(graph: Graph, node: Node, seen: dict[tuple, Node], log: PassLog) -> list[Node]:
@@ -49,12 +51,33 @@ def _drop(graph: Graph, node: Node, seen: dict[tuple, Node], log: PassLog) -> li
             if first is not None and second is not None and len(first) == len(second) \
                     and [first[p] for p in second] == list(range(len(first))):
                 return _rewire(graph, log, "Transpose pair", [node, prior], output, prior.inputs[0])
+    if node.op == "Slice" and _whole(graph, node):
+        return _rewire(graph, log, "Slice of whole axes", [node], output, node.inputs[0])
     if node.op in DUPLICABLE:
         key = (node.op, tuple(id(t) for t in node.inputs), tuple(sorted((k, repr(v)) for k, v in node.attrs.items())))
         twin = seen.setdefault(key, node)
         if twin is not node and twin.outputs[0].dtype == output.dtype:
             return _rewire(graph, log, f"duplicate {node.op}", [node], output, twin.outputs[0])
     return []
+
+
+def _whole(graph: Graph, node: Node) -> bool:
+    """A Slice (opset 10+) taking every element of the axes it names: from 0, step 1, to the end
+    (torch.export writes x[:, ...] so, and shape inference then loses the dim's name)."""
+    if len(node.inputs) < 3:
+        return False
+    params = [graph.constant(t) if t.name else None for t in node.inputs[1:]]
+    if any(p is None for p in params[:2]) or any(p is None and t.name for p, t in zip(params[2:], node.inputs[3:])):
+        return False
+    starts, ends = params[0], params[1]
+    shape = node.inputs[0].shape
+    axes = params[2] if len(params) > 2 and params[2] is not None else np.arange(len(starts))
+    steps = params[3] if len(params) > 3 and params[3] is not None else np.ones(len(starts), np.int64)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        size = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+        if start != 0 or step != 1 or not (end >= 2**31 - 1 or isinstance(size, int) and end >= size):
+            return False
+    return True
 
 
 def _neutral(constant: np.ndarray, value: float, data) -> bool:

@@ -49,7 +49,7 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | str | None:
     if isinstance(nodes, str):
         return nodes
     if shaped_by:
-        return symbolic_reason(graph, "the padding/cropping indices")
+        return symbolic_reason(graph, "the pads, indices or shapes of the data-movement ops")
     in_shape, out_shape = _probe_shapes(source, tensor)
     if in_shape is None or out_shape is None or len(in_shape) != len(out_shape) or len(in_shape) < 3:
         return "padding/cropping ops on a tensor of unknown or different shape"

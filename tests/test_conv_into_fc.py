@@ -5,11 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import onnx_reparam
 from conftest import GraphBuilder, ops, refusals, rewrite
 
 
-def reshape(b: GraphBuilder, x: str, *shape: int) -> str:
-    return b.node("Reshape", [x, b.const(np.array(shape, np.int64))])
+def reshape(b: GraphBuilder, x: str, *shape) -> str:
+    """A symbolic first size is written 0 (kept from the input: shape inference keeps its name)."""
+    return b.node("Reshape", [x, b.const(np.array([d if isinstance(d, int) else 0 for d in shape], np.int64))])
 
 
 def partition_block(b: GraphBuilder, rows=6, c=4, o=4, h=4, w=4, kernels=(1, 3), groups=1, fc_groups=None,
@@ -103,3 +105,16 @@ def test_shared_conv_branch_stays():
     conv = reshape(b, b.conv(p, 4, 4, 3, pads=[1] * 4), 6, 64)
     model, _ = rewrite(b.model([b.node("Add", [fc, conv]), conv]))
     assert ops(model)["Conv"] == 2
+
+
+@pytest.mark.parametrize("fc", ["conv", "gemm"])
+def test_rows_of_a_symbolic_count_fold(fc):
+    # each row is mapped alike: the fold holds for any number of rows (torch.export's dynamic
+    # batch of RepMLPNet: rows '32*batch')
+    b = GraphBuilder()
+    model, report = rewrite(b.model([partition_block(b, rows="R", kernels=(1, 3), fc=fc)]),
+                            input_shapes={"p": (6, 4, 4, 4)})
+    assert ops(model) == ({"Conv": 1} if fc == "conv" else {"Gemm": 1}) | {"Reshape": 2}
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "R"
+    assert onnx_reparam.verify(b.model([partition_block(GraphBuilder(), rows="R", fc=fc)]), model,
+                               input_shapes={"p": (11, 4, 4, 4)}).passed

@@ -29,6 +29,17 @@ from . import PassLog
 MAX_ENTRIES = 1 << 27  # float64 entries of one folded matrix (1 GiB): larger ones are refused
 
 
+def row_shape(tensor: Tensor) -> tuple | None:
+    """The tensor's shape, its first axis (the rows) possibly a named symbolic size: each row is
+    mapped alike, so the fold holds whatever that size is; tensors whose first axis has the same
+    name have the same rows. None when any other size is unknown."""
+    shape = tensor.shape
+    if not shape or not all(isinstance(d, int) for d in shape[1:]) or not isinstance(shape[0], (int, str)) \
+            or shape[0] == "":
+        return None
+    return tuple(shape)
+
+
 @dataclass
 class Branch:
     """A leaf traced to its linear op: leaf row r = op's map of source row r (then the BNs)."""
@@ -60,7 +71,7 @@ def trace(graph: Graph, leaf: Leaf) -> Branch | None:
     if node.op not in ("Conv", "Gemm", "MatMul") or len(node.inputs) < 2 or graph.constant(node.inputs[1]) is None:
         return None
     data, out = node.inputs[0], node.outputs[0]
-    in_shape, out_shape = Graph.static_shape(data), Graph.static_shape(out)
+    in_shape, out_shape = row_shape(data), row_shape(out)
     if in_shape is None or out_shape is None or len(in_shape) < 2 or in_shape[0] != out_shape[0]:
         return None
     source = data
@@ -84,7 +95,7 @@ class RowMap:
 def row_map(graph: Graph, branch: Branch) -> RowMap | str:
     """The branch's map of one row, or why it has none."""
     node = branch.op
-    shape = Graph.static_shape(node.inputs[0])
+    shape = row_shape(node.inputs[0])
     if node.op == "Conv":
         form = conv_form(graph, node)
         if not isinstance(form, ConvForm):
@@ -116,7 +127,7 @@ def row_map(graph: Graph, branch: Branch) -> RowMap | str:
         affine = inference_bn(graph, norm)
         if isinstance(affine, str):
             return affine
-        layout = Graph.static_shape(norm.inputs[0])
+        layout = row_shape(norm.inputs[0])
         if layout is None or layout[0] != branch.rows:
             return "a BatchNormalization over a layout with other rows"
         repeat = int(np.prod(layout[2:]))  # BN on (rows, S, h, w): its channel value per h*w
@@ -138,7 +149,7 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     if not partners:
         return False
     partner = partners[0]
-    output = Graph.static_shape(tree.root.outputs[0])
+    output = row_shape(tree.root.outputs[0])
     members, rest = [], []
     for leaf in tree.leaves:
         branch = branches[id(leaf)]
@@ -201,7 +212,7 @@ def _mismatch(branch: Branch | None, partner: Branch, output: tuple[int, ...] | 
     if branch.shape != partner.shape:
         return (f"it maps {branch.shape[1]} values to {branch.shape[0]} per row, the fully connected "
                 f"layer {partner.shape[1]} to {partner.shape[0]}")
-    if Graph.static_shape(branch.leaf.tensor) != output or Graph.static_shape(partner.leaf.tensor) != output:
+    if row_shape(branch.leaf.tensor) != output or row_shape(partner.leaf.tensor) != output:
         return "the branches are laid out differently"
     return None
 
@@ -215,12 +226,13 @@ def _emit(graph: Graph, tree: Tree, partner: Branch, weight: np.ndarray, groups:
     target = output if not rest else graph.add_variable(f"{name}_fc", output, exact_shape)
     rows = graph.add_variable(f"{name}_rows", output, same_shape=False)
     if partner.op.op == "Conv":
-        spatial = len(Graph.static_shape(partner.fc_input)) - 2
+        spatial = len(partner.fc_input.shape) - 2
         weight = weight.reshape(weight.shape + (1,) * spatial)
         graph.emit_layer("Conv", partner.fc_input, weight, bias, rows, {"group": groups}, name)
     else:
         graph.emit_layer("Gemm", partner.fc_input, weight, bias, rows, {"transB": 1}, name)
-    shape = graph.add_constant(f"{name}_shape", np.array(output_shape, np.int64))
+    shape = graph.add_constant(f"{name}_shape", np.array([d if isinstance(d, int) else -1 for d in output_shape],
+                                                         np.int64))
     graph.add_node("Reshape", [rows, shape], [target], {}, name)
     if rest:
         emit_sum(graph, [Leaf(target, 1.0)] + rest, output, name)

@@ -82,3 +82,20 @@ def test_a_gather_of_a_static_dim_folds_while_the_batch_is_dynamic():
     target = b.node("Concat", [b.const(np.array([-1], np.int64)), channels], axis=0)
     model, _ = rewrite(b.model([b.node("Reshape", [b.node("Relu", [x]), target])]), input_shapes={"x": (2, 4, 6, 6)})
     assert ops(model) == {"Relu": 1, "Reshape": 1}
+
+
+def test_a_weight_shared_through_identity_stays_one_weight():
+    # TorchScript writes equal weights once, each further reader through an Identity of it
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    first = b.conv(x, 4, 4, 3, pads=[1] * 4)
+    model = b.model([first])
+    weight = model.graph.node[0].input[1]
+    model.graph.node.append(helper.make_node("Identity", [weight], ["shared"]))
+    model.graph.node.append(helper.make_node("Conv", ["x", "shared"], ["second"], pads=[1] * 4))
+    model.graph.output.append(helper.make_tensor_value_info("second", onnx.TensorProto.FLOAT, [1, 4, 6, 6]))
+    optimized, _ = rewrite(model)
+    assert ops(optimized) == {"Conv": 2}
+    assert [n.input[1] for n in optimized.graph.node if n.op_type == "Conv"] == [weight, weight]
+    sizes = [t.ByteSize() for t in optimized.graph.initializer]
+    assert sum(sizes) <= sum(t.ByteSize() for t in model.graph.initializer)  # no copy per reader

@@ -69,9 +69,13 @@ def _computing_nodes(graph: Graph) -> int:
 def _fold_by_type(graph: Graph) -> None:
     """Shape (with its start/end) and Gather(Shape, constant indices) become constants when the
     dims they select are static; Size when all are; CastLike of a constant when the type it is
-    cast like is known."""
+    cast like is known; an Identity of a weight gives its readers the weight itself."""
     for node in graph.nodes():
         if node.domain not in ("", "ai.onnx", None):
+            continue
+        if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant) \
+                and node.inputs[0].name not in graph.overridable and node.outputs[0].name not in graph.output_names:
+            _share(node)  # TorchScript shares equal weights so: folded, each reader would get a copy
             continue
         if node.op == "CastLike" and len(node.inputs) == 2 and not node.attrs:
             value, like = graph.constant(node.inputs[0]), node.inputs[1].dtype
@@ -112,6 +116,15 @@ def _selected_dims(node: Node) -> list | None:
         start, end = 0, rank
     start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
     return [d if isinstance(d, int) and d >= 0 else None for d in shape[start:end]]
+
+
+def _share(node: Node) -> None:
+    weight, output = node.inputs[0], node.outputs[0]
+    for reader in list(output.outputs):
+        for index, tensor in enumerate(reader.inputs):
+            if tensor is output:
+                reader.inputs[index] = weight
+    node.outputs.clear()
 
 
 def _to_constant(node: Node, value: np.ndarray) -> None:

@@ -64,7 +64,7 @@ class Graph:
         for info in inferred_value_info(model):
             tensor = tensors.get(info.name)
             if isinstance(tensor, gs.Variable) and self.static_shape(tensor) is None \
-                    and info.type.HasField("tensor_type"):
+                    and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
                 dims = info.type.tensor_type.shape.dim
                 tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
 

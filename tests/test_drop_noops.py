@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import helper
 
 from conftest import GraphBuilder, ops, refusals, rewrite
+from onnx_reparam.graph import Graph
 
 
 def test_paddle_style_sum_through_identity_merges_all_three_branches():
@@ -90,3 +93,17 @@ def test_a_slice_that_takes_part_of_an_axis_stays():
                   _sliced([0], [3], [0])):  # the last: 3 of a batch of unknown size
         optimized, _ = rewrite(model)
         assert ops(optimized) == {"Slice": 1, "Relu": 1}
+
+
+
+def test_shapes_inferred_again_after_a_drop_keep_unknown_ranks_unknown():
+    # seen on paddle2onnx's dynamic flatten: a tensor of unknown rank, re-inferred once the
+    # Identity went, became a scalar in the written model and onnxruntime refused the MatMul
+    graph = Graph(helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["i"]), helper.make_node("Reshape", ["i", "target"], ["flat"]),
+         helper.make_node("Relu", ["flat"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4, 1, 1]),
+         helper.make_tensor_value_info("target", onnx.TensorProto.INT64, ["k"])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])))
+    graph.infer_shapes()
+    assert graph.gs.tensors()["flat"].shape is None

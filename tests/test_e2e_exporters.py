@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,7 @@ def test_dynamo_without_its_optimizer_folds_like_the_static_export(arch, tmp_pat
     assert not {"CastLike", "Expand"} & set(ops(model))
 
 
-@pytest.mark.parametrize("exporter", ["ts", "dynamo-raw"])
+@pytest.mark.parametrize("exporter", ["ts", "dynamo", "dynamo-raw"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_dynamic_batch_export_folds_like_the_static_one_or_says_which_size_stops_it(
         arch, exporter, tmp_path, reference_counts):
@@ -68,3 +69,18 @@ def _as_folded(model, reference) -> bool:
     counts = {op: ops(model)[op] for op in COUNTED}
     return counts["Conv"] == reference["Conv"] and counts["BatchNormalization"] == reference["BatchNormalization"] \
         and counts["Add"] <= reference["Add"]
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["paddle_repvgg_acnet", "paddle_repvgg_acnet_dynamic"])
+def test_a_paddle2onnx_export_reaches_one_conv_per_block(name):
+    # models/paddle_fixtures.py (paddlepaddle 3.3.1, paddle2onnx 2.1.0): three RepVGG blocks and an
+    # ACNet block, each to one Conv; its Identity chains (a + b -> Add, Identity) go, the graph
+    # output keeps its name (one Identity), the Linear stays MatMul + Add
+    model, report = onnx_reparam.optimize(FIXTURES / f"{name}.onnx")
+    assert report.verification.passed
+    assert ops(model) == {"Conv": 4, "Relu": 4, "GlobalAveragePool": 1, "Reshape": 1, "MatMul": 1, "Add": 1,
+                          "Identity": 1} | ({"Shape": 1, "Slice": 1, "Concat": 1} if "dynamic" in name else {})
+    assert [o.name for o in model.graph.output] == ["fetch_name_0"]

@@ -59,7 +59,8 @@ def test_optimize_writes_deploy_structure_and_keeps_input(model_path, tmp_path):
     assert digest(model_path) == before
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["verification"]["passed"] and report["after"]["nodes"] == 2
-    assert {p["name"] for p in report["passes"]} == {"fold_constants", "drop_noops", "compose", "fold_affine", "merge_branches", "conv_into_fc"}
+    assert {p["name"] for p in report["passes"]} == {"fold_constants", "drop_noops", "transposes", "compose", "fold_affine",
+                                                       "merge_branches", "conv_into_fc"}
 
 
 def test_quiet_prints_nothing(model_path, tmp_path):

@@ -84,3 +84,15 @@ def test_a_paddle2onnx_export_reaches_one_conv_per_block(name):
     assert ops(model) == {"Conv": 4, "Relu": 4, "GlobalAveragePool": 1, "Reshape": 1, "MatMul": 1, "Add": 1,
                           "Identity": 1} | ({"Shape": 1, "Slice": 1, "Concat": 1} if "dynamic" in name else {})
     assert [o.name for o in model.graph.output] == ["fetch_name_0"]
+
+
+@pytest.mark.parametrize("name", ["tf2onnx_repvgg_acnet", "tf2onnx_repvgg_acnet_unoptimized"])
+def test_a_tf2onnx_export_reaches_one_conv_per_block_with_or_without_its_optimizers(name):
+    # models/tf_fixtures.py (tensorflow-cpu 2.21, tf2onnx 1.17, Keras NHWC): without its optimizers
+    # every conv sits between Transposes and the bias, BN and branch sums are in NHWC (52 nodes)
+    model, report = onnx_reparam.optimize(FIXTURES / f"{name}.onnx")
+    assert report.verification.passed
+    counts = ops(model)
+    assert counts["Conv"] == 4 and not {"BatchNormalization", "Add"} & set(counts)
+    assert counts["Transpose"] <= 2 and counts["Identity"] <= 1  # an Identity keeps the output's name
+    assert len(model.graph.node) <= 13  # with its optimizers: 12

@@ -76,7 +76,7 @@ def test_help_quiet_and_verbose(model_path, tmp_path):
     code, output = cli("-h")
     assert code == 0 and "optimize" in output
     code, output = cli("optimize", "-h")
-    assert code == 0 and "[fold_constants|drop_noops|compose|fold_affine|merge_branches|conv_into_fc]" in output
+    assert code == 0 and "[fold_constants|drop_noops|transposes|compose|fold_affine|merge_branches|conv_into_fc]" in output
     assert cli("optimize", model_path, tmp_path / "q.onnx", "-q") == (0, "")
 
 
@@ -127,7 +127,7 @@ def test_library_takes_a_pass_name_or_a_list_and_rejects_wrong_types():
     one = onnx_reparam.inspect(block_model(), only="fold_affine")
     assert [p.name for p in one.passes] == ["fold_affine"]
     assert [p.name for p in onnx_reparam.inspect(block_model(), skip=["fold_affine", "compose"]).passes] == \
-        ["fold_constants", "drop_noops", "merge_branches", "conv_into_fc"]
+        ["fold_constants", "drop_noops", "transposes", "merge_branches", "conv_into_fc"]
     for options in ({"rtol": "x"}, {"seed": -1}, {"verify": "yes"}, {"provider": "gpu"},
                     {"input_shapes": {"x": "1x4x6x6"}}, {"only": [1]}):
         with pytest.raises(onnx_reparam.ReparamError):

@@ -28,10 +28,21 @@ def test_a_constant_of_lower_rank_broadcasts_as_before():
     b = GraphBuilder()
     x = b.input("x", [1, 4, 5, 3])
     y = b.node("Mul", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.const(b.rand(5, 1, 4))])
-    out = b.node("Sigmoid", [y])
+    back = b.node("Transpose", [b.node("Sigmoid", [y])], perm=[0, 3, 1, 2])  # undoes the first
+    out = b.node("Relu", [back])
+    model, _ = rewrite(b.model([out]), only="transposes")
+    assert [n.op_type for n in model.graph.node] == ["Mul", "Sigmoid", "Transpose", "Transpose", "Relu"]
     model, _ = rewrite(b.model([out]))
-    assert [n.op_type for n in model.graph.node] == ["Mul", "Sigmoid", "Transpose"]
-    assert model.graph.node[-1].output[0] == model.graph.output[0].name == out  # the output keeps its name
+    assert [n.op_type for n in model.graph.node] == ["Mul", "Sigmoid", "Relu"]
+
+
+def test_a_transpose_that_would_meet_nothing_stays():
+    # moving it would only move it: kept where the exporter put it (and no constant is copied)
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 5, 3])
+    out = b.node("Sigmoid", [b.node("Add", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), b.const(b.rand(4))])])
+    model, _ = rewrite(b.model([out]))
+    assert [n.op_type for n in model.graph.node] == ["Transpose", "Add", "Sigmoid"]
 
 
 def test_what_must_not_move_stays():
@@ -41,8 +52,8 @@ def test_what_must_not_move_stays():
     seen = b.node("Transpose", [x], perm=TO_NCHW)
     shared = b.node("Add", [b.node("Relu", [seen]), seen])  # the Relu's Transpose is read by the Add too
     model, _ = rewrite(b.model([mixed, shared]), only="transposes")
+    perms = sorted(tuple(a.ints) for n in model.graph.node if n.op_type == "Transpose" for a in n.attribute)
+    assert perms == sorted([tuple(TO_NCHW)] * 3 + [tuple(TO_NHWC), (0, 3, 2, 1)])  # none moved or merged
     producers = {o: n for n in model.graph.node for o in n.output}
-    sum_node = producers[producers[mixed].input[0]]  # Relu(Add(NHWC branch, NWHC branch))
-    assert [producers[i].op_type for i in sum_node.input] == ["Transpose", "Transpose"]
     relu = next(n for n in model.graph.node if n.op_type == "Relu" and n.output[0] != mixed)
     assert producers[relu.input[0]].op_type == "Transpose"

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import Graph, Node
+from ..graph import Graph, Node, Tensor
 from ..matcher import DEFAULT_DOMAINS
+from ..model_io import LARGE_TENSOR
 from . import PassLog
 
 BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min"})
 UNARY = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu",
                    "Softplus", "Neg", "Abs", "Exp", "Sqrt", "Erf"})
+MAX_STEPS = 32  # elementwise ops looked through for where a moved Transpose would end
 
 
 def run(graph: Graph, log: PassLog) -> None:
@@ -52,6 +54,8 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     output = node.outputs[0]
     if perm is None or output.shape is None or len(output.shape) != len(perm):
         return []
+    if len({id(t) for t in transposes}) < 2 and not _leads_to_a_meeting(graph, output, perm):
+        return []  # moving it would change nothing but where the Transpose is
     inverse = list(np.argsort(perm))
     inputs = []
     for tensor in node.inputs:
@@ -59,8 +63,8 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         if value is None:
             inputs.append(graph.producer(tensor).inputs[0])
             continue
-        if value.ndim > len(perm):
-            return []
+        if value.ndim > len(perm) or value.nbytes > LARGE_TENSOR and graph.shared_reason(tensor) is not None:
+            return []  # a transposed copy of a large constant others read would grow the model
         full = value.reshape((1,) * (len(perm) - value.ndim) + value.shape)  # numpy broadcasting's alignment
         inputs.append(graph.add_constant(f"{node.name}_{tensor.name}_transposed", np.transpose(full, inverse)))
     inner = graph.add_variable(f"{node.name}_untransposed", output, same_shape=False)
@@ -69,3 +73,39 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     graph.add_node("Transpose", [inner], [output], {"perm": perm}, node.name)
     replaced = [node] + list({id(t): t for t in transposes}.values())
     return replaced if log.rewrote(f"Transpose+{node.op}", replaced) else []
+
+
+def _leads_to_a_meeting(graph: Graph, tensor: Tensor, perm: list[int], depth: int = MAX_STEPS) -> bool:
+    """Whether a Transpose by ``perm`` moved below the op writing ``tensor`` would, moving on down
+    through elementwise ops, meet another Transpose by ``perm`` (they become one) or one that
+    undoes it (both go) on the way to some reader."""
+    if depth == 0 or tensor.name in graph.output_names:
+        return False
+    for reader in tensor.outputs:
+        if reader.domain not in DEFAULT_DOMAINS or len(reader.outputs) != 1:
+            continue
+        if reader.op == "Transpose":
+            order = reader.attrs.get("perm")
+            if order is not None and [perm[p] for p in order] == list(range(len(perm))):
+                return True
+            continue
+        if reader.op not in BINARY | UNARY:
+            continue
+        others = [t for t in reader.inputs if t is not tensor and graph.constant(t) is None]
+        if others and all(_transposed(graph, t, perm, depth) for t in others):
+            return True
+        if not others and _leads_to_a_meeting(graph, reader.outputs[0], perm, depth - 1):
+            return True
+    return False
+
+
+def _transposed(graph: Graph, tensor: Tensor, perm: list[int], depth: int) -> bool:
+    """Whether ``tensor`` is, or will be once Transposes move down, a Transpose by ``perm``."""
+    producer = graph.producer(tensor)
+    if producer is None or producer.domain not in DEFAULT_DOMAINS or depth == 0:
+        return False
+    if producer.op == "Transpose":
+        return list(producer.attrs.get("perm", [])) == perm
+    data = [t for t in producer.inputs if graph.constant(t) is None]
+    return producer.op in BINARY | UNARY and graph.shared_reason(tensor) is None and bool(data) and \
+        all(_transposed(graph, t, perm, depth - 1) for t in data)

@@ -2,7 +2,7 @@
 onnx-reparam against the deploy export, in one run.
 
     python benchmarks/reparam.py [--arch repvgg_a0 --arch dbb ...] [--exporter ts ...] [--rounds 30]
-                                 [--out DIR]
+                                 [--out DIR] [--dynamic-batch [--static-shape]]
 
 Sizes: RepVGG-A0/B1g4 at paper width, 224x224, 1000 classes; the block families (models/families.py)
 at 128 channels on 112x112 (1-D: 4096, 3-D: 16^3), the RepMLP nets at 64 channels on 112x112,
@@ -78,16 +78,17 @@ def latencies(paths: dict[str, Path], feed: dict[str, np.ndarray], rounds: int,
     return {k: statistics.median(v) for k, v in times.items()}, rounds
 
 
-def bench(arch: str, exporter: str, out_dir: Path, rounds: int) -> dict:
+def bench(arch: str, exporter: str, out_dir: Path, rounds: int, dynamic_batch: bool = False,
+          static_shape: bool = False) -> dict:
     start = time.perf_counter()
     spatial = len(export.input_shape(arch)) - 2
     size = 224 if arch in ("repvgg_a0", "repvgg_b1g4") else SIZES[spatial]
     train_path, deploy_path = export.export_pair(arch, out_dir, exporter, scale=1.0, size=size,
-                                                 classes=1000)
+                                                 classes=1000, dynamic_batch=dynamic_batch)
     export_s = time.perf_counter() - start
-    ours_path = out_dir / f"{arch}_ours_{exporter}.onnx"
+    ours_path = out_dir / train_path.name.replace("_train_", "_ours_")
     start = time.perf_counter()
-    model, report = onnx_reparam.optimize(train_path)
+    model, report = onnx_reparam.optimize(train_path, static_shape=static_shape)
     save_start = time.perf_counter()
     onnx_reparam.save_model(model, ours_path)
     report.seconds["save"] = time.perf_counter() - save_start
@@ -124,11 +125,13 @@ def main() -> None:
     parser.add_argument("--exporter", action="append", choices=export.EXPORTERS)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", help="folder for the exported models (default: a temporary one)")
+    parser.add_argument("--dynamic-batch", action="store_true", help="export with a dynamic batch axis")
+    parser.add_argument("--static-shape", action="store_true", help="optimize with --static-shape")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.out or tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        results = {(a, e): bench(a, e, out_dir, args.rounds)
+        results = {(a, e): bench(a, e, out_dir, args.rounds, args.dynamic_batch, args.static_shape)
                    for a in args.arch or sorted(export.ARCHS) for e in args.exporter or ("ts", "dynamo")}
     print("\nsummary (nodes original -> ours (deploy), max rel error, ORT CPU latency ours/deploy, ops):")
     for (a, e), r in results.items():

@@ -64,6 +64,8 @@ def export(model: torch.nn.Module, path: str | os.PathLike, exporter: str,
     """Writes ``model`` to ``path`` as one self-contained ONNX file; returns the path."""
     path = Path(path)
     model = model.to(dtype)
+    if dynamic_batch and exporter.startswith("dynamo") and shape[0] < 2:
+        shape = (2,) + tuple(shape[1:])  # torch.export's dynamic dims start at 2
     x = torch.randn(*shape, dtype=dtype)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -81,15 +83,16 @@ def export(model: torch.nn.Module, path: str | os.PathLike, exporter: str,
 
 
 def export_pair(arch: str, out_dir: str | os.PathLike, exporter: str, scale: float = 0.125,
-                size: int | None = None, classes: int = 10, half: bool = False) -> tuple[Path, Path]:
+                size: int | None = None, classes: int = 10, half: bool = False,
+                dynamic_batch: bool = False) -> tuple[Path, Path]:
     """Exports ``arch`` in both structures; returns (train path, deploy path)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train, deploy = build(arch, scale, classes, size=size)
     shape, dtype = input_shape(arch, size), torch.float16 if half else torch.float32
-    tag = f"{exporter}_fp16" if half else exporter
-    return (export(train, out_dir / f"{arch}_train_{tag}.onnx", exporter, shape, dtype=dtype),
-            export(deploy, out_dir / f"{arch}_deploy_{tag}.onnx", exporter, shape, dtype=dtype))
+    tag = exporter + ("_fp16" if half else "") + ("_dyn" if dynamic_batch else "")
+    return tuple(export(model, out_dir / f"{arch}_{kind}_{tag}.onnx", exporter, shape, dynamic_batch, dtype)
+                 for kind, model in (("train", train), ("deploy", deploy)))
 
 
 def main() -> None:

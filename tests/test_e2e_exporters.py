@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
 
 import onnx_reparam
@@ -96,3 +97,14 @@ def test_a_tf2onnx_export_reaches_one_conv_per_block_with_or_without_its_optimiz
     assert counts["Conv"] == 4 and not {"BatchNormalization", "Add"} & set(counts)
     assert counts["Transpose"] <= 2 and counts["Identity"] <= 1  # an Identity keeps the output's name
     assert len(model.graph.node) <= 13  # with its optimizers: 12
+
+
+def test_ultralytics_blocks_merge_as_its_fuse_does_with_fewer_nodes():
+    # models/ultralytics_fixtures.py (ultralytics 8.4, torch 2.14): RepConv with its identity BN,
+    # RepC3, RepNCSPELAN4, C2fCIB with RepVGGDW; "fused" is the same net after ultralytics' fuse()
+    fused = onnx.load(FIXTURES / "ultralytics_blocks_fused.onnx")
+    model, report = onnx_reparam.optimize(FIXTURES / "ultralytics_blocks_train.onnx")
+    assert report.verification.passed
+    assert ops(model)["Conv"] == ops(fused)["Conv"] and "BatchNormalization" not in ops(model)
+    assert len(model.graph.node) < len(fused.graph.node)  # fuse() keeps shape arithmetic and Adds
+    assert onnx_reparam.verify(fused, model).passed  # and it is the function fuse() computes

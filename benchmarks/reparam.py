@@ -95,7 +95,7 @@ def bench(arch: str, exporter: str, out_dir: Path, rounds: int, dynamic_batch: b
     total_s = time.perf_counter() - start
     original, deploy = onnx.load(train_path), onnx.load(deploy_path)
     vs_deploy = onnx_reparam.verify(deploy_path, ours_path)
-    feed = make_inputs(original)
+    feed = make_inputs(original)[0]
     lat, rounds = latencies({"original": train_path, "ours": ours_path, "deploy": deploy_path}, feed, rounds)
     size_mb = train_path.stat().st_size / 1e6
     shape = "x".join(str(d) for d in feed["x"].shape)

@@ -129,6 +129,13 @@ def compose_pointwise(outer: np.ndarray, outer_groups: int, inner: np.ndarray,
     return result, outer_groups
 
 
+def pointwise_after(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """Kernel of outer(inner(x)) where ``outer`` is a 1x..x1 conv and both have one group:
+    W[o, c, ...] = sum_m outer[o, m] * inner[m, c, ...]."""
+    outer = np.asarray(outer, np.float64).reshape(outer.shape[:2])
+    return np.einsum("om,mc...->oc...", outer, np.asarray(inner, np.float64))
+
+
 def input_shift_bias(weight: np.ndarray, groups: int, shift: np.ndarray) -> np.ndarray:
     """What conv(x + shift) adds to conv(x) when no tap reads padding: per output channel, the
     kernel's taps summed against the shift of the input channel each reads."""

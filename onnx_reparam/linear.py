@@ -218,7 +218,8 @@ def pointwise_form(graph: Graph, tensor: Tensor) -> ConvForm | None:
 
 def conv_chain(graph: Graph, node: Node) -> tuple[ConvForm | str | None, str | None]:
     """``node`` as a conv on the furthest tensor it can be traced back to (through a pad/crop view
-    and one pointwise map), and, when it stops short, why."""
+    and one pointwise map before it, or, for a 1x1 ``node``, the conv before it), and, when it
+    stops short, why."""
     outer = conv_form(graph, node)
     if not isinstance(outer, ConvForm):
         return outer, None
@@ -238,7 +239,26 @@ def conv_chain(graph: Graph, node: Node) -> tuple[ConvForm | str | None, str | N
         if isinstance(viewed, ConvForm):
             return viewed, note
         note = note or viewed
+    elif inner is None:
+        return _after_conv(graph, outer) or outer, note
     return outer, note
+
+
+def _after_conv(graph: Graph, outer: ConvForm) -> ConvForm | None:
+    """A 1x1 conv (one group) right after a conv (one group, read by nothing else) as one conv
+    with the first one's geometry: a linear map of channels composes with any conv exactly."""
+    g = outer.geometry
+    if g["group"] != 1 or any(k != 1 for k in g["kernel"]) or any(s != 1 for s in g["strides"]) or any(g["pads"]):
+        return None
+    producer = graph.producer(outer.source)
+    if producer is None or producer.op != "Conv" or graph.shared_reason(outer.source) is not None:
+        return None
+    inner = conv_form(graph, producer)
+    if not isinstance(inner, ConvForm) or inner.geometry["group"] != 1:
+        return None
+    weight = algebra.pointwise_after(outer.weight, inner.weight)
+    bias = outer.weight.reshape(outer.weight.shape[:2]).astype(np.float64) @ inner.bias + outer.bias
+    return ConvForm(inner.source, weight, bias, inner.geometry, outer.dtype, outer.nodes + inner.nodes)
 
 
 def _through_view(outer: ConvForm, view: PadView, ring_value: np.ndarray) -> ConvForm | str:

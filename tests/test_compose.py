@@ -212,3 +212,31 @@ def test_bn_before_a_flatten_that_is_not_per_sample_stays(case):
     y = b.node("Gemm", [flat, b.const(weight), b.const(b.rand(5))], transB=1)
     model, report = rewrite(b.model([y] + outputs), verify=False)
     assert ops(model)["BatchNormalization"] == 1 and ops(model)["Gemm"] == 1
+
+
+@pytest.mark.parametrize("stride,pads", [(1, 1), (2, 0)])
+def test_a_1x1_conv_after_a_conv_is_one_conv(stride, pads):
+    # YOLOE-like: class embeddings (D channels) mapped to K < D classes right after the conv
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 8, 8])
+    embed = b.conv(x, 4, 16, 3, pads=[pads] * 4, strides=[stride] * 2)
+    model, report = rewrite(b.model([b.node("Relu", [b.conv(embed, 16, 5, 1)])]))
+    assert ops(model) == {"Conv": 1, "Relu": 1}
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert {a.name: list(a.ints) for a in conv.attribute if a.ints}["strides"] == [stride] * 2
+    assert any(r.pattern == "Conv+Conv" for p in report.passes for r in p.rewrites)
+
+
+@pytest.mark.parametrize("case", ["widening", "grouped", "shared", "nonlinear", "padded 1x1"])
+def test_a_1x1_after_a_conv_that_must_stay(case):
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 8, 8])
+    embed = b.conv(x, 4, 4 if case == "grouped" else 16, 3, 4 if case == "grouped" else 1, pads=[1] * 4)
+    middle = b.node("Relu", [embed]) if case == "nonlinear" else embed
+    c_in = 4 if case == "grouped" else 16
+    head = b.conv(middle, c_in, 64 if case == "widening" else 5, 1, **({"pads": [1] * 4} if case == "padded 1x1" else {}))
+    outputs = [head, embed] if case == "shared" else [head]
+    model, report = rewrite(b.model(outputs))
+    assert ops(model)["Conv"] == 2
+    if case == "widening":
+        assert any("would add work" in r for r in refusals(report))

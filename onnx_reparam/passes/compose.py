@@ -5,8 +5,10 @@ a reshape with the reshape feeding it.
 conv_k(pad_v(conv_1x1(x))) is one conv_k on x with the pads added, exact when every padded value
 equals what the 1x1 conv gives on zeros (its bias): DBB's 1x1-then-kxk branch. BN(x) before a conv
 or FC folds into its input side (W' = W * s per input channel, b' = b + W t), exact when the conv
-reads no zero padding or the shift is zero. A composition that would cost more multiply-adds than
-the layers it replaces (a 1x1 bottleneck before a kxk conv) is left alone.
+reads no zero padding or the shift is zero. A 1x1 conv right after a conv (no nonlinearity between,
+one group each) is one conv with the first one's geometry: W' = W_1x1 W, b' = W_1x1 b + b_1x1.
+A composition that would cost more multiply-adds than the layers it replaces (a 1x1 bottleneck
+before a kxk conv, a 1x1 widening after one) is left alone.
 """
 from __future__ import annotations
 

@@ -240,3 +240,34 @@ def test_a_1x1_after_a_conv_that_must_stay(case):
     assert ops(model)["Conv"] == 2
     if case == "widening":
         assert any("would add work" in r for r in refusals(report))
+
+
+def yoloe_head(b: GraphBuilder, x: str, batched: bool = True, spatial_shape=(6, 6)) -> str:
+    """Class features -> einsum('bchw,bkc->bkhw') with constant text embeddings, as TorchScript
+    writes it (Reshape, MatMul with the constant first, Reshape), then YOLOE's scale and bias."""
+    features = b.bn(b.conv(x, 4, 16, 3, pads=[1] * 4), 16)
+    flat = b.node("Reshape", [features, b.const(np.array([1, 16, int(np.prod(spatial_shape))], np.int64))])
+    text = b.rand(1, 5, 16) if batched else b.rand(5, 16)
+    logits = b.node("MatMul", [b.const(text), flat])
+    grid = b.node("Reshape", [logits, b.const(np.array([1, 5, *spatial_shape], np.int64))])
+    return b.node("Add", [b.node("Mul", [grid, b.const(np.float32(2.5))]), b.const(np.float32(-1.0))])
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_text_embeddings_after_the_class_conv_fold_into_it(batched):
+    b = GraphBuilder()
+    model, report = rewrite(b.model([yoloe_head(b, b.input("x", [1, 4, 6, 6]), batched)]))
+    assert ops(model) == {"Conv": 1}
+    assert any(r.pattern == "Reshape+MatMul+Reshape" for p in report.passes for r in p.rewrites)
+
+
+def test_a_matmul_that_is_not_a_map_of_channels_stays():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    flat = b.node("Reshape", [x, b.const(np.array([1, 4, 36], np.int64))])
+    over_space = b.node("MatMul", [flat, b.const(b.rand(36, 36))])  # the constant on the right: over positions
+    back = b.node("Reshape", [over_space, b.const(np.array([1, 4, 6, 6], np.int64))])
+    regrouped = b.node("Reshape", [b.node("MatMul", [b.const(b.rand(4, 4)), flat]),
+                                   b.const(np.array([1, 4, 36, 1], np.int64))])  # not the input's grid
+    model, _ = rewrite(b.model([back, regrouped]))
+    assert ops(model)["MatMul"] == 2

@@ -1,6 +1,7 @@
 """Composes a layer with the linear maps right before it: a conv with the padding/cropping
 subgraph and the pointwise conv or inference BN feeding it; a Gemm/MatMul with the BN feeding it;
-a reshape with the reshape feeding it.
+a reshape with the reshape feeding it; a constant MatMul over the channels of a reshaped tensor
+with the 1x1 conv it is.
 
 conv_k(pad_v(conv_1x1(x))) is one conv_k on x with the pads added, exact when every padded value
 equals what the 1x1 conv gives on zeros (its bias): DBB's 1x1-then-kxk branch. BN(x) before a conv
@@ -28,6 +29,8 @@ def run(graph: Graph, log: PassLog) -> None:
             continue
         if node.op in ("Conv", "AveragePool"):
             compose = _compose_conv
+        elif node.op == "MatMul" and graph.constant(node.inputs[0]) is not None:
+            compose = _channel_matmul
         elif node.op in ("Gemm", "MatMul"):
             compose = _compose_matrix
         elif node.op in RESHAPES:
@@ -66,6 +69,34 @@ def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         graph.emit_layer("Conv", form.source, form.weight, form.bias, node.outputs[0],
                          {**attrs, "group": g["group"]}, node.name, form.dtype)
     return form.nodes if log.rewrote(pattern, form.nodes) else []
+
+
+def _channel_matmul(graph: Graph, node: Node, log: PassLog) -> list[Node]:
+    """Reshape(W @ Reshape(y, (N, C, S)), (N, K, *spatial)), W a constant (K, C): a map of the
+    channels of y (N, C, *spatial), written as a 1x1 Conv (an einsum 'bchw,kc->bkhw' as
+    TorchScript writes it: YOLOE's text embeddings applied to its class features)."""
+    weight, flat = graph.constant(node.inputs[0]), node.inputs[1]
+    flatten = graph.producer(flat)
+    readers = node.outputs[0].outputs
+    if flatten is None or flatten.op != "Reshape" or len(readers) != 1 or readers[0].op != "Reshape" \
+            or graph.shared_reason(flat) is not None or graph.shared_reason(node.outputs[0]) is not None:
+        return []
+    unflatten, data = readers[0], flatten.inputs[0]
+    shape, flat_shape, out_shape = data.shape, flat.shape, unflatten.outputs[0].shape
+    if weight.ndim == 3 and weight.shape[0] == 1:
+        weight = weight[0]  # one map for every sample
+    if weight.ndim != 2 or not shape or not flat_shape or not out_shape or len(shape) < 3 \
+            or not all(isinstance(d, int) for d in list(shape[1:]) + list(out_shape[1:])):
+        return []
+    channels, spatial = shape[1], list(shape[2:])
+    if list(flat_shape[1:]) != [channels, int(np.prod(spatial))] or flat_shape[0] != shape[0] \
+            or list(out_shape) != [shape[0], weight.shape[0]] + spatial or weight.shape[1] != channels:
+        return []
+    kernel = weight.reshape(weight.shape + (1,) * len(spatial))
+    graph.emit_layer("Conv", data, kernel, None, unflatten.outputs[0], {"kernel_shape": [1] * len(spatial)},
+                     node.name)
+    replaced = [unflatten, node, flatten]
+    return replaced if log.rewrote("Reshape+MatMul+Reshape", replaced) else []
 
 
 def _compose_reshapes(graph: Graph, node: Node, log: PassLog) -> list[Node]:

@@ -199,11 +199,15 @@ def conv_as_matrix(weight: np.ndarray, spatial: tuple[int, ...], strides: tuple[
 
 
 def scaled_rows(matrix: np.ndarray, scale: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``matrix`` with row i multiplied by ``scale[i]``, in float64; added into ``out`` when given."""
-    scaled = np.multiply(matrix, np.asarray(scale, np.float64)[:, None], dtype=np.float64)
+    """``matrix`` with row i multiplied by ``scale[i]``, in float64; added into ``out`` when given
+    (a few rows at a time: a temporary as large as the matrix would be fresh memory, page by page)."""
+    scale = np.asarray(scale, np.float64)[:, None]
     if out is None:
-        return scaled
-    out += scaled
+        return np.multiply(matrix, scale, dtype=np.float64)
+    step = max(1, (1 << 20) // max(matrix.shape[1], 1))  # rows of about 8 MB in float64
+    for start in range(0, matrix.shape[0], step):
+        rows = slice(start, start + step)
+        out[rows] += np.multiply(matrix[rows], scale[rows], dtype=np.float64)
     return out
 
 

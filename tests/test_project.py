@@ -2,6 +2,9 @@
 agree with each other."""
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -29,3 +32,11 @@ def test_python_bound_admits_no_version_the_test_extra_cannot_install():
     torch = next(Requirement(r) for r in project["optional-dependencies"]["test"] if r.startswith("torch"))
     assert str(torch.specifier) == "==2.13.0"  # its wheels start at Python 3.10
     assert not supported.contains("3.9") and supported.contains("3.10")
+
+
+def test_the_reparam_benchmark_runs():
+    # it broke once unnoticed (an API change upstream of it); the smallest net at benchmark size
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reparam.py"), "--arch", "fc_heads",
+                          "--exporter", "ts", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert re.search(r"fc_heads +ts +14 -> +5 \( +5\) .* same ops", run.stdout), run.stdout[-2000:]

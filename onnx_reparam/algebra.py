@@ -176,25 +176,31 @@ def conv_as_matrix(weight: np.ndarray, spatial: tuple[int, ...], strides: tuple[
         return scaled_rows(weight.reshape(out_channels, in_channels), scale, out)
     if out is None:
         out = np.zeros((rows_count, cols_count))
-    # Indexed in the (O, *out, C, *spatial) layout: a view of ``out``, never a copy.
+    # In the (O, *out, C, *spatial) layout (a view of ``out``, never a copy) the entries of one tap
+    # lie on a diagonal of each (output, input) axis pair, input = output * stride + shift: one
+    # strided view per tap, added to in place (no entry appears twice in it).
     grid = np.reshape(out, (out_channels,) + sizes + (in_channels,) + tuple(spatial), copy=False)
     scale = scale.reshape((out_channels,) + sizes)
     weight = np.asarray(weight, np.float64)
-    rows = np.arange(out_channels).reshape((-1,) + (1,) * (n + 1))
-    cols = np.arange(in_channels).reshape((1,) * (n + 1) + (-1,))
+    steps = grid.strides
     for taps in itertools.product(*(range(k) for k in kernel)):
-        outs, ins = [], []
+        first_out, first_in, lengths, diagonal = [], [], [], []
         for a in range(n):
-            o = np.arange(sizes[a])
-            i = o * strides[a] - pads[a] + taps[a] * dilations[a]
-            valid = (i >= 0) & (i < spatial[a])
-            shape = [1] * (n + 2)
-            shape[1 + a] = -1
-            outs.append(o[valid].reshape(shape))
-            ins.append(i[valid].reshape(shape))
+            shift = taps[a] * dilations[a] - pads[a]
+            low = max(0, -(shift // strides[a]))
+            high = min(sizes[a] - 1, (spatial[a] - 1 - shift) // strides[a])
+            first_out.append(low)
+            first_in.append(low * strides[a] + shift)
+            lengths.append(high - low + 1)
+            diagonal.append(steps[1 + a] + strides[a] * steps[2 + n + a])
+        if any(k <= 0 for k in lengths):
+            continue  # the tap only ever meets padding
+        corner = grid[(slice(None),) + tuple(first_out) + (slice(None),) + tuple(first_in)]
+        view = np.lib.stride_tricks.as_strided(corner, (out_channels, *lengths, in_channels),
+                                               (steps[0], *diagonal, steps[1 + n]), writeable=True)
         tap = weight[(slice(None), slice(None)) + taps].reshape((out_channels,) + (1,) * n + (in_channels,))
-        scales = scale[(rows[..., 0], *(o[..., 0] for o in outs))][..., None]
-        grid[(rows, *outs, cols, *ins)] += tap * scales
+        rows = scale[(slice(None),) + tuple(slice(o, o + k) for o, k in zip(first_out, lengths))]
+        view += tap * rows[..., None]
     return out
 
 

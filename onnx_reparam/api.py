@@ -23,7 +23,7 @@ from .model_io import load_model, load_weights
 from .passes import Pass
 from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
-from .verify import Checker, check_input_shape, input_shape
+from .verify import Checker, chosen_shape, graph_inputs
 
 MAX_DROPPED = 16  # rewrites dropped before giving up: past that, something is wrong everywhere
 EARLY_REFERENCE_BYTES = 1 << 28  # weights: a bigger model's reference runs before the rewrite
@@ -152,16 +152,15 @@ def fix_input_sizes(model: onnx.ModelProto, shapes: dict[str, Sequence[int]] | N
     """Gives every symbolic dim of the graph inputs a size: from ``shapes``, else 1 on a batch
     axis (as the check chooses); a dim name used elsewhere (outputs) takes the same size, and the
     inferred shapes are dropped to be inferred again. Says which inputs changed, and how."""
-    initializers = {t.name for t in model.graph.initializer}
+    shapes = shapes or {}
     sizes, fixed = {}, []
-    for value in model.graph.input:
-        if value.name in initializers or not value.type.HasField("tensor_type"):
+    for value in graph_inputs(model, list(shapes)):
+        if not value.type.HasField("tensor_type"):
             continue
         dims = value.type.tensor_type.shape.dim
         if all(d.HasField("dim_value") for d in dims):
             continue
-        shape = tuple((shapes or {}).get(value.name) or ()) or input_shape(value)
-        check_input_shape(value, shape)
+        shape = chosen_shape(value, shapes)
         for dim, size in zip(dims, shape):
             if not dim.HasField("dim_value"):
                 if dim.dim_param:

@@ -198,10 +198,7 @@ def pointwise_form(graph: Graph, tensor: Tensor) -> ConvForm | None:
     rank = len(tensor.shape)
     form = conv_form(graph, node)
     if isinstance(form, ConvForm):
-        g = form.geometry
-        pointwise = all(k == 1 for k in g["kernel"]) and all(s == 1 for s in g["strides"]) \
-            and not any(g["pads"])
-        return form if pointwise and node.op == "Conv" else None
+        return form if _pointwise(form.geometry) and node.op == "Conv" else None
     channels = tensor.shape[1] if rank >= 3 else None
     if not isinstance(channels, int) or node.op != "BatchNormalization":
         return None
@@ -214,6 +211,12 @@ def pointwise_form(graph: Graph, tensor: Tensor) -> ConvForm | None:
                 "pads": (0,) * 2 * spatial, "group": channels, "auto_pad": "NOTSET"}
     dtype = np.dtype(tensor.dtype)
     return ConvForm(node.inputs[affine.data_index], weight, affine.shift, geometry, dtype, [node])
+
+
+def _pointwise(geometry: dict) -> bool:
+    """A 1x..x1 kernel with stride 1 and no padding: a map of channels at each position."""
+    return all(k == 1 for k in geometry["kernel"]) and all(s == 1 for s in geometry["strides"]) \
+        and not any(geometry["pads"])
 
 
 def conv_chain(graph: Graph, node: Node) -> tuple[ConvForm | str | None, str | None]:
@@ -247,8 +250,7 @@ def conv_chain(graph: Graph, node: Node) -> tuple[ConvForm | str | None, str | N
 def _after_conv(graph: Graph, outer: ConvForm) -> ConvForm | None:
     """A 1x1 conv (one group) right after a conv (one group, read by nothing else) as one conv
     with the first one's geometry: a linear map of channels composes with any conv exactly."""
-    g = outer.geometry
-    if g["group"] != 1 or any(k != 1 for k in g["kernel"]) or any(s != 1 for s in g["strides"]) or any(g["pads"]):
+    if outer.geometry["group"] != 1 or not _pointwise(outer.geometry):
         return None
     producer = graph.producer(outer.source)
     if producer is None or producer.op != "Conv" or graph.shared_reason(outer.source) is not None:
@@ -257,7 +259,7 @@ def _after_conv(graph: Graph, outer: ConvForm) -> ConvForm | None:
     if not isinstance(inner, ConvForm) or inner.geometry["group"] != 1:
         return None
     weight = algebra.pointwise_after(outer.weight, inner.weight)
-    bias = outer.weight.reshape(outer.weight.shape[:2]).astype(np.float64) @ inner.bias + outer.bias
+    bias = outer.bias + algebra.input_shift_bias(outer.weight, 1, inner.bias)
     return ConvForm(inner.source, weight, bias, inner.geometry, outer.dtype, outer.nodes + inner.nodes)
 
 

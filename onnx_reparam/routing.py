@@ -123,15 +123,15 @@ def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | 
         if node.op == "CastLike" and node.inputs[0].dtype != node.inputs[1].dtype:
             return "a CastLike changes the type of the values", None, []
         data = DATA_INPUTS.get(node.op, (0,))
-        for index, value in enumerate(node.inputs):
+        for index, operand in enumerate(node.inputs):
             if node.op == "CastLike" and index == 1:
                 continue  # read for its type alone
-            if not value.name:
+            if not operand.name:
                 continue
             if data is None or index in data:
-                stack.append(value)
-            elif graph.constant(value) is None:  # an index, pad or shape the graph computes
-                shapes = _shapes_read(graph, value)
+                stack.append(operand)
+            elif graph.constant(operand) is None:  # an index, pad or shape the graph computes
+                shapes = _shapes_read(graph, operand)
                 if shapes is None:
                     return f"the {node.op}'s input {index} is computed from data", None, []
                 shaped_by += shapes

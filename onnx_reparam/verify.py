@@ -273,7 +273,7 @@ def _session_source(model: onnx.ModelProto, tmp: Path) -> tuple[bytes | str, dic
     on disk has a type numpy cannot map, it is the path of a copy written to ``tmp`` with external
     data. The results are the same either way."""
     if fits_in_protobuf(model, on_disk_too=False):
-        places = [on_disk(t) for t in model.graph.initializer if on_disk(t) is not None]
+        places = [place for place in map(on_disk, model.graph.initializer) if place is not None]
         if not places:
             return model.SerializeToString(), {}, None
         if _ort_version() >= (1, 21):
@@ -330,12 +330,8 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
     shapes, given = shapes or {}, given or {}
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ReparamError(f"seed must be a non-negative integer, not {seed!r}")
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
+    inputs = graph_inputs(model, list(shapes) + list(given))
     names = {i.name for i in inputs}
-    for name in list(shapes) + list(given):
-        if name not in names:
-            raise ReparamError(f"the model has no input '{name}' (inputs: {', '.join(sorted(names))})")
     if given:
         missing = sorted(names - set(given))
         if missing:
@@ -346,8 +342,7 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
         if not value.type.HasField("tensor_type"):
             raise ReparamError(f"input '{value.name}' is not a tensor; give its value with --inputs")
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        shape = tuple(shapes[value.name]) if value.name in shapes else input_shape(value, chosen)
-        check_input_shape(value, shape)
+        shape = chosen_shape(value, shapes, chosen)
         if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_INPUT_BYTES:
             raise ReparamError(f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take more "
                                f"than {MAX_INPUT_BYTES >> 30} GiB; give a smaller --input-shape")
@@ -359,6 +354,26 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
     sets.append({name: np.ones(shape, dtype) if _is_float(dtype) else np.zeros(shape, dtype)
                  for name, (dtype, shape) in kinds.items()})
     return sets
+
+
+def graph_inputs(model: onnx.ModelProto, named: list[str] = ()) -> list[onnx.ValueInfoProto]:
+    """The model's inputs that are not initializers; each name in ``named`` must be one of them."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    names = {i.name for i in inputs}
+    for name in named:
+        if name not in names:
+            raise ReparamError(f"the model has no input '{name}' (inputs: {', '.join(sorted(names))})")
+    return inputs
+
+
+def chosen_shape(value: onnx.ValueInfoProto, shapes: dict[str, tuple[int, ...]],
+                 chosen: list[str] | None = None) -> tuple[int, ...]:
+    """The input's shape for a run: the one given, else its own with a dynamic batch axis set to
+    BATCH_FOR_CHECK (``chosen`` says so); checked against its static dims."""
+    shape = tuple(shapes[value.name]) if value.name in shapes else input_shape(value, chosen)
+    check_input_shape(value, shape)
+    return shape
 
 
 def check_input_shape(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None:

@@ -94,5 +94,7 @@ def test_static_shape_fixes_the_inputs_symbolic_dims_and_says_so():
     assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [2, 4, 5, 6]
     assert fixed.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 2  # the same name, the same size
     assert "inputs fixed to static sizes (--static-shape): x 2x4x5x6" in report.notes
+    with pytest.raises(onnx_reparam.ReparamError, match="the model has no input 'y'"):  # not ignored unchecked
+        onnx_reparam.optimize(model, static_shape=True, verify=False, input_shapes={"y": (2, 4, 5, 6)})
     kept, _ = onnx_reparam.optimize(model, input_shapes={"x": (2, 4, 5, 6)})
     assert kept.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "H"  # only when asked

@@ -22,15 +22,17 @@ DUPLICABLE = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten
 def run(graph: Graph, log: PassLog) -> None:
     done: set[int] = set()
     seen: dict[tuple, Node] = {}
+    sliced = False
     for node in graph.nodes():
         if id(node) in done or node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
             continue
         if node.outputs[0].name in graph.output_names:
             continue
-        removed = log.attempt(node, _drop, graph, node, seen, log)
-        done.update(id(n) for n in removed or [])
-    if done:
-        graph.infer_shapes()  # what the dropped nodes hid (a Slice of a whole axis loses its name)
+        removed = log.attempt(node, _drop, graph, node, seen, log) or []
+        done.update(id(n) for n in removed)
+        sliced = sliced or any(n.op == "Slice" for n in removed)
+    if sliced:  # shape inference named the sliced axis anew; with the Slice gone it keeps its name
+        graph.infer_shapes()
 
 
 def _drop(graph: Graph, node: Node, seen: dict[tuple, Node], log: PassLog) -> list[Node]:

@@ -126,3 +126,14 @@ def test_a_border_written_at_indices_computed_from_a_symbolic_batch_names_it():
     reason = routing.pad_view(graph, graph.gs.outputs[0])
     assert isinstance(reason, routing.SizeDependent) and "symbolic input sizes (x: N)" in reason
     assert reason.endswith("--static-shape fixes the sizes")
+
+
+def test_ops_that_change_a_symbolic_batch_are_not_probed():
+    # a Slice of the first sample: in and out batch differ, so no one probe size stands for all
+    b = GraphBuilder()
+    x = b.input("x", ["N", 3, 5, 6])
+    first = b.node("Slice", [x, b.const(np.array([0], np.int64)), b.const(np.array([1], np.int64)),
+                             b.const(np.array([0], np.int64))])
+    graph = Graph(b.model([b.node("Pad", [first, b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))])]))
+    graph.infer_shapes()
+    assert routing.pad_view(graph, graph.gs.outputs[0]) == "padding/cropping ops on a tensor of unknown or different shape"

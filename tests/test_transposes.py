@@ -57,3 +57,16 @@ def test_what_must_not_move_stays():
     producers = {o: n for n in model.graph.node for o in n.output}
     relu = next(n for n in model.graph.node if n.op_type == "Relu" and n.output[0] != mixed)
     assert producers[relu.input[0]].op_type == "Transpose"
+
+
+def test_a_large_constant_others_read_is_not_copied_transposed():
+    # the move would meet the Transpose back, but a transposed copy of a 96 KiB constant that the
+    # other Add still reads would grow the model: it stays
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 128, 48])
+    big = b.const(b.rand(128, 48, 4))
+    moved = b.node("Add", [b.node("Transpose", [x], perm=[0, 2, 3, 1]), big])
+    back = b.node("Relu", [b.node("Transpose", [moved], perm=[0, 3, 1, 2])])
+    other = b.node("Add", [b.node("Transpose", [b.node("Relu", [x])], perm=[0, 2, 3, 1]), big])
+    model, _ = rewrite(b.model([back, other]))
+    assert ops(model) == {"Transpose": 3, "Add": 2, "Relu": 2}

@@ -59,13 +59,17 @@ class GraphStats:
 @dataclass
 class OutputCheck:
     name: str
-    max_abs_error: float
-    max_rel_error: float  # max |a - b| / max |a|
-    tolerance: float  # the bound on the output's largest channel: max(atol + rtol * max |a|, noise floor)
+    max_abs_error: float  # against the input model's output
+    max_rel_error: float  # max |a - b| / max |a|, against the input model's output
+    tolerance: float  # the bound: on the distance from float64 at the worst channel, or on the error of the largest
     passed: bool
     compared: int = 0  # finite values compared, over every input set
-    note: str | None = None  # why it failed
-    noise: float | None = None  # the reference's own float noise on this output
+    note: str | None = None  # why it failed, or what it is
+    ours: float | None = None  # the candidate's distance from the float64 evaluation (worst channel, relative)
+    theirs: float | None = None  # the input model's own distance from it
+    role: str = "output"  # "output"; "decided": computed through a decision on floats; "decision input": added for the check
+    differ: int = 0  # integer values that differ from the input model's
+    integer: bool = False  # an output of integers (or booleans)
 
 
 @dataclass
@@ -75,8 +79,9 @@ class Verification:
     error: str | None = None  # the candidate could not be run at all
     note: str | None = None  # e.g. why CUDA was not used
     inputs: int = 0  # input sets compared
-    bound: str = ""  # how the tolerance was set
+    bound: str = ""  # what the outputs were held to
     device: str = ""  # the device and onnxruntime version that ran the check
+    truth: str = ""  # how the float64 evaluation was made and what it cost, or why there is none
 
     @property
     def passed(self) -> bool:
@@ -85,12 +90,16 @@ class Verification:
     @property
     def inconclusive(self) -> bool:
         """Failed only because nothing could be compared: no rewrite is to blame."""
-        return not self.passed and self.error is None and all(o.passed or o.compared == 0 for o in self.outputs)
+        from .compare import NOTHING_COMPARED
+        return not self.passed and self.error is None and all(o.passed or o.note == NOTHING_COMPARED
+                                                              for o in self.outputs)
 
     def summary(self) -> str:
         verdict = "PASSED" if self.passed else "INCONCLUSIVE" if self.inconclusive else "FAILED"
         lines = [f"verification {verdict} on {self.provider}"
                  + (f" ({self.inputs} input sets; {self.bound})" if self.inputs else "")]
+        if self.truth:
+            lines.append(f"  {self.truth}")
         if self.device:
             lines.append(f"  {self.device}")
         if self.note:
@@ -98,18 +107,30 @@ class Verification:
         if self.error:
             lines.append(f"  {self.error}")
         for o in self.outputs:
-            mark = "ok" if o.passed else f"MISMATCH: {o.note}" if o.note else "MISMATCH"
-            noise = f", reference noise {o.noise:.3g}" if o.noise else ""
-            lines.append(f"  {o.name}: max abs err {o.max_abs_error:.3g}, max rel err {o.max_rel_error:.3g} "
-                         f"(bound {o.tolerance:.3g}{noise}) {mark}")
+            lines.append(f"  {o.name}: {_output_line(o)}")
         return "\n".join(lines)
 
     def worst(self) -> str:
         """The failure in a few words, for a dropped rewrite's reason."""
         if self.error:
             return self.error
-        failed = [o for o in self.outputs if not o.passed]
-        return "; ".join(f"{o.name}: max rel err {o.max_rel_error:.3g}, {o.note}" for o in failed)
+        return "; ".join(f"{o.name}: {o.note}" for o in self.outputs if not o.passed)
+
+
+def _output_line(o: OutputCheck) -> str:
+    mark = "ok" if o.passed else f"MISMATCH: {o.note}" if o.note else "MISMATCH"
+    if o.role == "decided":
+        agreement = (f"{o.compared - o.differ} of {o.compared} values as the input model's" if o.integer
+                     else f"max rel err {o.max_rel_error:.3g} against the input model")
+        return f"{agreement} (computed through a decision on floats: {o.note})"
+    kind = " (read by a decision; added for the check)" if o.role == "decision input" else ""
+    if o.integer:
+        return f"{o.compared - o.differ} of {o.compared} values as the input model's{kind} {mark}"
+    if o.ours is not None:
+        return (f"ours {o.ours:.2g} from float64, the input model {o.theirs:.2g} (bound {o.tolerance:.2g}); "
+                f"max rel err {o.max_rel_error:.2g} against the input model{kind} {mark}")
+    return (f"max abs err {o.max_abs_error:.3g}, max rel err {o.max_rel_error:.3g} "
+            f"(bound {o.tolerance:.3g}){kind} {mark}")
 
 
 @dataclass

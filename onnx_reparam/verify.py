@@ -24,18 +24,20 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from importlib import metadata
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from . import compare, truth
 from .errors import ReparamError, first_line
-from .model_io import disk_arrays, fits_in_protobuf, on_disk, save_model
-from .report import GraphStats, OutputCheck, Verification
+from .model_io import disk_arrays, fits_in_protobuf, inferred_value_info, on_disk, save_model
+from .report import OutputCheck, Verification
 
-# (rtol, atol) by float type: an element passes when |a - b| <= atol + rtol * (scale of its channel).
+# (rtol, atol) by float type, where there is no float64 evaluation: an element passes when
+# |a - b| <= atol + rtol * (scale of its channel).
 TOLERANCES = {
     onnx.TensorProto.DOUBLE: (1e-9, 1e-12),
     onnx.TensorProto.FLOAT: (1e-4, 1e-6),
@@ -44,8 +46,6 @@ TOLERANCES = {
 LOOSEST = (5e-2, 1e-2)  # bfloat16, float8 and other low-precision floats
 FLOAT_TYPES = {value for name, value in onnx.TensorProto.DataType.items()
                if name.startswith("FLOAT") or name in ("DOUBLE", "BFLOAT16")}
-NOISE_FACTOR = 4  # the bound is at least this many times the reference's own float noise
-NOISE_SIZE_LIMIT = 1 << 30  # bytes of weights
 MAX_INPUT_BYTES = 1 << 32  # a generated input larger than this is a mistake in --input-shape
 BATCH_FOR_CHECK = 1  # the size a dynamic batch axis gets when the user gives none
 
@@ -436,18 +436,11 @@ def lowest_precision(model: onnx.ModelProto) -> int:
     return max(floats, key=lambda t: TOLERANCES.get(t, LOOSEST)) if floats else onnx.TensorProto.FLOAT
 
 
-@dataclass
-class Tolerance:
-    rtol: float
-    atol: float
-    how: str  # how the bound was set, for the report
-    use_noise: bool = True  # widen to the reference's noise (not when the user set the tolerances)
-
-
 class Checker:
-    """The reference's outputs on the check's inputs, computed once; ``check`` compares a candidate
-    with them. Problems running the reference are bad input (ReparamError); problems running the
-    candidate are a failed check."""
+    """The input model's outputs and their float64 evaluation on the check's inputs, computed once;
+    ``check`` judges a candidate by them (compare.py says how). Problems running the input model
+    are bad input (ReparamError); problems running the candidate are a failed check. ``runs``
+    counts the model runs, by model."""
 
     def __init__(self, reference: onnx.ModelProto, *, provider: str = "auto",
                  input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -462,17 +455,27 @@ class Checker:
         self.chosen: list[str] = []
         self.feed_sets = make_inputs(reference, input_shapes, seed, inputs, self.chosen)
         self.runner = Runner(provider)
+        self.runs = {"input model": 0, "float64": 0, "candidate": 0}
+        self.precision = lowest_precision(reference)  # the float type the bounds follow
+        self.decided, self.extra = compare.decision_inputs(reference, tensor_types(reference), FLOAT_TYPES)
         self.expected = self._run_reference(reference)
-        self.reference = reference  # for its noise, measured only when a candidate needs it
-        self.noise: list[float | None] | None = None
-        self.noise_missing: str | None = None  # why the reference's noise was not measured
-        self.rtol, self.atol = rtol, atol
-        self.precision = lowest_precision(reference)  # the float type the tolerances follow
+        given = rtol is not None or atol is not None
+        default_rtol, default_atol = TOLERANCES.get(self.precision, LOOSEST)
+        self.bound = (default_rtol if rtol is None else rtol, default_atol if atol is None else atol)
+        self.truth, self.truth_note = None, ""
+        if given:
+            self.truth_note = "no float64 evaluation: rtol/atol were given"
+        else:
+            self._evaluate_truth(reference)
+        self.baselines = self._baselines()
         self.note = "; ".join(self.runner.notes + self.chosen) or None
 
     def _run_reference(self, reference: onnx.ModelProto) -> list[list[np.ndarray]]:
         try:
-            return self.runner.run(reference, self.feed_sets)
+            with _extra_outputs(reference, self.extra):
+                outputs = self.runner.run(reference, self.feed_sets)
+            self.runs["input model"] += len(self.feed_sets)
+            return outputs
         except ReparamError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
@@ -482,159 +485,120 @@ class Checker:
             return self._run_reference(reference)
         raise ReparamError(f"onnxruntime cannot run the input model: {problem}")
 
-    def _reference_noise(self) -> list[float | None]:
-        """Per output, the largest difference between the reference run with and without ORT's
-        optimizations on the first input set; None where that run fails, and for a model whose
-        weights exceed NOISE_SIZE_LIMIT (a third session of it would cost its size again)."""
-        nothing = [None] * len(self.output_names)
-        if GraphStats.of(self.reference).weight_bytes > NOISE_SIZE_LIMIT:
-            self.noise_missing = f"weights over {NOISE_SIZE_LIMIT >> 30} GiB"
-            return nothing
+    def _evaluate_truth(self, reference: onnx.ModelProto) -> None:
+        start = time.perf_counter()
         try:
-            again = self.runner.run(self.reference, self.feed_sets[:1], optimized=True)[0]
-        except Exception as exc:  # noqa: BLE001 - without it the bound is the dtype's alone
-            self.noise_missing = f"onnxruntime's optimized run failed ({first_line(exc)})"
-            return nothing
-        noise = []
-        for a, b in zip(self.expected[0], again):
-            a, b = np.asarray(a), np.asarray(b)
-            if a.shape != b.shape or not _is_float(a.dtype):
-                noise.append(None)
-                continue
-            finite = np.isfinite(a) & np.isfinite(b)
-            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))[finite]
-            noise.append(float(diff.max(initial=0.0)))
-        return noise
+            self.truth = truth.evaluate(reference, self.feed_sets, self.output_names + self.extra)
+        except truth.NoTruth as exc:
+            self.truth_note = f"no float64 evaluation of the input model: {exc}"
+            return
+        self.runs["float64"] += len(self.feed_sets)
+        self.truth_note = (f"float64 evaluation of the input model (onnx reference evaluator): "
+                           f"{time.perf_counter() - start:.2f}s")
 
-    def _tolerance(self, noise: list[float | None] | None) -> Tolerance:
-        """The bound: the user's rtol/atol, or the least precise float type's, widened to
-        NOISE_FACTOR times the reference's noise where that was measured."""
-        default_rtol, default_atol = TOLERANCES.get(self.precision, LOOSEST)
+    def _baselines(self) -> list[compare.Baseline | None]:
+        """Per output (and added decision input), the input model's distance from truth; None
+        where it is not a float output with a float64 value."""
+        roundoff = compare.ROUNDOFF.get(self.precision, compare.LOOSEST_ROUNDOFF)
+        bases: list[compare.Baseline | None] = []
+        for i, name in enumerate(self.output_names + self.extra):
+            references = [outputs[i] for outputs in self.expected]
+            truths = [values[i] for values in self.truth] if self.truth is not None else []
+            usable = truths and all(t is not None and compare.is_float(np.asarray(r).dtype)
+                                    for t, r in zip(truths, references)) and name not in self.decided
+            bases.append(compare.baseline(truths, references, roundoff) if usable else None)
+        return bases
+
+    def _describe(self) -> str:
+        if any(b is not None for b in self.baselines):
+            return (f"each output held to a float64 evaluation of the input model: at most {compare.FACTOR}x "
+                    "the input model's own distance from it, per channel of a feature map")
+        rtol, atol = self.bound
         name = onnx.TensorProto.DataType.Name(self.precision).lower()
-        how = f"rtol {default_rtol:g}, atol {default_atol:g} for {name} arithmetic"
-        given = self.rtol is not None or self.atol is not None
-        if given:
-            how = "rtol/atol as given"
-        elif noise is not None and any(noise):
-            how += f", at least {NOISE_FACTOR}x the reference's own noise"
-        elif noise is not None and self.noise_missing:
-            how += f" (reference noise not measured: {self.noise_missing})"
-        return Tolerance(default_rtol if self.rtol is None else self.rtol,
-                         default_atol if self.atol is None else self.atol, how, use_noise=not given)
+        if self.truth_note.endswith("rtol/atol were given"):
+            return f"rtol {rtol:g}, atol {atol:g} as given, against the input model"
+        return f"rtol {rtol:g}, atol {atol:g} for {name} arithmetic, against the input model"
 
-    def check(self, candidate: onnx.ModelProto) -> Verification:
-        """Runs the candidate on the check's inputs and compares. The reference's own noise (a
-        third session) is measured only when an output is beyond the type's bound without it;
-        the candidate then runs once more (outputs are not kept: they may be large)."""
+    def check(self, candidate: onnx.ModelProto, sets: list[int] | None = None) -> Verification:
+        """Runs the candidate on the check's inputs (the sets numbered in ``sets``, or all) and
+        judges each output."""
         names = [o.name for o in candidate.graph.output]
+        header = dict(note=self.note, truth=self.truth_note)
         if names != self.output_names:
             return Verification(self.runner.provider, [], error=f"the outputs differ: {self.output_names} vs {names}",
-                                note=self.note)
-        tolerance = self._tolerance(None)
+                                **header)
+        chosen = list(range(len(self.feed_sets))) if sets is None else sets
+        produced = _tensor_names(candidate)
+        missing = [name for name in self.extra if name not in produced]
+        extra = [] if missing else self.extra
         try:
-            session = self.runner.session(candidate)
-            checks = self._compare(session, [None] * len(names), tolerance)
-            if not all(c.passed for c in checks) and tolerance.use_noise:
-                if self.noise is None:
-                    self.noise = self._reference_noise()
-                tolerance = self._tolerance(self.noise)
-                checks = self._compare(session, self.noise, tolerance)
+            with _extra_outputs(candidate, extra):
+                session = self.runner.session(candidate)
+            actual = []
+            for i in chosen:
+                actual.append(session.run(None, self.feed_sets[i]))
+                self.runs["candidate"] += 1
         except Exception as exc:  # noqa: BLE001 - the rewritten model is ours: a failed check
-            return Verification(self.runner.provider, [], note=self.note,
-                                error=f"onnxruntime cannot run the rewritten model: {first_line(exc)}")
-        return Verification(self.runner.provider, checks, note=self.note,
-                            inputs=len(self.feed_sets), bound=tolerance.how,
-                            device=f"{self.runner.device}; onnxruntime {_ort().__version__}")
+            return Verification(self.runner.provider, [], error=f"onnxruntime cannot run the rewritten model: "
+                                f"{first_line(exc)}", **header)
+        checks = [self._judge(i, name, chosen, [outputs[i] for outputs in actual], bool(extra))
+                  for i, name in enumerate(self.output_names + extra)]
+        if missing and self.decided:
+            for check in checks:
+                if check.name in self.decided:
+                    check.note = (check.note or "") + f" (held to the input model: the rewrite removed '{missing[0]}', " \
+                        "the float tensor its decision reads)"
+        return Verification(self.runner.provider, checks, inputs=len(chosen), bound=self._describe(),
+                            device=f"{self.runner.device}; onnxruntime {_ort().__version__}", **header)
 
-    def _compare(self, session, noise: list[float | None], tolerance: Tolerance) -> list[OutputCheck]:
-        """Runs the candidate on each input set and compares, one set's outputs at a time."""
-        checks = [OutputCheck(name, 0.0, 0.0, 0.0, True, noise=n) for name, n in zip(self.output_names, noise)]
-        for feeds, expected in zip(self.feed_sets, self.expected):
-            for check, e, a in zip(checks, expected, session.run(None, feeds)):
-                compare_output(check, e, a, tolerance)
-        for check in checks:
-            if check.compared == 0:
-                check.passed, check.note = False, "nothing compared (empty or non-finite output)"
-        return checks
-
-
-def compare_output(result: OutputCheck, expected: np.ndarray, actual: np.ndarray, tolerance: Tolerance) -> None:
-    """Adds one input set's output to ``result``: max abs error, error relative to the output's
-    largest magnitude, and whether each element is within atol + rtol * (its channel's largest
-    magnitude), widened to NOISE_FACTOR times the reference's noise."""
-    floor = NOISE_FACTOR * result.noise if result.noise and tolerance.use_noise else 0.0
-    e, a = np.asarray(expected), np.asarray(actual)
-    if e.shape != a.shape:
-        result.passed, result.note = False, f"shape {list(a.shape)}, expected {list(e.shape)}"
-        return
-    if not _is_float(e.dtype):
-        mismatches = int(np.count_nonzero(e != a))
-        result.compared += e.size
-        if mismatches:
-            result.passed, result.note = False, f"{mismatches} of {e.size} values differ"
-            result.max_abs_error = max(result.max_abs_error, float(np.max(np.abs(
-                e.astype(np.float64) - a.astype(np.float64)))))
-        return
-    # Per piece of at most COMPARE_PIECE values (a huge output's temporaries stay small): whole
-    # channels (axis 1) where there are channels, else the output's largest magnitude first.
-    if e.ndim >= 2 and e.size:
-        step = max(1, COMPARE_PIECE // (e.size // e.shape[1]))
-        pieces = [(e[:, c:c + step], a[:, c:c + step]) for c in range(0, e.shape[1], step)]
-        scale = None
-    else:
-        e, a = e.reshape(-1), a.reshape(-1)
-        pieces = [(e[i:i + COMPARE_PIECE], a[i:i + COMPARE_PIECE]) for i in range(0, max(e.size, 1), COMPARE_PIECE)]
-        scale = max((_largest(p) for p, _ in pieces), default=0.0)
-    worst, largest, outside = 0.0, 0.0, 0
-    for pe, pa in pieces:
-        piece_worst, piece_largest, piece_outside, compared, same_specials = _compare_piece(pe, pa, tolerance,
-                                                                                            floor, scale)
-        worst, largest, outside = max(worst, piece_worst), max(largest, piece_largest), outside + piece_outside
-        result.compared += compared
-        if not same_specials:
-            result.passed, result.note = False, "inf/NaN values differ"
-    result.max_abs_error = max(result.max_abs_error, worst)
-    if largest > 0:
-        result.max_rel_error = max(result.max_rel_error, worst / largest)
-    elif worst > 0:
-        result.max_rel_error = float("inf")
-    result.tolerance = max(result.tolerance, max(tolerance.atol + tolerance.rtol * largest, floor))
-    if outside:
-        result.passed = False
-        result.note = f"{outside} of {e.size} values beyond their channel's bound"
+    def _judge(self, index: int, name: str, sets: list[int], actual: list[np.ndarray],
+               decisions_checked: bool) -> OutputCheck:
+        role = "decision input" if index >= len(self.output_names) else \
+            "decided" if decisions_checked and name in self.decided else "output"
+        check = OutputCheck(name, 0.0, 0.0, 0.0, True, role=role)
+        base = self.baselines[index]
+        ours = None
+        for i, a in zip(sets, actual):
+            expected = self.expected[i][index]
+            check.integer = not compare.is_float(np.asarray(expected).dtype)
+            compare.against_reference(check, expected, a, None if base is not None or role == "decided" else self.bound)
+            if base is not None and np.shape(a) == np.shape(expected) and check.note is None:
+                distance = compare.against_truth(base, i, self.truth[i][index], a)
+                ours = distance if ours is None else np.maximum(ours, distance)
+        if role == "decided":
+            check.passed, check.note = True, "not held to the input model; the floats it is computed from are"
+            return check
+        if ours is not None:
+            compare.verdict_from_truth(check, base, ours)
+        compare.finish(check)
+        return check
 
 
-COMPARE_PIECE = 1 << 22  # values of an output compared at a time
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of the model's tensors by name: declared, else inferred."""
+    graph = model.graph
+    values = list(graph.input) + list(graph.output) + list(graph.value_info) + inferred_value_info(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
 
 
-def _largest(values: np.ndarray) -> float:
-    """The largest finite magnitude."""
-    magnitude = np.abs(values.astype(np.float64 if values.dtype == np.float64 else np.float32, copy=False))
-    return float(magnitude[np.isfinite(magnitude)].max(initial=0.0))
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    graph = model.graph
+    return {o for n in graph.node for o in n.output} | {i.name for i in graph.input} | \
+        {t.name for t in graph.initializer}
 
 
-def _compare_piece(e: np.ndarray, a: np.ndarray, tolerance: Tolerance, floor: float,
-                   scale: float | None) -> tuple[float, float, int, int, bool]:
-    """(largest error, largest magnitude, values beyond their bound, finite values compared,
-    whether inf/NaN agree) for a piece of an output; the bound follows each channel's largest
-    magnitude, or ``scale``."""
-    # Differences of close numbers are exact in their own float type; float16 is widened.
-    work = np.float64 if e.dtype == np.float64 else np.float32
-    e, a = e.astype(work, copy=False), a.astype(work, copy=False)
-    finite = np.isfinite(e)
-    same_specials = np.array_equal(finite, np.isfinite(a)) and np.array_equal(e[~finite], a[~finite], equal_nan=True)
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf; mismatched specials fail above
-        error = np.abs(e - a)
-    error[~(finite & np.isfinite(error))] = 0
-    magnitude = np.abs(e)
-    magnitude[~finite] = 0
-    largest = float(magnitude.max(initial=0.0))
-    if scale is None:
-        scale = magnitude.max(axis=tuple(i for i in range(e.ndim) if i != 1), keepdims=True)
-    del magnitude
-    bound = np.maximum(tolerance.atol + tolerance.rtol * np.asarray(scale, np.float64), floor)
-    return (float(error.max(initial=0.0)), largest, int(np.count_nonzero(error > bound)), int(finite.sum()),
-            same_specials)
+@contextlib.contextmanager
+def _extra_outputs(model: onnx.ModelProto, names: list[str]):
+    """The model with ``names`` as extra graph outputs for the while (a check's own additions:
+    the caller's model is as it was afterwards)."""
+    count = len(model.graph.output)
+    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names)
+    try:
+        yield model
+    finally:
+        del model.graph.output[count:]
 
 
 def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -1,0 +1,241 @@
+"""How a candidate's outputs are judged: against a float64 evaluation of the input model (truth),
+or, where there is none, against the input model's own outputs.
+
+Values are grouped where they share one scale: the channels of a feature map (axis 1 of an output
+with three or more dims), the whole output otherwise (logits, boxes, vectors), so a logit near zero
+is held to the scale of the logits, and a small-valued channel beside a large one to its own.
+
+With truth, a model's distance in a group is max |model - truth| / s, s the group's largest
+|truth| (at least DEAD times the output's, so an all-zero channel is held to the output's scale).
+The candidate passes when, in every group, its distance is at most FACTOR times the input model's
+there, or the input model's median over groups (a group where the input model happens to land on
+the truth is not held to zero), or one unit of roundoff of the least precise float type computing
+in the graph (an exact output). So a rewrite passes when it is about as exact as the model the
+user exported, and a channel the rewrite got wrong fails even where the input model is noisy.
+
+Without truth (see truth.py for why it can be missing), each value must be within atol + rtol x
+its group's largest |reference|; the bound is never widened by a measured difference (onnxruntime's
+own optimized run performs the very folds under test).
+
+Discrete outputs, those computed through a decision on floats (ArgMax, TopK, NonMaxSuppression, a
+comparison, a Cast or rounding to integers), change under any rounding difference; they are not
+held to the reference. The float tensors those decisions read are checked in their place (added
+as outputs of both models for the check), and the discrete outputs' agreement is reported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .report import OutputCheck
+
+FACTOR = 4  # a candidate may be this many times further from truth than the input model
+DEAD = 2.0 ** -20  # a group's scale is at least this fraction of its output's largest magnitude
+PIECE = 1 << 22  # values of an output compared at a time
+NOTHING_COMPARED = "nothing compared (empty or non-finite output)"
+ROUNDOFF = {onnx.TensorProto.DOUBLE: 2.0 ** -52, onnx.TensorProto.FLOAT: 2.0 ** -23,
+            onnx.TensorProto.FLOAT16: 2.0 ** -10, onnx.TensorProto.BFLOAT16: 2.0 ** -7}
+LOOSEST_ROUNDOFF = 2.0 ** -3  # float8 and the like
+
+
+def is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.kind == "V"
+
+
+def grouped(shape: tuple[int, ...]) -> bool:
+    """Whether an output of this shape is compared per channel (axis 1)."""
+    return len(shape) >= 3 and shape[1] > 0
+
+
+def _pieces(arrays: list[np.ndarray]):
+    """Matching pieces of same-shaped arrays, at most PIECE values each: whole channels where the
+    output is grouped, runs of the flattened output where not."""
+    shape = arrays[0].shape
+    if grouped(shape) and arrays[0].size:
+        step = max(1, PIECE // (arrays[0].size // shape[1]))
+        for c in range(0, shape[1], step):
+            yield [a[:, c:c + step] for a in arrays]
+    else:
+        flat = [a.reshape(-1) for a in arrays]
+        for i in range(0, max(flat[0].size, 1), PIECE):
+            yield [a[i:i + PIECE] for a in flat]
+
+
+def _group_max(values: np.ndarray, is_grouped: bool) -> np.ndarray:
+    if is_grouped:
+        return values.max(axis=tuple(i for i in range(values.ndim) if i != 1), initial=0.0)
+    return np.array([values.max(initial=0.0)])
+
+
+def _wide(values: np.ndarray) -> np.ndarray:
+    return np.asarray(values).astype(np.float64, copy=False)
+
+
+def _per_group(arrays: list[np.ndarray], piece_max) -> np.ndarray:
+    """Per group, the max of ``piece_max`` over the pieces of ``arrays``."""
+    is_grouped = grouped(arrays[0].shape)
+    parts = [_group_max(piece_max(*piece), is_grouped) for piece in _pieces(arrays)]
+    if is_grouped:
+        return np.concatenate(parts) if parts else np.zeros(0)
+    return np.max(parts, axis=0) if parts else np.zeros(1)
+
+
+def _magnitude(t: np.ndarray) -> np.ndarray:
+    m = np.abs(_wide(t))
+    m[~np.isfinite(m)] = 0
+    return m
+
+
+def _distance(a: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """|a - t| where both are finite, else 0."""
+    a, t = _wide(a), _wide(t)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.abs(a - t)
+    d[~(np.isfinite(a) & np.isfinite(t))] = 0
+    return d
+
+
+@dataclass
+class Baseline:
+    """What a candidate's output is held to: the truth's scale per group on each input set, and
+    per group the input model's distance from truth (largest over the sets)."""
+    scales: list[np.ndarray]
+    theirs: np.ndarray
+    roundoff: float
+
+    def bounds(self) -> np.ndarray:
+        median = float(np.median(self.theirs)) if self.theirs.size else 0.0
+        return FACTOR * np.maximum(np.maximum(self.theirs, median), self.roundoff)
+
+
+def baseline(truths: list[np.ndarray], references: list[np.ndarray], roundoff: float) -> Baseline | None:
+    """The input model's distance from truth on one output over the input sets; None when the
+    shapes disagree (the input model is the reference either way)."""
+    scales, theirs = [], None
+    for t, r in zip(truths, references):
+        if t.shape != np.shape(r):
+            return None
+        largest = _per_group([t], _magnitude)
+        scale = np.maximum(largest, max(float(largest.max(initial=0.0)) * DEAD, np.finfo(np.float64).tiny))
+        distance = _per_group([np.asarray(r), t], _distance) / scale
+        scales.append(scale)
+        theirs = distance if theirs is None else np.maximum(theirs, distance)
+    return Baseline(scales, theirs if theirs is not None else np.zeros(0), roundoff)
+
+
+def against_truth(base: Baseline, set_index: int, truth: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """The candidate's distance from truth per group on one input set, relative to the group's
+    scale (the caller takes the largest over the sets)."""
+    return _per_group([np.asarray(actual), truth], _distance) / base.scales[set_index]
+
+
+def verdict_from_truth(check: OutputCheck, base: Baseline, ours: np.ndarray) -> None:
+    """Sets the check's distances and verdict from the candidate's per-group distances."""
+    bounds = base.bounds()
+    check.ours, check.theirs = float(ours.max(initial=0.0)), float(base.theirs.max(initial=0.0))
+    worst = int(np.argmax(ours / bounds)) if ours.size else 0
+    check.tolerance = float(bounds[worst]) if bounds.size else 0.0
+    beyond = np.flatnonzero(ours > bounds)
+    if beyond.size and check.note is None:
+        check.passed = False
+        g = int(beyond[np.argmax((ours / bounds)[beyond])])
+        where = f"channel {g}" if ours.size > 1 else "the output"
+        check.note = (f"{where}: ours {ours[g]:.2g} from float64, the input model {base.theirs[g]:.2g} there "
+                      f"(bound {bounds[g]:.2g})" + (f"; {beyond.size} of {ours.size} channels beyond" if ours.size > 1
+                                                     else ""))
+
+
+def against_reference(check: OutputCheck, expected: np.ndarray, actual: np.ndarray,
+                      bound: tuple[float, float] | None) -> None:
+    """Adds one input set's output to ``check``: errors relative to the input model's output,
+    inf/NaN agreement, equality of integers; with ``bound`` (rtol, atol), whether each value is
+    within atol + rtol x its group's largest |expected| (the check without truth)."""
+    e, a = np.asarray(expected), np.asarray(actual)
+    if e.shape != a.shape:
+        check.passed, check.note = False, f"shape {list(a.shape)}, expected {list(e.shape)}"
+        return
+    if e.dtype != a.dtype:
+        check.passed, check.note = False, f"type {a.dtype}, expected {e.dtype}"
+        return
+    if not is_float(e.dtype):
+        differ = int(np.count_nonzero(e != a))
+        check.compared += e.size
+        check.differ += differ
+        if differ:
+            check.max_abs_error = max(check.max_abs_error, float(np.max(np.abs(_wide(e) - _wide(a)))))
+        return
+    largest = float(_per_group([e], _magnitude).max(initial=0.0))
+    worst, beyond = 0.0, 0
+    for pe, pa in _pieces([e, a]):
+        finite = np.isfinite(pe)
+        if not (np.array_equal(finite, np.isfinite(pa)) and np.array_equal(pe[~finite], pa[~finite], equal_nan=True)):
+            check.passed, check.note = False, "inf/NaN values differ"
+        check.compared += int(finite.sum())
+        error = _distance(pa, pe)
+        worst = max(worst, float(error.max(initial=0.0)))
+        if bound is not None:
+            rtol, atol = bound
+            scale = _group_max(_magnitude(pe), grouped(e.shape)) if grouped(e.shape) else largest
+            limit = atol + rtol * (np.asarray(scale).reshape((1, -1) + (1,) * (e.ndim - 2)) if grouped(e.shape)
+                                   else scale)
+            beyond += int(np.count_nonzero(error > limit))
+            check.tolerance = max(check.tolerance, atol + rtol * largest)
+    check.max_abs_error = max(check.max_abs_error, worst)
+    if largest > 0:
+        check.max_rel_error = max(check.max_rel_error, worst / largest)
+    elif worst > 0:
+        check.max_rel_error = float("inf")
+    if beyond and check.note is None:
+        check.passed, check.note = False, f"{beyond} of {e.size} values beyond their channel's bound"
+
+
+def finish(check: OutputCheck) -> None:
+    """The verdict's last words: integers that differ, an output with nothing compared."""
+    if check.role == "decided":
+        return
+    if check.differ and check.note is None:
+        check.passed, check.note = False, f"{check.differ} of {check.compared} values differ"
+    if check.compared == 0 and check.passed:
+        check.passed, check.note = False, NOTHING_COMPARED
+
+
+# --- discrete outputs ---
+
+# Ops whose outputs are decisions on float data: any rounding difference may change them.
+DECISIONS = {"ArgMax", "ArgMin", "TopK", "NonMaxSuppression", "NonZero", "Greater", "Less", "GreaterOrEqual",
+             "LessOrEqual", "Equal", "Round", "Floor", "Ceil", "Sign", "IsInf", "IsNaN", "Unique", "Cast",
+             "Hardmax"}
+MAX_DECISION_INPUTS = 32  # float tensors added as outputs for the check
+
+
+def decision_inputs(model: onnx.ModelProto, types: dict[str, int],
+                    float_types: set[int]) -> tuple[set[str], list[str]]:
+    """(graph outputs computed through a decision on float data, the float tensors those decisions
+    read, themselves not decided). ``types``: element types of tensors by name (inferred).
+    Tensors computed from constants and shapes alone are not data; a Cast is a decision only from
+    a float to a non-float type."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    data = {i.name for i in graph.input if i.name not in initializers}
+    decided: set[str] = set()
+    floats = {name for name, t in types.items() if t in float_types}
+    feeders: list[str] = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if not any(i in data for i in inputs) or node.op_type in ("Shape", "Size"):
+            continue
+        data.update(node.output)
+        if any(i in decided for i in inputs):
+            decided.update(node.output)
+            continue
+        read = [i for i in inputs if i in data and i in floats]
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type in DECISIONS and node.domain in ("", "ai.onnx") and read and \
+                (node.op_type != "Cast" or to not in float_types):
+            decided.update(node.output)
+            feeders += [i for i in read if i not in feeders]
+    outputs = {o.name for o in graph.output if o.name in decided}
+    names = {o.name for o in graph.output}
+    return outputs, [f for f in feeders if f not in names][:MAX_DECISION_INPUTS] if outputs else []

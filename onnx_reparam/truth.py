@@ -1,0 +1,326 @@
+"""The float64 evaluation of a model ("truth"): the same graph and weights with every float type
+widened to double (weights, inputs, Cast targets, constants), run by onnx's reference evaluator,
+which has every standard op. Its Conv and Erf are replaced by float64 implementations of our own
+(the reference ones build an im2col per group and call math.erf per element), and so are
+AveragePool, MaxPool and ScatterND (the reference ones loop over output elements or indices in
+Python: 110 s on DBB's export, where these take a fraction of a second).
+
+The check holds both models to this evaluation: a rewrite is good when it is no further from it
+than the model the user exported. ``evaluate`` raises NoTruth, with the reason, where it cannot be
+computed (an op the evaluator lacks, a custom domain, random ops, weights over the size limit).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from .errors import first_line
+from .model_io import read_array, tensor_bytes
+
+NARROW_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16} | {
+    value for name, value in TensorProto.DataType.items() if name.startswith("FLOAT8") or name.startswith("FLOAT4")}
+WEIGHT_LIMIT = 1 << 30  # bytes of weights: a bigger model's float64 copy would cost twice that again
+RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+DTYPE_ATTRIBUTES = {"Cast": "to", "EyeLike": "dtype"}  # ops whose output type is an attribute
+
+
+class NoTruth(Exception):
+    """The float64 evaluation cannot be computed; the message says why."""
+
+
+def widened(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(the model with every float type widened to double and its initializers turned into
+    inputs, the initializers' values in float64 by name). The weights are fed, not copied into
+    a second model."""
+    graph = model.graph
+    for node in _all_nodes(graph):
+        if node.op_type in RANDOM_OPS:
+            raise NoTruth(f"it draws random numbers ({node.op_type} '{node.name}')")
+    weights = {t.name: _wide(read_array(t)) for t in graph.initializer}
+    inputs = [_wide_value(v) for v in graph.input if v.name not in weights]
+    inputs += [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                                                  array.shape) for name, array in weights.items()]
+    wide_graph = onnx.helper.make_graph([_wide_node(n) for n in graph.node], graph.name, inputs,
+                                        [_wide_value(v) for v in graph.output],
+                                        sparse_initializer=list(graph.sparse_initializer))
+    wide = onnx.helper.make_model(wide_graph, opset_imports=list(model.opset_import))
+    wide.ir_version = model.ir_version
+    for function in model.functions:
+        copy = wide.functions.add()
+        copy.CopyFrom(function)
+        del copy.node[:]
+        copy.node.extend(_wide_node(n) for n in function.node)
+    return wide, weights
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                yield from _all_nodes(sub)
+
+
+def _wide(array: np.ndarray) -> np.ndarray:
+    return array.astype(np.float64) if _is_float(array.dtype) else array
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return np.issubdtype(dtype, np.floating) or dtype.kind == "V"  # ml_dtypes' bfloat16 and float8 are 'V'
+
+
+def _wide_value(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    if copy.type.tensor_type.elem_type in NARROW_FLOATS:
+        copy.type.tensor_type.elem_type = TensorProto.DOUBLE
+    return copy
+
+
+def _wide_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for a in copy.attribute:
+        if a.type == onnx.AttributeProto.INT and a.name == DTYPE_ATTRIBUTES.get(copy.op_type) and a.i in NARROW_FLOATS:
+            a.i = TensorProto.DOUBLE
+        elif a.type == onnx.AttributeProto.TENSOR and a.t.data_type in NARROW_FLOATS:
+            a.t.CopyFrom(numpy_helper.from_array(_wide(numpy_helper.to_array(a.t)), a.t.name))
+        elif a.type == onnx.AttributeProto.FLOAT and copy.op_type == "Constant" and a.name == "value_float":
+            a.CopyFrom(onnx.helper.make_attribute("value", numpy_helper.from_array(np.float64(a.f))))
+        elif a.type == onnx.AttributeProto.GRAPH:
+            _widen_subgraph(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            for g in a.graphs:
+                _widen_subgraph(g)
+    if copy.op_type == "ConstantOfShape" and not any(a.name == "value" for a in copy.attribute):
+        copy.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.zeros(1))))
+    return copy
+
+
+def _widen_subgraph(graph: onnx.GraphProto) -> None:
+    """A body of If/Loop/Scan, widened in place (the node holding it is already a copy)."""
+    for t in graph.initializer:
+        if t.data_type in NARROW_FLOATS:
+            t.CopyFrom(numpy_helper.from_array(_wide(numpy_helper.to_array(t)), t.name))
+    for values in (graph.input, graph.output, graph.value_info):
+        for v in values:
+            v.CopyFrom(_wide_value(v))
+    nodes = [_wide_node(n) for n in graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def evaluate(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]],
+             names: list[str]) -> list[list[np.ndarray | None]]:
+    """The float64 values of ``names`` (graph outputs or intermediate tensors) on each input set;
+    None for a float tensor that did not come out in float64 (a path the widening cannot reach).
+    Raises NoTruth when the evaluation cannot be made."""
+    weight_bytes = sum(map(tensor_bytes, model.graph.initializer))
+    if weight_bytes > WEIGHT_LIMIT:
+        raise NoTruth(f"its weights ({weight_bytes / (1 << 30):.1f} GiB) are over the "
+                      f"{WEIGHT_LIMIT >> 30} GiB a float64 copy is made for")
+    from onnx.reference import ReferenceEvaluator
+    wide, weights = widened(model)
+    try:
+        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, Erf, AveragePool, MaxPool, ScatterND])
+    except Exception as exc:  # noqa: BLE001 - its message names the op it lacks
+        raise NoTruth(f"onnx's reference evaluator cannot run it: {first_line(exc)}") from None
+    results = []
+    for feeds in feed_sets:
+        wide_feeds = {**weights, **{k: _wide(np.asarray(v)) for k, v in feeds.items()}}
+        try:
+            values = evaluator.run(names, wide_feeds)
+        except Exception as exc:  # noqa: BLE001 - an op the evaluator lacks for these types, etc.
+            raise NoTruth(f"onnx's reference evaluator failed: {first_line(exc)}") from None
+        results.append([v if not _is_float(np.asarray(v).dtype) or np.asarray(v).dtype == np.float64 else None
+                        for v in map(np.asarray, values)])
+    return results
+
+
+# --- faster float64 kernels for the reference evaluator ---
+
+from onnx.reference.op_run import OpRun  # noqa: E402 - after the module's own imports on purpose
+
+
+class Conv(OpRun):
+    """Conv in float64 as a sum over kernel taps of (grouped) matrix products: no im2col copy,
+    every product in BLAS."""
+    op_domain = ""
+
+    def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
+             pads=None, strides=None):
+        return (conv(X, W, B, auto_pad=auto_pad or "NOTSET", dilations=dilations, group=group or 1,
+                     pads=pads, strides=strides),)
+
+
+def _geometry(shape, kernel, auto_pad, dilations, pads, strides, ceil_mode=0):
+    """(begin pads, end pads, output sizes, dilations, strides) of a conv or pool window; the end
+    pads include what ceil_mode adds past the input."""
+    rank = len(kernel)
+    dilations = list(dilations or [1] * rank)
+    strides = list(strides or [1] * rank)
+    pads = list(pads or [0] * (2 * rank))
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        for i in range(rank):
+            size = shape[i]
+            total = max(0, (math.ceil(size / strides[i]) - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
+            small, large = total // 2, total - total // 2
+            pads[i], pads[i + rank] = (small, large) if auto_pad == "SAME_UPPER" else (large, small)
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * rank)
+    begin, end, sizes = pads[:rank], pads[rank:], []
+    for i in range(rank):
+        span = shape[i] + begin[i] + end[i] - dilations[i] * (kernel[i] - 1) - 1
+        size = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
+        if ceil_mode and (size - 1) * strides[i] >= shape[i] + begin[i]:
+            size -= 1  # a window may not start in the end padding
+        sizes.append(size)
+        end[i] = max(end[i], (size - 1) * strides[i] + dilations[i] * (kernel[i] - 1) + 1 - shape[i] - begin[i])
+    return begin, end, sizes, dilations, strides
+
+
+def _taps(kernel, dilations, strides, sizes):
+    """Each kernel tap's slices of the padded input."""
+    for tap in np.ndindex(*kernel):
+        yield tap, tuple(slice(t * d, t * d + s * (o - 1) + 1, s) for t, d, s, o in zip(tap, dilations, strides, sizes))
+
+
+def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad: str = "NOTSET",
+         dilations=None, group: int = 1, pads=None, strides=None) -> np.ndarray:
+    rank = w.ndim - 2
+    kernel = w.shape[2:]
+    begin, end, out_sizes, dilations, strides = _geometry(x.shape[2:], kernel, auto_pad, dilations, pads, strides)
+    xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
+    n, channels, filters = x.shape[0], x.shape[1], w.shape[0]
+    cg, mg = channels // group, filters // group
+    xg = xp.reshape((n, group, cg) + xp.shape[2:])
+    wg = w.reshape((group, mg, cg) + tuple(kernel))
+    out = np.zeros((n, group, mg, int(np.prod(out_sizes, dtype=np.int64))), np.result_type(x, w))
+    everything = (slice(None),) * 3
+    for tap, window in _taps(kernel, dilations, strides, out_sizes):
+        taken = xg[everything + window].reshape(n, group, cg, -1)
+        if cg == 1 and mg == 1:  # depthwise: a per-channel scale per tap
+            out += wg[everything + tap].reshape(1, group, 1, 1) * taken
+        else:
+            out += np.matmul(wg[everything + tap], taken)
+    out = out.reshape((n, filters) + tuple(out_sizes))
+    if b is not None:
+        out += b.reshape((1, -1) + (1,) * rank)
+    return out
+
+
+class AveragePool(OpRun):
+    op_domain = ""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, count_include_pad=None, dilations=None,
+             kernel_shape=None, pads=None, strides=None):
+        return (pool(x, kernel_shape, "average", auto_pad=auto_pad or "NOTSET", ceil_mode=ceil_mode or 0,
+                     count_include_pad=count_include_pad or 0, dilations=dilations, pads=pads, strides=strides),)
+
+
+class MaxPool(OpRun):
+    op_domain = ""
+
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
+             storage_order=None, strides=None):
+        if len(self.onnx_node.output) > 1 and self.onnx_node.output[1]:  # its indices: the reference's own
+            from onnx.reference.ops.op_max_pool import MaxPool as Reference
+            return Reference._run(self, x, auto_pad=auto_pad, ceil_mode=ceil_mode, dilations=dilations,
+                                  kernel_shape=kernel_shape, pads=pads, storage_order=storage_order, strides=strides)
+        return (pool(x, kernel_shape, "max", auto_pad=auto_pad or "NOTSET", ceil_mode=ceil_mode or 0,
+                     dilations=dilations, pads=pads, strides=strides),)
+
+
+def pool(x: np.ndarray, kernel, kind: str, *, auto_pad: str = "NOTSET", ceil_mode: int = 0,
+         count_include_pad: int = 0, dilations=None, pads=None, strides=None) -> np.ndarray:
+    """AveragePool or MaxPool, one kernel tap at a time. An average divides by the window's
+    elements inside the input (and inside the explicit pads with count_include_pad), never by
+    the part ceil_mode adds past the end."""
+    rank = len(kernel)
+    begin, end, sizes, dilations, strides = _geometry(x.shape[2:], kernel, auto_pad, dilations, pads, strides,
+                                                      ceil_mode)
+    spread = [(0, 0), (0, 0)] + list(zip(begin, end))
+    everything = (slice(None),) * 2
+    if kind == "max":
+        xp = np.pad(x, spread, constant_values=-np.inf)
+        out = np.full(x.shape[:2] + tuple(sizes), -np.inf, x.dtype)
+        for _, window in _taps(kernel, dilations, strides, sizes):
+            np.maximum(out, xp[everything + window], out=out)
+        return out
+    xp = np.pad(x, spread)
+    ones = np.ones((1, 1) + x.shape[2:], x.dtype)
+    if count_include_pad:  # the explicit pads count, what ceil_mode adds does not
+        explicit = list(pads or [0] * (2 * rank))
+        ones = np.pad(ones, [(0, 0), (0, 0)] + list(zip(explicit[:rank], explicit[rank:])), constant_values=1)
+        spread = [(0, 0), (0, 0)] + [(b - p, e - q) for b, e, p, q in
+                                     zip(begin, end, explicit[:rank], explicit[rank:])]
+    counted = np.pad(ones, spread)
+    total = np.zeros(x.shape[:2] + tuple(sizes), x.dtype)
+    count = np.zeros((1, 1) + tuple(sizes), x.dtype)
+    for _, window in _taps(kernel, dilations, strides, sizes):
+        total += xp[everything + window]
+        count += counted[everything + window]
+    return total / count
+
+
+class Erf(OpRun):
+    op_domain = ""
+
+    def _run(self, x):
+        return (erf(x),)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """erf to about 1e-15 relative: erf(x) = 2/sqrt(pi) exp(-x^2) sum 2^n x^(2n+1) / (2n+1)!!
+    (all terms positive: no cancellation) for |x| < 4, in bands of |x| that each take the terms
+    their largest value needs; 1 - erfc by its asymptotic series up to 6, +-1 beyond (erfc(6) is
+    below double's resolution)."""
+    x = np.asarray(x)
+    a = np.abs(x.astype(np.float64))
+    result = np.ones_like(a)
+    for low in (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5):
+        band = (a >= low) & (a < low + 0.5)
+        s = a[band]
+        term, total = s.copy(), s.copy()
+        for n in range(1, _terms(low + 0.5) + 1):
+            term *= 2 * s * s / (2 * n + 1)
+            total += term
+        result[band] = 2 / math.sqrt(math.pi) * np.exp(-s * s) * total
+    middle = (a >= 4) & (a < 6)
+    m = a[middle]
+    series, term = np.ones_like(m), np.ones_like(m)
+    for k in range(1, 8):
+        term = term * -(2 * k - 1) / (2 * m * m)
+        series += term
+    result[middle] = 1 - np.exp(-m * m) / (m * math.sqrt(math.pi)) * series
+    return (np.sign(x) * result).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _terms(upper: float) -> int:
+    """Terms of erf's series after which, for |x| <= upper, the rest is below 1e-17 of the sum."""
+    term = total = upper
+    n = 0
+    while term > 1e-17 * total:
+        n += 1
+        term *= 2 * upper * upper / (2 * n + 1)
+        total += term
+    return n
+
+
+class ScatterND(OpRun):
+    """ScatterND as one indexed assignment (the reference loops over the indices in Python)."""
+    op_domain = ""
+
+    def _run(self, data, indices, updates, reduction=None):
+        if reduction not in (None, "none"):
+            from onnx.reference.ops.op_scatternd import ScatterND as Reference
+            return Reference._run(self, data, indices, updates, reduction=reduction)
+        out = np.array(data, copy=True)
+        out[tuple(np.moveaxis(indices, -1, 0))] = updates
+        return (out,)

@@ -25,7 +25,7 @@ from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
 from .verify import Checker, chosen_shape, graph_inputs
 
-MAX_DROPPED = 16  # rewrites dropped before giving up: past that, something is wrong everywhere
+ISOLATION_BUDGET = 10  # checks' worth of runs of rewritten models spent finding failing rewrites
 EARLY_REFERENCE_BYTES = 1 << 28  # weights: a bigger model's reference runs before the rewrite
 
 
@@ -117,8 +117,9 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
         if not report.verification.passed and not report.verification.inconclusive:
             start = time.perf_counter()
             step("a rewrite did not verify: isolating it")
-            optimized, report.passes, report.verification, report.dropped = _drop_failing(
-                load, passes, checker, applied, report.verification)
+            optimized, report.passes, report.verification, report.dropped, isolation = _drop_failing(
+                load, passes, checker, optimized, report.passes, applied, report.verification)
+            report.notes.append(isolation)
             report.seconds["isolate"] = time.perf_counter() - start
     report.after = GraphStats.of(optimized)
     if not lazy_weights:
@@ -228,37 +229,82 @@ def _rewrite(original: onnx.ModelProto, passes: tuple[Pass, ...], policy=None, p
     return (graph.to_model(original) if applied else original), reports, applied
 
 
-def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, applied: list[Rewrite],
-                  failure: Verification):
-    """Finds and drops the rewrites whose model fails the check; returns the verified model with
-    the rest, its reports and verification, and the dropped rewrites."""
+def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, model: onnx.ModelProto,
+                  reports: list[PassReport], applied: list[Rewrite], failure: Verification):
+    """Finds and drops the rewrites whose model fails the check; returns the model with the rest,
+    its reports and verification, the dropped rewrites, and a note on what isolating did.
+
+    The first failing rewrite is found by bisecting the rewrites in the order they were applied
+    (the pipeline re-run allowing only the first k), each step run on one input set that failed;
+    it is dropped and the rest checked again on every set. A rule (pass and pattern) that fails
+    twice has all its rewrites withheld: after its first culprit, a failure that goes when the
+    rule's other rewrites are withheld counts as its second. Isolating stops when it has run the
+    candidate ISOLATION_BUDGET checks' worth of times, and says it gave up."""
     dropped: dict[tuple, str] = {}
+    withheld: dict[tuple[str, str], str] = {}
+    strikes: dict[tuple[str, str], int] = {}
+    budget = ISOLATION_BUDGET * len(checker.feed_sets)
+    start = checker.runs["candidate"]
 
-    def only_first(allowed: set[tuple]):
-        return lambda rw: dropped.get(rw.key) or (None if rw.key in allowed else "left out while isolating a failure")
+    def policy(allowed: set[tuple] | None = None, also: tuple[str, str] | None = None):
+        def decide(rw: Rewrite) -> str | None:
+            rule = (rw.pass_name, rw.pattern)
+            if rw.key in dropped:
+                return dropped[rw.key]
+            if rule in withheld or rule == also:
+                return withheld.get(rule) or "left out while isolating a failure"
+            return None if allowed is None or rw.key in allowed else "left out while isolating a failure"
+        return decide
 
-    def without_dropped(rw: Rewrite) -> str | None:
-        return dropped.get(rw.key)
+    def spent() -> int:
+        return checker.runs["candidate"] - start
 
-    model, reports = None, []
-    for _ in range(MAX_DROPPED):
+    def withhold(rule: tuple[str, str], why: str) -> None:
+        strikes[rule] = strikes.get(rule, 0) + 1
+        withheld[rule] = f"its rule is withheld: {strikes[rule]} of its rewrites did not verify ({why})"
+
+    while spent() < budget:
         keys = [rw.key for rw in applied]
+        probe = failure.failing_sets[:1] or None
         passing, failing = 0, len(keys)  # allowing the first `passing` rewrites verifies
-        while failing - passing > 1:
+        while failing - passing > 1 and spent() < budget:
             middle = (passing + failing) // 2
-            result = checker.check(_rewrite(load(), passes, only_first(set(keys[:middle])))[0])
-            if result.passed:
+            if checker.check(_rewrite(load(), passes, policy(set(keys[:middle])))[0], probe).passed:
                 passing = middle
             else:
-                failing, failure = middle, result
+                failing = middle
+        if failing - passing > 1:
+            break
         culprit = applied[failing - 1]
-        dropped[culprit.key] = f"its rewrite did not verify ({failure.worst()})"
-        model, reports, applied = _rewrite(load(), passes, without_dropped)
+        rule = (culprit.pass_name, culprit.pattern)
+        if strikes.get(rule):
+            withhold(rule, failure.worst())
+        else:
+            strikes[rule] = 1
+            dropped[culprit.key] = f"its rewrite did not verify ({failure.worst()})"
+        model, reports, applied = _rewrite(load(), passes, policy())
         failure = checker.check(model)
         if failure.passed:
             break
+        others = rule not in withheld and any((rw.pass_name, rw.pattern) == rule for rw in applied)
+        if others and spent() < budget:
+            trial = _rewrite(load(), passes, policy(also=rule))[0]
+            if checker.check(trial, failure.failing_sets[:1] or None).passed:
+                withhold(rule, failure.worst())
+                model, reports, applied = _rewrite(load(), passes, policy())
+                failure = checker.check(model)
+                if failure.passed:
+                    break
     records = [Refusal(", ".join(key[2]), reason, f"{key[0]}: {key[1]}") for key, reason in dropped.items()]
-    return model, reports, failure, records
+    records += [Refusal(f"every {rule[1]} rewrite", reason, f"{rule[0]}: {rule[1]}") for rule, reason in withheld.items()]
+    what = f"{len(dropped)} rewrite(s) dropped" + (f", {len(withheld)} rule(s) withheld" if withheld else "")
+    runs = f"{spent()} runs of the rewritten model"
+    if failure.passed:
+        note = f"isolating the failure: {what}, in {runs}"
+    else:
+        note = (f"gave up isolating the failure after {runs} (budget: {ISOLATION_BUDGET} checks' worth); "
+                f"{what}, and the model still fails")
+    return model, reports, failure, records, note
 
 
 def inspect(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str] = (),

@@ -9,8 +9,8 @@ With truth, a model's distance in a group is max |model - truth| / s, s the grou
 |truth| (at least DEAD times the output's, so an all-zero channel is held to the output's scale).
 The candidate passes when, in every group, its distance is at most FACTOR times the input model's
 there, or the input model's median over groups (a group where the input model happens to land on
-the truth is not held to zero), or one unit of roundoff of the least precise float type computing
-in the graph (an exact output). So a rewrite passes when it is about as exact as the model the
+the truth is not held to zero), or ROUNDOFF_LEVEL units of roundoff of the least precise float
+type computing in the graph (an output exact but for its rounding). So a rewrite passes when it is about as exact as the model the
 user exported, and a channel the rewrite got wrong fails even where the input model is noisy.
 
 Without truth (see truth.py for why it can be missing), each value must be within atol + rtol x
@@ -32,6 +32,11 @@ import onnx
 from .report import OutputCheck
 
 FACTOR = 4  # a candidate may be this many times further from truth than the input model
+# The input model's distance is taken as at least this many units of roundoff: a candidate's
+# weights are rounded once more than the input model's (whose weights define the truth), which
+# moves a sum of K products by up to K/2 units of its terms' size; on a small layer (3x3 over 4
+# channels) an exact merge lands 6 to 7 units from the truth where the input model lands 1.5.
+ROUNDOFF_LEVEL = 4
 DEAD = 2.0 ** -20  # a group's scale is at least this fraction of its output's largest magnitude
 PIECE = 1 << 22  # values of an output compared at a time
 NOTHING_COMPARED = "nothing compared (empty or non-finite output)"
@@ -46,14 +51,14 @@ def is_float(dtype: np.dtype) -> bool:
 
 def grouped(shape: tuple[int, ...]) -> bool:
     """Whether an output of this shape is compared per channel (axis 1)."""
-    return len(shape) >= 3 and shape[1] > 0
+    return len(shape) >= 3 and 0 not in shape
 
 
 def _pieces(arrays: list[np.ndarray]):
     """Matching pieces of same-shaped arrays, at most PIECE values each: whole channels where the
     output is grouped, runs of the flattened output where not."""
     shape = arrays[0].shape
-    if grouped(shape) and arrays[0].size:
+    if grouped(shape):
         step = max(1, PIECE // (arrays[0].size // shape[1]))
         for c in range(0, shape[1], step):
             yield [a[:, c:c + step] for a in arrays]
@@ -107,7 +112,7 @@ class Baseline:
 
     def bounds(self) -> np.ndarray:
         median = float(np.median(self.theirs)) if self.theirs.size else 0.0
-        return FACTOR * np.maximum(np.maximum(self.theirs, median), self.roundoff)
+        return FACTOR * np.maximum(np.maximum(self.theirs, median), ROUNDOFF_LEVEL * self.roundoff)
 
 
 def baseline(truths: list[np.ndarray], references: list[np.ndarray], roundoff: float) -> Baseline | None:

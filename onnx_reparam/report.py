@@ -82,6 +82,7 @@ class Verification:
     bound: str = ""  # what the outputs were held to
     device: str = ""  # the device and onnxruntime version that ran the check
     truth: str = ""  # how the float64 evaluation was made and what it cost, or why there is none
+    failing_sets: list[int] = field(default_factory=list)  # the input sets on which an output failed
 
     @property
     def passed(self) -> bool:
@@ -197,7 +198,7 @@ def is_reparam(refusal: Refusal) -> bool:
     """Whether a refusal concerns a re-parameterization pattern (BN folds, branch merges, conv
     chains, FC folds) or a rewrite that failed, rather than a plain scale or reshape that happens
     to sit next to a layer (GELU's x / sqrt(2) after a conv)."""
-    if refusal.reason.startswith(("internal error", "its rewrite did not verify")):
+    if refusal.reason.startswith(("internal error", "its rewrite did not verify", "its rule is withheld")):
         return True
     pattern = refusal.pattern
     return pattern.startswith(("branches", "fc", "Conv chain", "AveragePool")) or "BatchNormalization" in pattern

@@ -529,7 +529,7 @@ class Checker:
                                 **header)
         chosen = list(range(len(self.feed_sets))) if sets is None else sets
         produced = _tensor_names(candidate)
-        missing = [name for name in self.extra if name not in produced]
+        missing = [name for name in self.extra if name not in produced]  # a rewrite took it away
         extra = [] if missing else self.extra
         try:
             with _extra_outputs(candidate, extra):
@@ -541,37 +541,45 @@ class Checker:
         except Exception as exc:  # noqa: BLE001 - the rewritten model is ours: a failed check
             return Verification(self.runner.provider, [], error=f"onnxruntime cannot run the rewritten model: "
                                 f"{first_line(exc)}", **header)
-        checks = [self._judge(i, name, chosen, [outputs[i] for outputs in actual], bool(extra))
+        judged = [self._judge(i, name, chosen, [outputs[i] for outputs in actual], not missing)
                   for i, name in enumerate(self.output_names + extra)]
+        checks = [check for check, _ in judged]
+        failing = sorted({i for _, sets_failed in judged for i in sets_failed})
         if missing and self.decided:
             for check in checks:
                 if check.name in self.decided:
                     check.note = (check.note or "") + f" (held to the input model: the rewrite removed '{missing[0]}', " \
                         "the float tensor its decision reads)"
         return Verification(self.runner.provider, checks, inputs=len(chosen), bound=self._describe(),
-                            device=f"{self.runner.device}; onnxruntime {_ort().__version__}", **header)
+                            device=f"{self.runner.device}; onnxruntime {_ort().__version__}",
+                            failing_sets=failing, **header)
 
     def _judge(self, index: int, name: str, sets: list[int], actual: list[np.ndarray],
-               decisions_checked: bool) -> OutputCheck:
+               decisions_checked: bool) -> tuple[OutputCheck, list[int]]:
+        """One output's verdict over the input sets, and the sets on which it failed."""
         role = "decision input" if index >= len(self.output_names) else \
             "decided" if decisions_checked and name in self.decided else "output"
         check = OutputCheck(name, 0.0, 0.0, 0.0, True, role=role)
         base = self.baselines[index]
-        ours = None
+        ours, failing = None, []
         for i, a in zip(sets, actual):
             expected = self.expected[i][index]
             check.integer = not compare.is_float(np.asarray(expected).dtype)
+            fine, differ = check.passed, check.differ
             compare.against_reference(check, expected, a, None if base is not None or role == "decided" else self.bound)
             if base is not None and np.shape(a) == np.shape(expected) and check.note is None:
                 distance = compare.against_truth(base, i, self.truth[i][index], a)
                 ours = distance if ours is None else np.maximum(ours, distance)
+                fine = fine and not np.any(distance > base.bounds())
+            if fine != check.passed or differ != check.differ or not fine:
+                failing.append(i)
         if role == "decided":
             check.passed, check.note = True, "not held to the input model; the floats it is computed from are"
-            return check
+            return check, []
         if ours is not None:
             compare.verdict_from_truth(check, base, ours)
         compare.finish(check)
-        return check
+        return check, failing if not check.passed else []
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:

@@ -58,7 +58,7 @@ def test_one_bad_rewrite_is_dropped_and_named_and_the_good_ones_are_kept(wrong_f
     assert report.verification.passed and len(report.dropped) == 1
     dropped = report.dropped[0]
     assert dropped.node == f"{norm.name}, {conv.name}" and "fold_affine" in dropped.pattern
-    assert "did not verify" in dropped.reason and "max rel err" in dropped.reason
+    assert "did not verify" in dropped.reason and "from float64" in dropped.reason
     assert f"left {norm.name}, {conv.name} (Conv+BatchNormalization): its rewrite did not verify" in report.summary()
 
 
@@ -130,67 +130,8 @@ def test_an_error_in_small_values_of_a_mixed_scale_output_fails():
     weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
     result = onnx_reparam.verify(model, wrong)
     # 1% off in the small channels is far inside 1e-4 x the big channels' scale, not inside their own
-    assert not result.passed and "beyond their channel's bound" in result.summary()
+    assert not result.passed and "from float64" in result.outputs[0].note and "channel 2" in result.outputs[0].note
     assert result.outputs[0].max_rel_error < 1e-4
-
-
-@pytest.mark.parametrize("shape", [(2, 7, 3, 5), (3, 11), (29,), ()])
-def test_an_output_compared_in_pieces_gives_what_one_piece_gives(monkeypatch, shape):
-    # a huge output is compared a few channels (or values) at a time: the same errors and counts
-    verify = sys.modules["onnx_reparam.verify"]
-    rng = np.random.default_rng(0)
-    scales = rng.uniform(0.1, 100.0, shape[1]).reshape((1, -1) + (1,) * (len(shape) - 2)) if len(shape) > 1 else 1.0
-    expected = (rng.standard_normal(shape) * scales).astype(np.float32)
-    actual = (expected + rng.standard_normal(shape).astype(np.float32) * 1e-3).astype(np.float32)
-    if expected.size > 2:
-        expected.flat[1], actual.flat[1] = np.inf, np.inf
-        actual.flat[2] = np.nan  # a NaN where a number was expected
-    tolerance = verify.Tolerance(1e-4, 1e-6, "test")
-    results = []
-    for piece in (1 << 22, 2, 1):
-        monkeypatch.setattr(verify, "COMPARE_PIECE", piece)
-        result = verify.OutputCheck("y", 0.0, 0.0, 0.0, True)
-        verify.compare_output(result, expected, actual, tolerance)
-        results.append(result)
-    assert results[0] == results[1] == results[2]
-    assert results[0].compared == expected.size - (expected.size > 2) and not results[0].passed
-
-
-def test_tolerance_follows_the_lowest_precision_inside_the_graph():
-    b = GraphBuilder()
-    x = b.input("x", [1, 4, 6, 6])
-    half = b.node("Cast", [x], to=onnx.TensorProto.FLOAT16)
-    w = b.const(b.rand(4, 4, 3, 3).astype(np.float16))
-    y = b.node("Cast", [b.node("Conv", [half, w], pads=[1] * 4)], to=onnx.TensorProto.FLOAT)
-    model = b.model([y])
-    result = onnx_reparam.verify(model, model)
-    assert result.passed and "float16 arithmetic" in result.bound and "3 input sets" in result.summary()
-
-
-def test_the_bound_widens_to_the_reference_noise_and_says_so(monkeypatch):
-    verification = importlib.import_module("onnx_reparam.verify")
-    monkeypatch.setitem(verification.TOLERANCES, onnx.TensorProto.FLOAT, (0.0, 0.0))  # any difference is beyond
-    model = chain_model()
-    result = onnx_reparam.verify(model, onnx_reparam.optimize(model, verify=False)[0])
-    out = result.outputs[0]
-    assert out.noise is not None and out.noise > 0 and out.tolerance >= 4 * out.noise
-    assert "reference's own noise" in result.bound
-
-
-def test_the_reference_noise_is_measured_only_when_needed(monkeypatch):
-    """Within the type's bound, verification is the two models' runs: no third session."""
-    verification = importlib.import_module("onnx_reparam.verify")
-    sessions = []
-    real = verification.Runner.session
-
-    def counted(self, model, optimized=False, threads=None):
-        sessions.append(optimized)
-        return real(self, model, optimized, threads)
-    monkeypatch.setattr(verification.Runner, "session", counted)
-    _, report = onnx_reparam.optimize(chain_model())
-    assert report.verification.passed and sessions == [False, False]
-    assert all(o.noise is None for o in report.verification.outputs)
-    assert "noise" not in report.verification.bound
 
 
 def test_auto_on_a_machine_without_cuda_says_why():
@@ -443,13 +384,3 @@ def test_a_refusal_names_the_original_nodes_not_the_tool_made_ones():
     (refusal,) = [r for p in report.passes for r in p.refusals if "also read by" in r.reason]
     originals = {n.name for n in model.graph.node if n.op_type in ("Add", "Conv")}
     assert set(refusal.node.split(", ")) == originals and "_reparam" not in refusal.node
-
-
-def test_the_bound_says_when_the_reference_noise_was_not_measured(monkeypatch):
-    verification = importlib.import_module("onnx_reparam.verify")  # the module, not api.verify
-    monkeypatch.setattr(verification, "NOISE_SIZE_LIMIT", 0)
-    monkeypatch.setitem(verification.TOLERANCES, onnx.TensorProto.FLOAT, (0.0, 0.0))  # so it is needed
-    model = chain_model()
-    result = onnx_reparam.verify(model, onnx_reparam.optimize(model, verify=False)[0])
-    assert "reference noise not measured: weights over" in result.bound
-    assert all(o.noise is None for o in result.outputs)

@@ -1,0 +1,338 @@
+"""The check as a proof: both models held to a float64 evaluation of the input model. Exact
+rewrites are kept on logits near zero, a wrong channel or logit is caught where the input model is
+noisy, discrete outputs are checked through the floats they are decided on, and isolating a failure
+costs little."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+import onnx_reparam
+from conftest import GraphBuilder, ops
+from onnx_reparam import compare, truth
+from onnx_reparam.passes import fold_affine
+from onnx_reparam.verify import Checker
+
+
+def with_array(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
+    """A copy of the model with initializer ``name`` replaced by change(its value)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    tensor = next(t for t in copy.graph.initializer if t.name == name)
+    tensor.CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(tensor).copy()), name))
+    return copy
+
+
+# --- the float64 evaluation ---
+
+@pytest.mark.parametrize("case", [
+    dict(c=4, m=6, group=2, kernel=(3, 3), strides=(2, 1), dilations=(1, 2), pads=(1, 0, 2, 1)),
+    dict(c=8, m=8, group=8, kernel=(5, 5), pads=(2, 2, 2, 2)),
+    dict(c=3, m=5, kernel=(2, 3), strides=(2, 2), auto_pad="SAME_UPPER"),
+    dict(c=3, m=5, kernel=(4,), strides=(3,), auto_pad="SAME_LOWER"),
+    dict(c=2, m=4, kernel=(3, 3, 3), strides=(1, 2, 1), dilations=(1, 1, 2), pads=(1, 1, 1, 0, 0, 0)),
+])
+def test_the_float64_conv_is_the_reference_evaluators(case):
+    from onnx.reference.ops.op_conv import _conv_implementation
+    rng = np.random.default_rng(0)
+    kernel, group = case["kernel"], case.get("group", 1)
+    x = rng.standard_normal((2, case["c"]) + (9,) * len(kernel))
+    w, b = rng.standard_normal((case["m"], case["c"] // group) + kernel), rng.standard_normal(case["m"])
+    ours = truth.conv(x, w, b, auto_pad=case.get("auto_pad", "NOTSET"), dilations=case.get("dilations"),
+                      group=group, pads=case.get("pads"), strides=case.get("strides"))
+    theirs = _conv_implementation(x, w, b, case.get("auto_pad", "NOTSET"), case.get("dilations"), group, kernel,
+                                  case.get("pads"), case.get("strides"))
+    assert ours.dtype == np.float64 and ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("op, attrs", [
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)),
+    ("AveragePool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1, count_include_pad=1)),
+    ("AveragePool", dict(kernel_shape=[2, 3], strides=[2, 2], ceil_mode=1, count_include_pad=1)),
+    ("AveragePool", dict(kernel_shape=[3], strides=[2], auto_pad="SAME_UPPER")),
+    ("MaxPool", dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1)),
+    ("MaxPool", dict(kernel_shape=[3, 3], dilations=[2, 2])),
+])
+def test_the_float64_pools_are_what_the_spec_says(op, attrs):
+    rank = len(attrs["kernel_shape"])
+    x = np.random.default_rng(1).standard_normal((1, 2) + (8,) * rank)
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"], **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.DOUBLE, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    expected = ReferenceEvaluator(model).run(None, {"x": x})[0]  # the spec's own, slow, implementation
+    ours = ReferenceEvaluator(model, new_ops=[truth.AveragePool, truth.MaxPool]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
+
+
+def test_the_float64_erf_is_exact_to_double_precision():
+    x = np.linspace(-8, 8, 40001)
+    assert np.abs(truth.erf(x) - np.array([math.erf(v) for v in x])).max() < 1e-13
+
+
+def test_the_float64_evaluation_widens_weights_casts_and_constants():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    half = b.node("Cast", [b.conv(x, 4, 4, 3, pads=[1] * 4)], to=TensorProto.FLOAT16)
+    third = b.node("Constant", [], value_float=1 / 3)
+    y = b.node("Mul", [b.node("Cast", [half], to=TensorProto.FLOAT), third])
+    model = b.model([y])
+    feeds = [{"x": np.random.default_rng(0).standard_normal((1, 4, 6, 6)).astype(np.float32)}]
+    (value,), = truth.evaluate(model, feeds, [model.graph.output[0].name])
+    assert value.dtype == np.float64
+    w, bias = (numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer)
+    expected = truth.conv(feeds[0]["x"].astype(np.float64), w, bias, pads=[1] * 4) * np.float64(np.float32(1 / 3))
+    np.testing.assert_allclose(value, expected, rtol=1e-14)
+
+
+# --- the criterion ---
+
+def deep_classifier(classes: int = 1000, layers: int = 6, seed: int = 0) -> onnx.ModelProto:
+    """Conv+BN+ReLU layers, global pooling and a Gemm: logits of a shared trunk."""
+    b = GraphBuilder(seed)
+    y = b.input("x", [1, 8, 12, 12])
+    for _ in range(layers):
+        y = b.node("Relu", [b.bn(b.conv(y, 8, 8, 3, pads=[1] * 4), 8)])
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])])
+    return b.model([b.node("Gemm", [y, b.const(b.rand(classes, 8)), b.const(b.rand(classes))], transB=1)])
+
+
+def test_an_exact_fold_is_never_refused_on_logits_near_zero():
+    model = deep_classifier()
+    # biases that put every logit near zero on the first input set
+    logits = Checker(model).truth[0][0]
+    gemm = model.graph.node[-1]
+    model = with_array(model, gemm.input[2], lambda bias: (bias - logits[0]).astype(np.float32))
+    optimized, report = onnx_reparam.optimize(model)
+    assert report.verification.passed and not report.dropped and ops(optimized)["BatchNormalization"] == 0
+    # held to its own magnitude, a logit near zero would be held to nothing
+    reference = Checker(model).expected[0][0]
+    assert np.abs(reference).min() < 1e-4 * np.abs(reference).max()
+    out = report.verification.outputs[0]
+    assert out.ours is not None and out.theirs is not None and "from float64" in report.verification.summary()
+
+
+def test_a_perturbed_logit_is_caught():
+    model = deep_classifier()
+    optimized, _ = onnx_reparam.optimize(model, verify=False)
+    gemm = next(n for n in optimized.graph.node if n.op_type == "Gemm")
+    scale = float(np.abs(Checker(model).truth[0][0]).max())
+
+    def nudge(bias):
+        bias[17] += 1e-4 * scale  # one logit off by 1e-4 of the logits' scale
+        return bias
+    wrong = with_array(optimized, gemm.input[2], nudge)
+    assert onnx_reparam.verify(model, optimized).passed
+    result = onnx_reparam.verify(model, wrong)
+    assert not result.passed and "from float64" in result.outputs[0].note
+
+
+def cancelling_model() -> onnx.ModelProto:
+    """A conv with biases ~3e4 and a BN with means ~3e4: float32 cancellation makes the input
+    model's own error there large."""
+    b = GraphBuilder(3)
+    x = b.input("x", [1, 4, 8, 8])
+    w = b.const(b.rand(4, 4, 3, 3, scale=0.3))
+    bias = b.const((3e4 + b.rand(4)).astype(np.float32))
+    y = b.node("Conv", [x, w, bias], pads=[1] * 4)
+    params = [np.full(4, 1.0, np.float32), np.zeros(4, np.float32), (3e4 + b.rand(4)).astype(np.float32),
+              np.ones(4, np.float32)]
+    return b.model([b.node("BatchNormalization", [y] + [b.const(p) for p in params])])
+
+
+def test_a_wrong_channel_is_caught_where_the_input_model_is_noisy():
+    model = cancelling_model()
+    optimized, report = onnx_reparam.optimize(model)
+    assert report.verification.passed and ops(optimized) == {"Conv": 1}
+    checker = Checker(model)
+    t, r = checker.truth[0][0], checker.expected[0][0]
+    channel_range = float(np.abs(t[0, 2]).max())
+    own_error = float(np.abs(r[0, 2] - t[0, 2]).max()) / channel_range
+    assert 1e-5 < own_error < 1e-3  # the input model is noisy there (cancellation)
+    conv = optimized.graph.node[0]
+
+    def move(bias):
+        bias[2] += 2e-3 * channel_range
+        return bias
+    result = onnx_reparam.verify(model, with_array(optimized, conv.input[2], move))
+    assert not result.passed and "channel 2" in result.outputs[0].note
+
+
+def test_an_output_ten_times_further_from_truth_than_the_input_model_fails():
+    model = cancelling_model()  # an input model well away from truth: its distance is measurable
+    inputs = {"x": np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+    checker = Checker(model, inputs=inputs)
+    error = (checker.expected[0][0].astype(np.float64) - checker.truth[0][0])
+    name = model.graph.output[0].name
+    worse = onnx.ModelProto()
+    worse.CopyFrom(model)
+    worse.graph.node[-1].output[0] = "before"
+    worse.graph.initializer.append(numpy_helper.from_array((10 * error).astype(np.float32), "push"))
+    worse.graph.node.append(helper.make_node("Add", ["before", "push"], [name]))
+    result = onnx_reparam.verify(model, worse, inputs=inputs)
+    assert not result.passed and result.outputs[0].ours > 5 * result.outputs[0].theirs
+
+
+def test_a_shape_or_type_that_differs_fails_and_is_not_inconclusive():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    model = b.model([b.conv(x, 4, 4, 3, pads=[1] * 4)])
+    strided = onnx.ModelProto()
+    strided.CopyFrom(model)
+    strided.graph.node[0].attribute.append(helper.make_attribute("strides", [2, 2]))
+    result = onnx_reparam.verify(model, strided)
+    assert not result.passed and not result.inconclusive and "shape [1, 4, 3, 3]" in result.outputs[0].note
+
+
+def test_a_shape_changing_rewrite_is_bisected_and_dropped(monkeypatch):
+    real = fold_affine.scaled_weight
+
+    def bigger(layer, weight, scale, dtype):  # the 5-channel layer's fold gets a 2x2 kernel more
+        folded = real(layer, weight, scale, dtype)
+        return np.pad(folded, [(0, 0), (0, 0), (0, 2), (0, 2)]) if weight.shape[0] == 5 else folded
+    monkeypatch.setattr(fold_affine, "scaled_weight", bigger)
+    from test_failsafe import chain_model
+    model, report = onnx_reparam.optimize(chain_model())
+    assert report.verification.passed and len(report.dropped) == 1 and "shape" in report.dropped[0].reason
+
+
+def wide_chain(layers: int = 12) -> onnx.ModelProto:
+    b = GraphBuilder(4)
+    y = b.input("x", [1, 4, 6, 6])
+    for _ in range(layers):
+        y = b.node("Relu", [b.bn(b.conv(y, 4, 4, 3, pads=[1] * 4), 4)])
+    return b.model([y])
+
+
+def test_a_rule_wrong_everywhere_is_withheld_within_three_checks_of_runs(monkeypatch):
+    real = fold_affine.scaled_weight
+    monkeypatch.setattr(fold_affine, "scaled_weight", lambda *a: real(*a) * 1.01)  # every fold is off
+    checkers = []
+    real_init = onnx_reparam.api.Checker.__init__
+
+    def counted(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        checkers.append(self)
+    monkeypatch.setattr(onnx_reparam.api.Checker, "__init__", counted)
+    model, report = onnx_reparam.optimize(wide_chain())
+    (checker,) = checkers
+    one_check = 3 * len(checker.feed_sets)  # the input model, its float64 evaluation and the candidate
+    assert report.verification.passed and ops(model)["BatchNormalization"] == 12
+    assert sum(checker.runs.values()) <= 3 * one_check
+    assert any("its rule is withheld: 2 of its rewrites did not verify" in r.reason for r in report.dropped)
+    assert "isolating the failure" in report.summary()
+
+
+def test_isolating_stops_at_its_budget_and_says_it_gave_up(monkeypatch):
+    monkeypatch.setattr(onnx_reparam.api, "ISOLATION_BUDGET", 1)
+    real = fold_affine.scaled_weight
+    monkeypatch.setattr(fold_affine, "scaled_weight", lambda *a: real(*a) * 1.01)
+    with pytest.raises(onnx_reparam.VerificationError) as error:
+        onnx_reparam.optimize(wide_chain())
+    assert any(n.startswith("gave up isolating the failure after") for n in error.value.report.notes)
+
+
+# --- discrete outputs ---
+
+def argmax_model(outputs=("classes", "logits")) -> onnx.ModelProto:
+    b = GraphBuilder(7)
+    x = b.input("x", [1, 4, 6, 6])
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)])])
+    logits = b.node("Gemm", [y, b.const(b.rand(10, 4)), b.const(b.rand(10))], transB=1)
+    classes = b.node("ArgMax", [logits], axis=1)
+    types = {"classes": (classes, TensorProto.INT64, [1, 1]), "logits": (logits, TensorProto.FLOAT, [1, 10])}
+    graph = helper.make_graph(b.nodes, "argmax", b.inputs, [helper.make_tensor_value_info(*types[o]) for o in outputs],
+                              initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_decided_output_is_checked_through_the_floats_it_is_decided_on():
+    model = argmax_model(outputs=("classes",))
+    optimized, report = onnx_reparam.optimize(model)
+    rows = {o.name: o for o in report.verification.outputs}
+    assert report.verification.passed and len(rows) == 2
+    (added,) = [o for o in rows.values() if o.role == "decision input"]
+    assert added.ours is not None and "added for the check" in report.verification.summary()
+    assert rows[model.graph.output[0].name].role == "decided"
+    # the same argmax from logits 1% off: caught through the logits, not the classes
+    gemm = next(n for n in optimized.graph.node if n.op_type == "Gemm")
+    wrong = with_array(optimized, gemm.input[1], lambda w: w * 1.01)
+    result = onnx_reparam.verify(model, wrong)
+    assert not result.passed and not [o for o in result.outputs if o.role == "decided"][0].differ
+    assert [o for o in result.outputs if o.role == "decision input"][0].note.startswith("the output")
+
+
+def test_a_flipped_decision_is_counted_not_failed():
+    model = argmax_model(outputs=("classes", "logits"))
+    checker = Checker(model, inputs={"x": np.ones((1, 4, 6, 6), np.float32)})
+    logits = checker.expected[0][1][0]
+    first, second = np.argsort(logits)[::-1][:2]
+    gemm = model.graph.node[-2]
+
+    def tie(bias):  # the runner-up a hair above the winner: within rounding, another class
+        bias[second] += np.float32(logits[first] - logits[second]) + 4 * np.spacing(np.float32(abs(logits[first])))
+        return bias
+    flipped = with_array(model, gemm.input[2], tie)
+    result = onnx_reparam.verify(model, flipped, inputs={"x": np.ones((1, 4, 6, 6), np.float32)})
+    classes = result.outputs[0]
+    assert classes.role == "decided" and classes.differ == 1 and classes.passed
+    assert "0 of 1 values as the input model's" in result.summary()
+
+
+def test_an_integer_output_that_differs_is_counted_and_named():
+    graph = helper.make_graph([helper.make_node("Add", ["x", "k"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [4])],
+                              [numpy_helper.from_array(np.array([0, 0, 0, 0]), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    other = with_array(model, "k", lambda k: np.array([0, 0, 1, 0]))
+    result = onnx_reparam.verify(model, other)
+    assert not result.passed and not result.inconclusive
+    assert "values differ" in result.outputs[0].note and "max rel err" not in result.summary()
+
+
+# --- without truth ---
+
+def test_without_a_float64_evaluation_the_check_says_why_and_uses_the_type_bound(monkeypatch):
+    monkeypatch.setattr(truth, "WEIGHT_LIMIT", 0)
+    model = deep_classifier(classes=10)
+    optimized, report = onnx_reparam.optimize(model)
+    assert report.verification.passed
+    assert "no float64 evaluation of the input model: its weights" in report.verification.summary()
+    assert "rtol 0.0001, atol 1e-06 for float arithmetic" in report.verification.bound
+
+
+def test_a_custom_op_leaves_no_float64_evaluation_and_says_so():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    y = b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)
+    model = b.model([y])
+    model.graph.node.append(helper.make_node("Relu", [y], ["custom"], domain="my.domain"))
+    assert compare.is_float(np.dtype(np.float32))
+    with pytest.raises(truth.NoTruth, match="reference evaluator"):
+        truth.evaluate(model, [{"x": np.zeros((1, 4, 6, 6), np.float32)}], [y])
+
+
+def test_given_tolerances_override_and_say_so():
+    model = deep_classifier(classes=10)
+    optimized, _ = onnx_reparam.optimize(model, verify=False)
+    result = onnx_reparam.verify(model, optimized, rtol=1e-3, atol=0.0)
+    assert result.passed and "rtol 0.001, atol 0 as given" in result.bound and "rtol/atol were given" in result.truth
+
+
+def test_the_float16_criterion_keeps_exact_float16_merges():
+    b = GraphBuilder(dtype=np.float16)
+    y = b.input("x", [1, 8, 10, 10])
+    for _ in range(4):
+        y = b.node("Relu", [b.node("Add", [b.bn(b.conv(y, 8, 8, 3, pads=[1] * 4), 8),
+                                           b.bn(b.conv(y, 8, 8, 1), 8)])])
+    model, report = onnx_reparam.optimize(b.model([y]))
+    assert report.verification.passed and not report.dropped and ops(model) == {"Conv": 4, "Relu": 4}

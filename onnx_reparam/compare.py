@@ -7,10 +7,12 @@ is held to the scale of the logits, and a small-valued channel beside a large on
 
 With truth, a model's distance in a group is max |model - truth| / s, s the group's largest
 |truth| (at least DEAD times the output's, so an all-zero channel is held to the output's scale).
-The candidate passes when, in every group, its distance is at most FACTOR times the input model's
-there, or the input model's median over groups (a group where the input model happens to land on
-the truth is not held to zero), or ROUNDOFF_LEVEL units of roundoff of the least precise float
-type computing in the graph (an output exact but for its rounding). So a rewrite passes when it is about as exact as the model the
+The candidate passes when, in every group, its distance is at most FACTOR times the largest of:
+the input model's distance there; its median over groups (a group where the input model happens to
+land on the truth is not held to zero); the distance of the float64 evaluation run with every weight
+moved as by one rounding to the least precise float type computing in the graph (a rewrite must
+write its fused weights in that type: in float16 that rounding is the larger error when onnxruntime
+computes the input model's float16 layers in float32); ROUNDOFF_LEVEL units of that roundoff. So a rewrite passes when it is about as exact as the model the
 user exported, and a channel the rewrite got wrong fails even where the input model is noisy.
 
 Without truth (see truth.py for why it can be missing), each value must be within atol + rtol x
@@ -104,20 +106,30 @@ def _distance(a: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Baseline:
-    """What a candidate's output is held to: the truth's scale per group on each input set, and
-    per group the input model's distance from truth (largest over the sets)."""
+    """What a candidate's output is held to: the truth's scale per group on each input set, per
+    group the input model's distance from truth (largest over the sets) and the distance of the
+    weights' rounding (see the module's doc)."""
     scales: list[np.ndarray]
     theirs: np.ndarray
     roundoff: float
+    rounding: np.ndarray | None = None
 
     def bounds(self) -> np.ndarray:
-        median = float(np.median(self.theirs)) if self.theirs.size else 0.0
-        return FACTOR * np.maximum(np.maximum(self.theirs, median), ROUNDOFF_LEVEL * self.roundoff)
+        level = np.maximum(self.theirs, _median(self.theirs))
+        if self.rounding is not None and self.rounding.shape == level.shape:
+            level = np.maximum(level, np.maximum(self.rounding, _median(self.rounding)))
+        return FACTOR * np.maximum(level, ROUNDOFF_LEVEL * self.roundoff)
 
 
-def baseline(truths: list[np.ndarray], references: list[np.ndarray], roundoff: float) -> Baseline | None:
-    """The input model's distance from truth on one output over the input sets; None when the
-    shapes disagree (the input model is the reference either way)."""
+def _median(values: np.ndarray) -> float:
+    return float(np.median(values)) if values.size else 0.0
+
+
+def baseline(truths: list[np.ndarray], references: list[np.ndarray], roundoff: float,
+             rounded: np.ndarray | None = None) -> Baseline | None:
+    """The input model's distance from truth on one output over the input sets, and that of
+    ``rounded`` (the evaluation with rounded weights, on the first set); None when the shapes
+    disagree (the input model is the reference either way)."""
     scales, theirs = [], None
     for t, r in zip(truths, references):
         if t.shape != np.shape(r):
@@ -127,7 +139,10 @@ def baseline(truths: list[np.ndarray], references: list[np.ndarray], roundoff: f
         distance = _per_group([np.asarray(r), t], _distance) / scale
         scales.append(scale)
         theirs = distance if theirs is None else np.maximum(theirs, distance)
-    return Baseline(scales, theirs if theirs is not None else np.zeros(0), roundoff)
+    rounding = None
+    if rounded is not None and rounded.shape == truths[0].shape:
+        rounding = _per_group([rounded, truths[0]], _distance) / scales[0]
+    return Baseline(scales, theirs if theirs is not None else np.zeros(0), roundoff, rounding)
 
 
 def against_truth(base: Baseline, set_index: int, truth: np.ndarray, actual: np.ndarray) -> np.ndarray:

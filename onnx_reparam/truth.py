@@ -33,15 +33,20 @@ class NoTruth(Exception):
     """The float64 evaluation cannot be computed; the message says why."""
 
 
-def widened(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+def widened(model: onnx.ModelProto, jitter: float = 0.0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """(the model with every float type widened to double and its initializers turned into
     inputs, the initializers' values in float64 by name). The weights are fed, not copied into
-    a second model."""
+    a second model. ``jitter``: each float weight is multiplied by 1 + jitter * u, u uniform in
+    [-1/2, 1/2] (seeded): weights as far off as one rounding to a type of that roundoff."""
     graph = model.graph
     for node in _all_nodes(graph):
         if node.op_type in RANDOM_OPS:
             raise NoTruth(f"it draws random numbers ({node.op_type} '{node.name}')")
     weights = {t.name: _wide(read_array(t)) for t in graph.initializer}
+    if jitter:
+        rng = np.random.default_rng(0)
+        weights = {name: w * (1 + jitter * (rng.random(w.shape) - 0.5)) if w.dtype == np.float64 else w
+                   for name, w in weights.items()}
     inputs = [_wide_value(v) for v in graph.input if v.name not in weights]
     inputs += [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
                                                   array.shape) for name, array in weights.items()]
@@ -116,16 +121,17 @@ def _widen_subgraph(graph: onnx.GraphProto) -> None:
 
 
 def evaluate(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]],
-             names: list[str]) -> list[list[np.ndarray | None]]:
+             names: list[str], jitter: float = 0.0) -> list[list[np.ndarray | None]]:
     """The float64 values of ``names`` (graph outputs or intermediate tensors) on each input set;
     None for a float tensor that did not come out in float64 (a path the widening cannot reach).
-    Raises NoTruth when the evaluation cannot be made."""
+    ``jitter``: with the weights moved as by one rounding (see ``widened``). Raises NoTruth when
+    the evaluation cannot be made."""
     weight_bytes = sum(map(tensor_bytes, model.graph.initializer))
     if weight_bytes > WEIGHT_LIMIT:
         raise NoTruth(f"its weights ({weight_bytes / (1 << 30):.1f} GiB) are over the "
                       f"{WEIGHT_LIMIT >> 30} GiB a float64 copy is made for")
     from onnx.reference import ReferenceEvaluator
-    wide, weights = widened(model)
+    wide, weights = widened(model, jitter)
     try:
         evaluator = ReferenceEvaluator(wide, new_ops=[Conv, Erf, AveragePool, MaxPool, ScatterND])
     except Exception as exc:  # noqa: BLE001 - its message names the op it lacks

@@ -462,7 +462,7 @@ class Checker:
         given = rtol is not None or atol is not None
         default_rtol, default_atol = TOLERANCES.get(self.precision, LOOSEST)
         self.bound = (default_rtol if rtol is None else rtol, default_atol if atol is None else atol)
-        self.truth, self.truth_note = None, ""
+        self.truth, self.rounded, self.truth_note = None, None, ""
         if given:
             self.truth_note = "no float64 evaluation: rtol/atol were given"
         else:
@@ -487,13 +487,18 @@ class Checker:
 
     def _evaluate_truth(self, reference: onnx.ModelProto) -> None:
         start = time.perf_counter()
+        names = self.output_names + self.extra
         try:
-            self.truth = truth.evaluate(reference, self.feed_sets, self.output_names + self.extra)
+            self.truth = truth.evaluate(reference, self.feed_sets, names)
+            roundoff = compare.ROUNDOFF.get(self.precision, compare.LOOSEST_ROUNDOFF)
+            self.rounded = truth.evaluate(reference, self.feed_sets[:1], names, jitter=roundoff)[0]
         except truth.NoTruth as exc:
+            self.truth, self.rounded = None, None
             self.truth_note = f"no float64 evaluation of the input model: {exc}"
             return
-        self.runs["float64"] += len(self.feed_sets)
-        self.truth_note = (f"float64 evaluation of the input model (onnx reference evaluator): "
+        self.runs["float64"] += len(self.feed_sets) + 1
+        self.truth_note = (f"float64 evaluation of the input model (onnx reference evaluator), and once with its "
+                           f"weights rounded as to {onnx.TensorProto.DataType.Name(self.precision).lower()}: "
                            f"{time.perf_counter() - start:.2f}s")
 
     def _baselines(self) -> list[compare.Baseline | None]:
@@ -506,7 +511,8 @@ class Checker:
             truths = [values[i] for values in self.truth] if self.truth is not None else []
             usable = truths and all(t is not None and compare.is_float(np.asarray(r).dtype)
                                     for t, r in zip(truths, references)) and name not in self.decided
-            bases.append(compare.baseline(truths, references, roundoff) if usable else None)
+            rounded = self.rounded[i] if self.rounded is not None else None
+            bases.append(compare.baseline(truths, references, roundoff, rounded) if usable else None)
         return bases
 
     def _describe(self) -> str:

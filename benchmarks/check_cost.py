@@ -1,0 +1,65 @@
+"""What the float64 evaluation costs the check: every reference network at benchmark size (the
+sizes of benchmarks/reparam.py, TorchScript export), the whole check (the input model's run, its
+float64 evaluation, the rewritten model's run, on the check's three input sets) against the check
+without the float64 evaluation (the float32 comparison the tool made before), in one run.
+
+    python benchmarks/check_cost.py [--arch repvgg_a0 --arch dbb ...] [--out DIR]
+
+Prints per network: seconds of each, their ratio, and both models' distances from float64.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "models"))
+import export  # noqa: E402
+
+import onnx_reparam  # noqa: E402
+from onnx_reparam.verify import Checker  # noqa: E402
+
+SIZES = {1: 4096, 2: 112, 3: 16}  # as benchmarks/reparam.py
+
+
+def check_seconds(reference: onnx.ModelProto, candidate: onnx.ModelProto, **options) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = Checker(reference, **options).check(candidate)
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", action="append", choices=sorted(export.ARCHS))
+    parser.add_argument("--out", help="folder for the exported models (default: a temporary one)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = Path(args.out or tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for arch in args.arch or sorted(export.ARCHS):
+            spatial = len(export.input_shape(arch)) - 2
+            size = 224 if arch in ("repvgg_a0", "repvgg_b1g4") else SIZES[spatial]
+            train_path, _ = export.export_pair(arch, out_dir, "ts", scale=1.0, size=size, classes=1000)
+            reference = onnx.load(train_path)
+            candidate, _ = onnx_reparam.optimize(train_path, verify=False)
+            float32_s, _ = check_seconds(reference, candidate, rtol=1e-4, atol=1e-6)
+            whole_s, result = check_seconds(reference, candidate)
+            out = result.outputs[0]
+            rows.append((arch, float32_s, whole_s, out.ours, out.theirs, result.passed))
+            print(f"{arch:14} float32 check {float32_s:6.2f}s  with float64 {whole_s:6.2f}s  "
+                  f"ratio {whole_s / float32_s:5.2f}  ours {out.ours:.2g} / input model {out.theirs:.2g} "
+                  f"from float64  {'PASSED' if result.passed else 'FAILED'}", flush=True)
+    worst = max(rows, key=lambda r: r[2] / r[1])
+    total = sum(r[2] for r in rows) / sum(r[1] for r in rows)
+    print(f"\nall networks: the check with float64 takes {total:.2f}x the float32 check's time; "
+          f"worst {worst[0]} {worst[2] / worst[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

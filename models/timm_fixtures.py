@@ -1,0 +1,141 @@
+"""Writes the timm fixtures under models/fixtures/: timm's own RepVGG-A0, MobileOne-S0 and
+RepViT-M0.9 blocks (their stage depths, a quarter of their widths so the files stay small), with
+BatchNorm statistics that are real averages over natural-image crops (the sample images shipped in
+scikit-image), exported in training structure as users export them:
+
+- ``timm_repvgg_a0_ts.onnx``: TorchScript, float32, BN nodes kept;
+- ``timm_mobileone_s0_dynamo_raw.onnx``: torch.export with ``optimize=False``, float32;
+- ``timm_{repvgg_a0,mobileone_s0,repvit_m0_9}_half.onnx``: after ``model.half()`` (float16 everywhere);
+- ``timm_{...}_half_inside.onnx``: float16 inside, float32 inputs and outputs.
+
+Each also gets timm's own deploy conversion (``timm.utils.model.reparameterize_model``) exported the
+same way; ``timm_manifest.json`` holds its Conv/BatchNormalization/Add counts, for the tests to
+compare with.
+
+    pip install torch==2.14.1 torchvision==0.29.1 && pip install --no-deps timm   # a separate venv
+    pip install scikit-image onnx onnxscript
+    python models/timm_fixtures.py [OUT_DIR]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import skimage.data
+import torch
+from timm.models.byobnet import ByobNet, ByoModelCfg, _mobileone_bcfg, _rep_vgg_bcfg
+from timm.models.repvit import RepVit
+from timm.utils.model import reparameterize_model
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from export import export  # noqa: E402
+
+SIZE = 64
+CLASSES = 1000
+QUARTER = 0.25
+
+
+def repvgg_a0() -> nn.Module:
+    cfg = ByoModelCfg(blocks=_rep_vgg_bcfg(d=(2, 4, 14, 1), wf=tuple(QUARTER * w for w in (0.75, 0.75, 0.75, 2.5))),
+                      stem_type="rep", stem_chs=12)
+    return ByobNet(cfg, num_classes=CLASSES)
+
+
+def mobileone_s0() -> nn.Module:
+    # timm rounds widths to multiples of 8, so the stem is 16 (S0's 48 is 0.75 of 64)
+    cfg = ByoModelCfg(blocks=_mobileone_bcfg(wf=tuple(QUARTER * w for w in (1.0, 1.0, 1.0, 2.0)),
+                                             num_conv_branches=4), stem_type="one", stem_chs=16)
+    return ByobNet(cfg, num_classes=CLASSES)
+
+
+def repvit_m0_9() -> nn.Module:
+    return RepVit(embed_dim=(16, 32, 64, 128), depth=(2, 2, 14, 2), num_classes=CLASSES)
+
+
+NETS = {"repvgg_a0": repvgg_a0, "mobileone_s0": mobileone_s0, "repvit_m0_9": repvit_m0_9}
+
+
+def crops(count: int, seed: int) -> torch.Tensor:
+    """Natural-image crops, ImageNet-normalized."""
+    images = [getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
+    rng = np.random.default_rng(seed)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    out = []
+    for _ in range(count):
+        image = images[rng.integers(len(images))]
+        y, x = rng.integers(0, image.shape[0] - 2 * SIZE), rng.integers(0, image.shape[1] - 2 * SIZE)
+        step = int(rng.integers(1, 3))
+        crop = image[y:y + SIZE * step:step, x:x + SIZE * step:step, :3] / 255.0
+        out.append(((crop - mean) / std).transpose(2, 0, 1))
+    return torch.tensor(np.stack(out), dtype=torch.float32)
+
+
+def calibrated(name: str) -> nn.Module:
+    """The net with seeded weights and BN statistics averaged over natural-image crops."""
+    torch.manual_seed(0)
+    model = NETS[name]()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average, as a calibration pass computes
+    model.train()
+    with torch.no_grad():
+        for batch in crops(256, seed=1).split(16):
+            model(batch)
+    return model.eval()
+
+
+class HalfInside(nn.Module):
+    """float16 inside, float32 at the edges."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.half()
+
+    def forward(self, x):
+        return self.model(x.half()).float()
+
+
+def counts(path: Path) -> dict[str, int]:
+    ops = Counter(n.op_type for n in onnx.load(path).graph.node)
+    return {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add")}
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "fixtures")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = (1, 3, SIZE, SIZE)
+    plan = [("repvgg_a0", "ts", "ts"), ("mobileone_s0", "dynamo-raw", "dynamo_raw")]
+    plan += [(name, "ts", variant) for name in NETS for variant in ("half", "half_inside")]
+    manifest = {}
+    for name, exporter, variant in plan:
+        train = calibrated(name)
+        deploy = reparameterize_model(copy.deepcopy(train))
+        files = {}
+        for kind, model in (("train", train), ("deploy", deploy)):
+            path = out_dir / f"timm_{name}_{variant}.onnx" if kind == "train" else \
+                Path(tempfile.gettempdir()) / f"timm_{name}_{variant}_deploy.onnx"
+            if variant == "half":
+                export(copy.deepcopy(model), path, exporter, shape, dtype=torch.float16)
+            elif variant == "half_inside":  # export() would cast the model to its input's float32
+                torch.onnx.export(HalfInside(copy.deepcopy(model)), (torch.randn(*shape),), str(path), dynamo=False,
+                                  input_names=["x"], output_names=["logits"], do_constant_folding=False,
+                                  opset_version=17)
+            else:
+                export(model, path, exporter, shape)
+            files[kind] = path
+        manifest[files["train"].name] = {"deploy": counts(files["deploy"]), "train": counts(files["train"])}
+        print(files["train"], f"{files['train'].stat().st_size / 1e6:.2f} MB", manifest[files["train"].name], flush=True)
+    (out_dir / "timm_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()

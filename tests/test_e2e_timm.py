@@ -1,0 +1,28 @@
+"""timm's own RepVGG-A0, MobileOne-S0 and RepViT-M0.9 (their depths, a quarter of their widths),
+BN statistics averaged over natural-image crops, exported as users export them
+(models/timm_fixtures.py): every exact rewrite is kept and the deploy structure is reached, in
+float32 and in float16 (model.half(), and float16 inside with float32 inputs and outputs), and the
+report gives both models' distances from the float64 evaluation."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import onnx_reparam
+
+FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
+MANIFEST = json.loads((FIXTURES / "timm_manifest.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_a_timm_export_reaches_its_deploy_structure_with_every_exact_rewrite_kept(name):
+    model, report = onnx_reparam.optimize(FIXTURES / name)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add")} == MANIFEST[name]["deploy"]
+    assert report.verification.passed and not report.dropped
+    logits = report.verification.outputs[0]
+    assert logits.ours is not None and logits.theirs is not None
+    assert "from float64, the input model" in report.verification.summary()

@@ -67,9 +67,9 @@ def _run_options(f):
 def _check_options(f):
     f = _run_options(f)
     f = click.option("--rtol", type=click.FloatRange(0, 1e300),
-                     help="Relative tolerance (default by the lowest float precision inside: fp32 1e-4).")(f)
+                     help="Relative tolerance: compare with the input model instead of its float64 evaluation.")(f)
     f = click.option("--atol", type=click.FloatRange(0, 1e300),
-                     help="Absolute tolerance (default by the lowest float precision inside: fp32 1e-6).")(f)
+                     help="Absolute tolerance: compare with the input model instead of its float64 evaluation.")(f)
     f = click.option("--inputs", "inputs_file", type=click.Path(),
                      help=".npz file with input arrays, by input name.")(f)
     return f

@@ -10,9 +10,11 @@ With truth, a model's distance in a group is max |model - truth| / s, s the grou
 The candidate passes when, in every group, its distance is at most FACTOR times the largest of:
 the input model's distance there; its median over groups (a group where the input model happens to
 land on the truth is not held to zero); the distance of the float64 evaluation run with every weight
-moved as by one rounding to the least precise float type computing in the graph (a rewrite must
-write its fused weights in that type: in float16 that rounding is the larger error when onnxruntime
-computes the input model's float16 layers in float32); ROUNDOFF_LEVEL units of that roundoff. So a rewrite passes when it is about as exact as the model the
+moved as by one rounding to the least precise float type computing in the graph, where that is
+float16 or coarser (a rewrite must write its fused weights in that type, and onnxruntime's CPU
+computes float16 layers in float32, so the input model's own distance misses that rounding; in
+float32 it computes as the weights are stored, and that run is not made); ROUNDOFF_LEVEL units
+of that roundoff. So a rewrite passes when it is about as exact as the model the
 user exported, and a channel the rewrite got wrong fails even where the input model is noisy.
 
 Without truth (see truth.py for why it can be missing), each value must be within atol + rtol x

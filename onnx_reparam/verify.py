@@ -491,14 +491,16 @@ class Checker:
         try:
             self.truth = truth.evaluate(reference, self.feed_sets, names)
             roundoff = compare.ROUNDOFF.get(self.precision, compare.LOOSEST_ROUNDOFF)
-            self.rounded = truth.evaluate(reference, self.feed_sets[:1], names, jitter=roundoff)[0]
+            if roundoff >= compare.ROUNDOFF[onnx.TensorProto.FLOAT16]:
+                self.rounded = truth.evaluate(reference, self.feed_sets[:1], names, jitter=roundoff)[0]
         except truth.NoTruth as exc:
             self.truth, self.rounded = None, None
             self.truth_note = f"no float64 evaluation of the input model: {exc}"
             return
-        self.runs["float64"] += len(self.feed_sets) + 1
-        self.truth_note = (f"float64 evaluation of the input model (onnx reference evaluator), and once with its "
-                           f"weights rounded as to {onnx.TensorProto.DataType.Name(self.precision).lower()}: "
+        self.runs["float64"] += len(self.feed_sets) + (self.rounded is not None)
+        rounded = f", and once with its weights rounded as to {onnx.TensorProto.DataType.Name(self.precision).lower()}" \
+            if self.rounded is not None else ""
+        self.truth_note = (f"float64 evaluation of the input model (onnx reference evaluator){rounded}: "
                            f"{time.perf_counter() - start:.2f}s")
 
     def _baselines(self) -> list[compare.Baseline | None]:

@@ -336,3 +336,35 @@ def test_the_float16_criterion_keeps_exact_float16_merges():
                                            b.bn(b.conv(y, 8, 8, 1), 8)])])
     model, report = onnx_reparam.optimize(b.model([y]))
     assert report.verification.passed and not report.dropped and ops(model) == {"Conv": 4, "Relu": 4}
+
+
+def nms_model() -> onnx.ModelProto:
+    """A detector's end: a head (Conv+BN) gives boxes and scores, NonMaxSuppression picks, the
+    picked boxes are gathered: integer indices and float boxes both decided on floats."""
+    b = GraphBuilder(11)
+    x = b.input("x", [1, 4, 8, 8])
+    boxes = b.node("Transpose", [b.node("Reshape", [b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4),
+                                                    b.const(np.array([1, 4, 64]))])], perm=[0, 2, 1])
+    scores = b.node("Sigmoid", [b.node("Reshape", [b.bn(b.conv(x, 4, 1, 3, pads=[1] * 4), 1),
+                                                   b.const(np.array([1, 1, 64]))])])
+    picked = b.node("NonMaxSuppression", [boxes, scores, b.const(np.array([10])), b.const(np.array([0.5], np.float32)),
+                                          b.const(np.array([0.3], np.float32))], center_point_box=1)
+    index = b.node("Gather", [picked, b.const(np.array(2))], axis=1)
+    picked_boxes = b.node("Gather", [b.node("Squeeze", [boxes, b.const(np.array([0]))]), index], axis=0)
+    graph = helper.make_graph(b.nodes, "nms", b.inputs,
+                              [helper.make_tensor_value_info(picked, TensorProto.INT64, ["picked", 3]),
+                               helper.make_tensor_value_info(picked_boxes, TensorProto.FLOAT, ["picked", 4])],
+                              initializer=b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+def test_nms_outputs_are_checked_through_the_boxes_and_scores_they_pick_from():
+    model = nms_model()
+    optimized, report = onnx_reparam.optimize(model)
+    roles = [o.role for o in report.verification.outputs]
+    assert report.verification.passed and not report.dropped and ops(optimized)["BatchNormalization"] == 0
+    assert roles == ["decided", "decided", "decision input", "decision input"]
+    wrong = with_array(optimized, next(n for n in optimized.graph.node if n.op_type == "Conv").input[1],
+                       lambda w: w * 1.01)
+    result = onnx_reparam.verify(model, wrong)
+    assert not result.passed and any(o.role == "decision input" and not o.passed for o in result.outputs)

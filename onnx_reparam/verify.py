@@ -5,12 +5,12 @@ them. The CUDA execution provider is used when it really loads (the session's pr
 back after creating it), else the CPU one; the report names the one that ran and, when CUDA was not
 used, why.
 
-The check runs on several inputs (seeded normal ones and a constant one, or the user's), and an
-output passes when every element's error is within atol + rtol * (largest magnitude in its channel,
-axis 1), so a small-valued head next to a large one is held to its own scale. rtol/atol follow the
-lowest float precision computing inside the graph, and are widened to the reference's own float
-noise: the reference run once more with ORT's optimizations on (its fusions reorder the arithmetic
-as a rewrite does). An output with nothing finite to compare fails the check.
+The check runs on several inputs (seeded normal ones and a constant one, or the user's). The
+input model is also evaluated in float64 (truth.py), and each output of the candidate must be about
+as close to that evaluation as the input model is (compare.py says how). Without it, outputs are
+compared with rtol/atol by the lowest float precision computing inside the graph, never widened by
+a measured difference. An output with nothing finite to compare fails the check (inconclusive); a
+shape or type that differs is a failure.
 """
 from __future__ import annotations
 

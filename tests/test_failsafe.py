@@ -2,7 +2,6 @@
 the defects found by fuzzing the tool as a hostile user would (one test each, from its report)."""
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 

@@ -542,15 +542,17 @@ class Checker:
         try:
             with _extra_outputs(candidate, extra):
                 session = self.runner.session(candidate)
-            actual = []
-            for i in chosen:
-                actual.append(session.run(None, self.feed_sets[i]))
+            judges = [_Judge(self, i, name, not missing) for i, name in enumerate(self.output_names + extra)]
+            for i in chosen:  # one set's outputs at a time: they may be as large as a weight
+                outputs = session.run(None, self.feed_sets[i])
                 self.runs["candidate"] += 1
+                for judge, actual in zip(judges, outputs):
+                    judge.add(i, actual)
+                del outputs
         except Exception as exc:  # noqa: BLE001 - the rewritten model is ours: a failed check
             return Verification(self.runner.provider, [], error=f"onnxruntime cannot run the rewritten model: "
                                 f"{first_line(exc)}", **header)
-        judged = [self._judge(i, name, chosen, [outputs[i] for outputs in actual], not missing)
-                  for i, name in enumerate(self.output_names + extra)]
+        judged = [judge.verdict() for judge in judges]
         checks = [check for check, _ in judged]
         failing = sorted({i for _, sets_failed in judged for i in sets_failed})
         if missing and self.decided:
@@ -562,32 +564,42 @@ class Checker:
                             device=f"{self.runner.device}; onnxruntime {_ort().__version__}",
                             failing_sets=failing, **header)
 
-    def _judge(self, index: int, name: str, sets: list[int], actual: list[np.ndarray],
-               decisions_checked: bool) -> tuple[OutputCheck, list[int]]:
-        """One output's verdict over the input sets, and the sets on which it failed."""
-        role = "decision input" if index >= len(self.output_names) else \
-            "decided" if decisions_checked and name in self.decided else "output"
-        check = OutputCheck(name, 0.0, 0.0, 0.0, True, role=role)
-        base = self.baselines[index]
-        ours, failing = None, []
-        for i, a in zip(sets, actual):
-            expected = self.expected[i][index]
-            check.integer = not compare.is_float(np.asarray(expected).dtype)
-            fine, differ = check.passed, check.differ
-            compare.against_reference(check, expected, a, None if base is not None or role == "decided" else self.bound)
-            if base is not None and np.shape(a) == np.shape(expected) and check.note is None:
-                distance = compare.against_truth(base, i, self.truth[i][index], a)
-                ours = distance if ours is None else np.maximum(ours, distance)
-                fine = fine and not np.any(distance > base.bounds())
-            if fine != check.passed or differ != check.differ or not fine:
-                failing.append(i)
-        if role == "decided":
+class _Judge:
+    """One output's verdict, built one input set at a time."""
+
+    def __init__(self, checker: Checker, index: int, name: str, decisions_checked: bool):
+        role = "decision input" if index >= len(checker.output_names) else \
+            "decided" if decisions_checked and name in checker.decided else "output"
+        self.checker, self.index = checker, index
+        self.check = OutputCheck(name, 0.0, 0.0, 0.0, True, role=role)
+        self.base = checker.baselines[index]
+        self.ours: np.ndarray | None = None
+        self.failing: list[int] = []
+
+    def add(self, i: int, actual: np.ndarray) -> None:
+        check, base, checker = self.check, self.base, self.checker
+        expected = checker.expected[i][self.index]
+        check.integer = not compare.is_float(np.asarray(expected).dtype)
+        fine, differ = check.passed, check.differ
+        compare.against_reference(check, expected, actual,
+                                  None if base is not None or check.role == "decided" else checker.bound)
+        if base is not None and np.shape(actual) == np.shape(expected) and check.note is None:
+            distance = compare.against_truth(base, i, checker.truth[i][self.index], actual)
+            self.ours = distance if self.ours is None else np.maximum(self.ours, distance)
+            fine = fine and not np.any(distance > base.bounds())
+        if fine != check.passed or differ != check.differ or not fine:
+            self.failing.append(i)
+
+    def verdict(self) -> tuple[OutputCheck, list[int]]:
+        """The output's verdict over the sets added, and the sets on which it failed."""
+        check = self.check
+        if check.role == "decided":
             check.passed, check.note = True, "not held to the input model; the floats it is computed from are"
             return check, []
-        if ours is not None:
-            compare.verdict_from_truth(check, base, ours)
+        if self.ours is not None:
+            compare.verdict_from_truth(check, self.base, self.ours)
         compare.finish(check)
-        return check, failing if not check.passed else []
+        return check, self.failing if not check.passed else []
 
 
 def tensor_types(model: onnx.ModelProto) -> dict[str, int]:

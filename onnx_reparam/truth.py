@@ -154,8 +154,8 @@ from onnx.reference.op_run import OpRun  # noqa: E402 - after the module's own i
 
 
 class Conv(OpRun):
-    """Conv in float64 as a sum over kernel taps of (grouped) matrix products: no im2col copy,
-    every product in BLAS."""
+    """Conv in float64: per kernel tap, one (grouped) matrix product over a contiguous run of
+    rows (stride 1) or a strided view; large depthwise kernels by FFT."""
     op_domain = ""
 
     def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
@@ -202,22 +202,83 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad:
     kernel = w.shape[2:]
     begin, end, out_sizes, dilations, strides = _geometry(x.shape[2:], kernel, auto_pad, dilations, pads, strides)
     xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
-    n, channels, filters = x.shape[0], x.shape[1], w.shape[0]
+    depthwise = group == x.shape[1] == w.shape[0] and w.shape[1] == 1
+    if all(s == 1 for s in strides) and depthwise and np.prod(kernel) >= LARGE_KERNEL:
+        out = _conv_fft(xp, w, dilations, out_sizes)
+    elif all(s == 1 for s in strides):
+        out = _conv_unstrided(xp, w, group, dilations, out_sizes)
+    else:
+        out = _conv_strided(xp, w, group, dilations, strides, out_sizes)
+    if b is not None:
+        out += b.reshape((1, -1) + (1,) * rank)
+    return out
+
+
+LARGE_KERNEL = 64  # taps from which a depthwise conv is computed by FFT (RepLKNet's 31x31: 961 taps)
+
+
+def _conv_fft(xp: np.ndarray, w: np.ndarray, dilations, out_sizes) -> np.ndarray:
+    """A stride-1 depthwise conv as a product of spectra: the circular correlation over the
+    padded extent equals the conv at every output position (no tap wraps around)."""
+    spatial = tuple(range(2, xp.ndim))
+    extent = xp.shape[2:]
+    dilated = np.zeros((w.shape[0], 1) + tuple((k - 1) * d + 1 for k, d in zip(w.shape[2:], dilations)), w.dtype)
+    dilated[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilations)] = w
+    spectrum = np.fft.rfftn(xp, extent, axes=spatial) * np.conj(np.fft.rfftn(dilated[:, 0][None], extent, axes=spatial))
+    out = np.fft.irfftn(spectrum, extent, axes=spatial)
+    return np.ascontiguousarray(out[(slice(None), slice(None)) + tuple(slice(0, o) for o in out_sizes)])
+
+
+def _conv_strided(xp: np.ndarray, w: np.ndarray, group: int, dilations, strides, out_sizes) -> np.ndarray:
+    """A sum over kernel taps of each tap's (grouped) matrix product with a strided view."""
+    n, channels, filters = xp.shape[0], xp.shape[1], w.shape[0]
     cg, mg = channels // group, filters // group
     xg = xp.reshape((n, group, cg) + xp.shape[2:])
-    wg = w.reshape((group, mg, cg) + tuple(kernel))
-    out = np.zeros((n, group, mg, int(np.prod(out_sizes, dtype=np.int64))), np.result_type(x, w))
+    wg = w.reshape((group, mg, cg) + w.shape[2:])
+    out = np.zeros((n, group, mg, int(np.prod(out_sizes, dtype=np.int64))), np.result_type(xp, w))
     everything = (slice(None),) * 3
-    for tap, window in _taps(kernel, dilations, strides, out_sizes):
+    for tap, window in _taps(w.shape[2:], dilations, strides, out_sizes):
         taken = xg[everything + window].reshape(n, group, cg, -1)
         if cg == 1 and mg == 1:  # depthwise: a per-channel scale per tap
             out += wg[everything + tap].reshape(1, group, 1, 1) * taken
         else:
             out += np.matmul(wg[everything + tap], taken)
-    out = out.reshape((n, filters) + tuple(out_sizes))
-    if b is not None:
-        out += b.reshape((1, -1) + (1,) * rank)
-    return out
+    return out.reshape((n, filters) + tuple(out_sizes))
+
+
+def _conv_unstrided(xp: np.ndarray, w: np.ndarray, group: int, dilations, out_sizes) -> np.ndarray:
+    """Stride 1: in channels-last layout, flattened over the padded spatial dims, every tap reads
+    one contiguous run of rows (shifted by the tap's offset), so each tap is one matrix product
+    (a per-channel scale for depthwise) with no copy. Rows that straddle a padded row's end are
+    computed and dropped."""
+    n, channels = xp.shape[:2]
+    filters, kernel = w.shape[0], w.shape[2:]
+    cg, mg = channels // group, filters // group
+    padded = xp.shape[2:]
+    steps = [int(np.prod(padded[i + 1:], dtype=np.int64)) for i in range(len(padded))]
+    rows = sum((o - 1) * step for o, step in zip(out_sizes, steps)) + 1
+    result = np.empty((n, filters) + tuple(out_sizes), np.result_type(xp, w))
+    for batch in range(n):
+        flat = np.ascontiguousarray(np.moveaxis(xp[batch], 0, -1)).reshape(-1, channels)  # rows x channels
+        full = np.zeros((rows, filters), result.dtype)
+        scratch = np.empty_like(full)
+        for tap in np.ndindex(*kernel):
+            offset = sum(t * d * step for t, d, step in zip(tap, dilations, steps))
+            taken = flat[offset:offset + rows]
+            if cg == 1:  # depthwise (and channel multipliers): a scale per channel
+                np.multiply(np.repeat(taken, mg, axis=1) if mg > 1 else taken, w[(slice(None), 0) + tap], out=scratch)
+            elif group == 1:
+                np.matmul(taken, w[(slice(None), slice(None)) + tap].T, out=scratch)
+            else:
+                for g in range(group):
+                    np.matmul(taken[:, g * cg:(g + 1) * cg], w[(slice(g * mg, (g + 1) * mg), slice(None)) + tap].T,
+                              out=scratch[:, g * mg:(g + 1) * mg])
+            full += scratch
+        # the real outputs: rows at the output positions of the padded layout
+        view = np.lib.stride_tricks.as_strided(full, tuple(out_sizes) + (filters,),
+                                               tuple(step * full.strides[0] for step in steps) + (full.strides[1],))
+        result[batch] = np.moveaxis(view, -1, 0)
+    return result
 
 
 class AveragePool(OpRun):

@@ -36,12 +36,16 @@ def with_array(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
     dict(c=3, m=5, kernel=(2, 3), strides=(2, 2), auto_pad="SAME_UPPER"),
     dict(c=3, m=5, kernel=(4,), strides=(3,), auto_pad="SAME_LOWER"),
     dict(c=2, m=4, kernel=(3, 3, 3), strides=(1, 2, 1), dilations=(1, 1, 2), pads=(1, 1, 1, 0, 0, 0)),
+    dict(c=6, m=12, group=6, kernel=(3, 3), pads=(1, 1, 1, 1)),  # a channel multiplier
+    dict(c=3, m=3, group=3, kernel=(9, 9), pads=(4, 4, 4, 4)),  # large depthwise: by FFT
+    dict(c=2, m=2, group=2, kernel=(8, 9), dilations=(2, 1), pads=(1, 5, 3, 2)),
+    dict(c=2, m=2, group=2, kernel=(4, 4, 4), pads=(2, 2, 2, 1, 1, 1)),
 ])
 def test_the_float64_conv_is_the_reference_evaluators(case):
     from onnx.reference.ops.op_conv import _conv_implementation
     rng = np.random.default_rng(0)
     kernel, group = case["kernel"], case.get("group", 1)
-    x = rng.standard_normal((2, case["c"]) + (9,) * len(kernel))
+    x = rng.standard_normal((2, case["c"]) + (20 if max(kernel) > 5 else 9,) * len(kernel))
     w, b = rng.standard_normal((case["m"], case["c"] // group) + kernel), rng.standard_normal(case["m"])
     ours = truth.conv(x, w, b, auto_pad=case.get("auto_pad", "NOTSET"), dilations=case.get("dilations"),
                       group=group, pads=case.get("pads"), strides=case.get("strides"))

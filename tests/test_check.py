@@ -37,6 +37,8 @@ def with_array(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
     dict(c=3, m=5, kernel=(4,), strides=(3,), auto_pad="SAME_LOWER"),
     dict(c=2, m=4, kernel=(3, 3, 3), strides=(1, 2, 1), dilations=(1, 1, 2), pads=(1, 1, 1, 0, 0, 0)),
     dict(c=6, m=12, group=6, kernel=(3, 3), pads=(1, 1, 1, 1)),  # a channel multiplier
+    dict(c=6, m=4, group=2, kernel=(1, 1)),  # pointwise
+    dict(c=4, m=4, kernel=(1, 1), pads=(1, 0, 0, 1)),
     dict(c=3, m=3, group=3, kernel=(9, 9), pads=(4, 4, 4, 4)),  # large depthwise: by FFT
     dict(c=2, m=2, group=2, kernel=(8, 9), dilations=(2, 1), pads=(1, 5, 3, 2)),
     dict(c=2, m=2, group=2, kernel=(4, 4, 4), pads=(2, 2, 2, 1, 1, 1)),

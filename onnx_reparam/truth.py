@@ -26,6 +26,7 @@ NARROW_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16} |
     value for name, value in TensorProto.DataType.items() if name.startswith("FLOAT8") or name.startswith("FLOAT4")}
 WEIGHT_LIMIT = 1 << 30  # bytes of weights: a bigger model's float64 copy would cost twice that again
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+GRID_SAMPLE_MODES = {b"bilinear": b"linear", b"bicubic": b"cubic"}
 DTYPE_ATTRIBUTES = {"Cast": "to", "EyeLike": "dtype"}  # ops whose output type is an attribute
 
 
@@ -102,6 +103,10 @@ def _wide_node(node: onnx.NodeProto) -> onnx.NodeProto:
         elif a.type == onnx.AttributeProto.GRAPHS:
             for g in a.graphs:
                 _widen_subgraph(g)
+    if copy.op_type == "GridSample":  # opset 16's spelling of its modes; the evaluator knows opset 20's
+        for a in copy.attribute:
+            if a.name == "mode" and a.s in GRID_SAMPLE_MODES:
+                a.s = GRID_SAMPLE_MODES[a.s]
     if copy.op_type == "ConstantOfShape" and not any(a.name == "value" for a in copy.attribute):
         copy.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(np.zeros(1))))
     return copy
@@ -133,7 +138,7 @@ def evaluate(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]],
     from onnx.reference import ReferenceEvaluator
     wide, weights = widened(model, jitter)
     try:
-        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, Erf, AveragePool, MaxPool, ScatterND, BatchNormalization])
+        evaluator = ReferenceEvaluator(wide, new_ops=[Conv, Erf, AveragePool, MaxPool, ScatterND, BatchNormalization, GatherElements, GridSample])
     except Exception as exc:  # noqa: BLE001 - its message names the op it lacks
         raise NoTruth(f"onnx's reference evaluator cannot run it: {first_line(exc)}") from None
 
@@ -406,6 +411,47 @@ def _terms(upper: float) -> int:
         term *= 2 * upper * upper / (2 * n + 1)
         total += term
     return n
+
+
+class GridSample(OpRun):
+    """2-D bilinear GridSample with zeros or border padding, vectorized (the reference loops over
+    output pixels in Python: 4 s a run on a small RT-DETR); other forms go to the reference."""
+    op_domain = ""
+
+    def _run(self, x, grid, align_corners=None, mode=None, padding_mode=None):
+        mode, padding_mode = mode or "linear", padding_mode or "zeros"
+        if x.ndim != 4 or mode not in ("linear", "bilinear") or padding_mode not in ("zeros", "border"):
+            from onnx.reference.ops.op_grid_sample import GridSample as Reference
+            return Reference._run(self, x, grid, align_corners=align_corners, mode=mode, padding_mode=padding_mode)
+        return (grid_sample(x, grid, bool(align_corners), padding_mode == "border"),)
+
+
+def grid_sample(x: np.ndarray, grid: np.ndarray, align_corners: bool, border: bool) -> np.ndarray:
+    n, c, height, width = x.shape
+    coords = []
+    for value, size in ((grid[..., 0], width), (grid[..., 1], height)):
+        where = (value + 1) / 2 * (size - 1) if align_corners else ((value + 1) * size - 1) / 2
+        coords.append(np.clip(where, 0, size - 1) if border else where)
+    ix, iy = coords
+    x0, y0 = np.floor(ix).astype(np.int64), np.floor(iy).astype(np.int64)
+    out = np.zeros((n, c) + grid.shape[1:3], np.result_type(x, grid))
+    batch = np.arange(n)[:, None, None]
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        xs, ys = x0 + dx, y0 + dy
+        weight = (1 - np.abs(ix - xs)) * (1 - np.abs(iy - ys))
+        inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+        values = x[batch, :, np.clip(ys, 0, height - 1), np.clip(xs, 0, width - 1)]  # n, ho, wo, c
+        out += np.moveaxis(values * (weight * inside)[..., None], -1, 1)
+    return out
+
+
+class GatherElements(OpRun):
+    """GatherElements as numpy's take_along_axis (the reference's np.choose takes at most 64 choices)."""
+    op_domain = ""
+
+    def _run(self, data, indices, axis=None):
+        axis = axis or 0
+        return (np.take_along_axis(data, np.where(indices < 0, indices + data.shape[axis], indices), axis=axis),)
 
 
 class ScatterND(OpRun):

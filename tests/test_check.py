@@ -77,6 +77,26 @@ def test_the_float64_pools_are_what_the_spec_says(op, attrs):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("op, attrs, inputs", [
+    ("GridSample", dict(mode="linear", padding_mode="zeros", align_corners=0), ((2, 3, 5, 7), (2, 4, 6, 2))),
+    ("GridSample", dict(mode="linear", padding_mode="border", align_corners=1), ((1, 2, 4, 4), (1, 3, 3, 2))),
+    ("GatherElements", dict(axis=1), ((3, 40), (3, 5))),  # the reference's np.choose stops at 64
+])
+def test_the_float64_data_ops_are_the_reference_evaluators(op, attrs, inputs):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(inputs[0])
+    # grid points on eighths: the reference denormalizes them in float32, exactly only for these
+    second = rng.integers(-10, 11, inputs[1]) / 8 if op == "GridSample" else rng.integers(-40, 40, inputs[1])
+    graph = helper.make_graph([helper.make_node(op, ["x", "i"], ["y"], **attrs)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.DOUBLE, None),
+                               helper.make_tensor_value_info("i", helper.np_dtype_to_tensor_dtype(second.dtype), None)],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    expected = ReferenceEvaluator(model).run(None, {"x": x, "i": second})[0]
+    ours = ReferenceEvaluator(model, new_ops=[truth.GridSample, truth.GatherElements]).run(None, {"x": x, "i": second})[0]
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
+
+
 def test_the_float64_erf_is_exact_to_double_precision():
     x = np.linspace(-8, 8, 40001)
     assert np.abs(truth.erf(x) - np.array([math.erf(v) for v in x])).max() < 1e-13

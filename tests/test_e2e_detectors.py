@@ -1,0 +1,31 @@
+"""Detectors with their decisions inside the graph, built by ultralytics from its own YAML files
+(models/ultralytics_e2e_fixtures.py): a YOLOv6 with RepVGG blocks and NonMaxSuppression in the
+graph (ultralytics' export-time NMSModel), and a small RT-DETR (RepC3 neck, TopK query selection,
+deformable attention). Every exact rewrite is kept, the Conv count of ultralytics' own fuse() is
+reached with no BatchNormalization left, and the detections are checked through the floats the
+decisions read, held to the float64 evaluation."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import onnx_reparam
+
+FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
+MANIFEST = json.loads((FIXTURES / "ultralytics_e2e_manifest.json").read_text())
+
+
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_a_detector_with_decisions_inside_is_rewritten_and_checked_through_its_floats(name):
+    model, report = onnx_reparam.optimize(FIXTURES / name)
+    ops = Counter(n.op_type for n in model.graph.node)
+    deploy = MANIFEST[name]["deploy"]
+    assert ops["Conv"] == deploy["Conv"] and ops["BatchNormalization"] == 0 and ops["Add"] <= deploy["Add"]
+    assert report.verification.passed and not report.dropped
+    roles = Counter(o.role for o in report.verification.outputs)
+    assert roles["decided"] == 1 and roles["decision input"] >= 1
+    assert all(o.ours is not None for o in report.verification.outputs if o.role == "decision input")
+    assert "no float64 evaluation" not in report.verification.summary()

@@ -225,10 +225,13 @@ def finish(check: OutputCheck) -> None:
 
 # --- discrete outputs ---
 
-# Ops whose outputs are decisions on float data: any rounding difference may change them.
-DECISIONS = {"ArgMax", "ArgMin", "TopK", "NonMaxSuppression", "NonZero", "Greater", "Less", "GreaterOrEqual",
-             "LessOrEqual", "Equal", "Round", "Floor", "Ceil", "Sign", "IsInf", "IsNaN", "Unique", "Cast",
-             "Hardmax"}
+# Ops whose outputs jump under any rounding difference of their float inputs: integer picks, and
+# rounding. (TopK's values are continuous: only its indices are a decision.)
+DECISIONS = {"ArgMax", "ArgMin", "TopK", "NonMaxSuppression", "NonZero", "Unique", "Hardmax", "Round", "Floor",
+             "Ceil", "Sign", "Cast"}
+# Comparisons and their logic give masks: a Where choosing by one is taken to be continuous (a
+# LeakyReLU spelled as Where(x > 0, x, a * x)); a decision reading one reads the floats compared.
+MASKS = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "IsInf", "IsNaN", "And", "Or", "Xor", "Not"}
 MAX_DECISION_INPUTS = 32  # float tensors added as outputs for the check
 
 
@@ -237,11 +240,12 @@ def decision_inputs(model: onnx.ModelProto, types: dict[str, int],
     """(graph outputs computed through a decision on float data, the float tensors those decisions
     read, themselves not decided). ``types``: element types of tensors by name (inferred).
     Tensors computed from constants and shapes alone are not data; a Cast is a decision only from
-    a float to a non-float type."""
+    a float (or a mask of floats) to a non-float type."""
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     data = {i.name for i in graph.input if i.name not in initializers}
     decided: set[str] = set()
+    masks: dict[str, list[str]] = {}  # a mask of float data: the floats it compares
     floats = {name for name, t in types.items() if t in float_types}
     feeders: list[str] = []
     for node in graph.node:
@@ -253,10 +257,14 @@ def decision_inputs(model: onnx.ModelProto, types: dict[str, int],
             decided.update(node.output)
             continue
         read = [i for i in inputs if i in data and i in floats]
+        read += [f for i in inputs for f in masks.get(i, []) if f not in read]
+        standard = node.domain in ("", "ai.onnx")
+        if standard and node.op_type in MASKS and read:
+            masks.update({o: read for o in node.output})
+            continue
         to = next((a.i for a in node.attribute if a.name == "to"), None)
-        if node.op_type in DECISIONS and node.domain in ("", "ai.onnx") and read and \
-                (node.op_type != "Cast" or to not in float_types):
-            decided.update(node.output)
+        if standard and node.op_type in DECISIONS and read and (node.op_type != "Cast" or to not in float_types):
+            decided.update(node.output[1:2] if node.op_type == "TopK" else node.output)
             feeders += [i for i in read if i not in feeders]
     outputs = {o.name for o in graph.output if o.name in decided}
     names = {o.name for o in graph.output}

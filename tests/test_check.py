@@ -394,3 +394,18 @@ def test_nms_outputs_are_checked_through_the_boxes_and_scores_they_pick_from():
                        lambda w: w * 1.01)
     result = onnx_reparam.verify(model, wrong)
     assert not result.passed and any(o.role == "decision input" and not o.passed for o in result.outputs)
+
+
+def test_a_where_on_a_comparison_is_held_like_any_output():
+    """LeakyReLU spelled as Where(x > 0, x, 0.1 x) after a layer: continuous, so the output is
+    still held to float64 (a wrong rewrite before it must not hide behind the mask)."""
+    b = GraphBuilder(12)
+    x = b.input("x", [1, 4, 6, 6])
+    y = b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)
+    positive = b.node("Greater", [y, b.const(np.zeros(1, np.float32))])
+    model = b.model([b.node("Where", [positive, y, b.node("Mul", [y, b.const(np.full(1, 0.1, np.float32))])])])
+    optimized, report = onnx_reparam.optimize(model)
+    assert report.verification.passed and [o.role for o in report.verification.outputs] == ["output"]
+    conv = next(n for n in optimized.graph.node if n.op_type == "Conv")
+    result = onnx_reparam.verify(model, with_array(optimized, conv.input[1], lambda w: w * 1.01))
+    assert not result.passed

@@ -257,38 +257,36 @@ def _conv_strided(xp: np.ndarray, w: np.ndarray, group: int, dilations, strides,
 
 
 def _conv_unstrided(xp: np.ndarray, w: np.ndarray, group: int, dilations, out_sizes) -> np.ndarray:
-    """Stride 1: in channels-last layout, flattened over the padded spatial dims, every tap reads
-    one contiguous run of rows (shifted by the tap's offset), so each tap is one matrix product
-    (a per-channel scale for depthwise) with no copy. Rows that straddle a padded row's end are
-    computed and dropped."""
+    """Stride 1: in channels-last layout, flattened over the batch and the padded spatial dims,
+    every tap reads one contiguous run of rows (shifted by the tap's offset), so each tap is one
+    matrix product (a per-channel scale for depthwise) with no copy. Rows that straddle a padded
+    row's end (or a sample's) are computed and dropped."""
     n, channels = xp.shape[:2]
     filters, kernel = w.shape[0], w.shape[2:]
     cg, mg = channels // group, filters // group
-    padded = xp.shape[2:]
+    padded = (n,) + xp.shape[2:]
     steps = [int(np.prod(padded[i + 1:], dtype=np.int64)) for i in range(len(padded))]
-    rows = sum((o - 1) * step for o, step in zip(out_sizes, steps)) + 1
-    result = np.empty((n, filters) + tuple(out_sizes), np.result_type(xp, w))
-    for batch in range(n):
-        flat = np.ascontiguousarray(np.moveaxis(xp[batch], 0, -1)).reshape(-1, channels)  # rows x channels
-        full = np.zeros((rows, filters), result.dtype)
-        scratch = np.empty_like(full)
-        for tap in np.ndindex(*kernel):
-            offset = sum(t * d * step for t, d, step in zip(tap, dilations, steps))
-            taken = flat[offset:offset + rows]
-            if cg == 1:  # depthwise (and channel multipliers): a scale per channel
-                np.multiply(np.repeat(taken, mg, axis=1) if mg > 1 else taken, w[(slice(None), 0) + tap], out=scratch)
-            elif group == 1:
-                np.matmul(taken, w[(slice(None), slice(None)) + tap].T, out=scratch)
-            else:
-                for g in range(group):
-                    np.matmul(taken[:, g * cg:(g + 1) * cg], w[(slice(g * mg, (g + 1) * mg), slice(None)) + tap].T,
-                              out=scratch[:, g * mg:(g + 1) * mg])
-            full += scratch
-        # the real outputs: rows at the output positions of the padded layout
-        view = np.lib.stride_tricks.as_strided(full, tuple(out_sizes) + (filters,),
-                                               tuple(step * full.strides[0] for step in steps) + (full.strides[1],))
-        result[batch] = np.moveaxis(view, -1, 0)
-    return result
+    sizes = (n,) + tuple(out_sizes)
+    rows = sum((o - 1) * step for o, step in zip(sizes, steps)) + 1
+    flat = np.ascontiguousarray(np.moveaxis(xp, 1, -1)).reshape(-1, channels)  # rows x channels
+    full = np.zeros((rows, filters), np.result_type(xp, w))
+    scratch = np.empty_like(full)
+    for tap in np.ndindex(*kernel):
+        offset = sum(t * d * step for t, d, step in zip(tap, dilations, steps[1:]))
+        taken = flat[offset:offset + rows]
+        if cg == 1:  # depthwise (and channel multipliers): a scale per channel
+            np.multiply(np.repeat(taken, mg, axis=1) if mg > 1 else taken, w[(slice(None), 0) + tap], out=scratch)
+        elif group == 1:
+            np.matmul(taken, w[(slice(None), slice(None)) + tap].T, out=scratch)
+        else:
+            for g in range(group):
+                np.matmul(taken[:, g * cg:(g + 1) * cg], w[(slice(g * mg, (g + 1) * mg), slice(None)) + tap].T,
+                          out=scratch[:, g * mg:(g + 1) * mg])
+        full += scratch
+    # the real outputs: rows at the output positions of the padded layout
+    view = np.lib.stride_tricks.as_strided(full, sizes + (filters,),
+                                           tuple(step * full.strides[0] for step in steps) + (full.strides[1],))
+    return np.ascontiguousarray(np.moveaxis(view, -1, 1))
 
 
 class BatchNormalization(OpRun):

@@ -524,7 +524,7 @@ class Checker:
         rtol, atol = self.bound
         name = onnx.TensorProto.DataType.Name(self.precision).lower()
         if self.truth_note.endswith("rtol/atol were given"):
-            return f"rtol {rtol:g}, atol {atol:g} as given, against the input model"
+            return f"rtol {rtol:g}, atol {atol:g} (given, or by the {name} type where not), against the input model"
         return f"rtol {rtol:g}, atol {atol:g} for {name} arithmetic, against the input model"
 
     def check(self, candidate: onnx.ModelProto, sets: list[int] | None = None) -> Verification:

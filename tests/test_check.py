@@ -351,7 +351,7 @@ def test_given_tolerances_override_and_say_so():
     model = deep_classifier(classes=10)
     optimized, _ = onnx_reparam.optimize(model, verify=False)
     result = onnx_reparam.verify(model, optimized, rtol=1e-3, atol=0.0)
-    assert result.passed and "rtol 0.001, atol 0 as given" in result.bound and "rtol/atol were given" in result.truth
+    assert result.passed and "rtol 0.001, atol 0 (given" in result.bound and "rtol/atol were given" in result.truth
 
 
 def test_the_float16_criterion_keeps_exact_float16_merges():

@@ -65,7 +65,8 @@ NETS = {"repvgg_a0": repvgg_a0, "mobileone_s0": mobileone_s0, "repvit_m0_9": rep
 
 def crops(count: int, seed: int) -> torch.Tensor:
     """Natural-image crops, ImageNet-normalized."""
-    images = [getattr(skimage.data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
+    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+    images = [getattr(skimage.data, name)() for name in names]
     rng = np.random.default_rng(seed)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     out = []
@@ -133,7 +134,8 @@ def main() -> None:
                 export(model, path, exporter, shape)
             files[kind] = path
         manifest[files["train"].name] = {"deploy": counts(files["deploy"]), "train": counts(files["train"])}
-        print(files["train"], f"{files['train'].stat().st_size / 1e6:.2f} MB", manifest[files["train"].name], flush=True)
+        size = files["train"].stat().st_size / 1e6
+        print(files["train"], f"{size:.2f} MB", manifest[files["train"].name], flush=True)
     (out_dir / "timm_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 

@@ -296,7 +296,8 @@ def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, model: onnx.
                 if failure.passed:
                     break
     records = [Refusal(", ".join(key[2]), reason, f"{key[0]}: {key[1]}") for key, reason in dropped.items()]
-    records += [Refusal(f"every {rule[1]} rewrite", reason, f"{rule[0]}: {rule[1]}") for rule, reason in withheld.items()]
+    records += [Refusal(f"every {rule[1]} rewrite", reason, f"{rule[0]}: {rule[1]}")
+                for rule, reason in withheld.items()]
     what = f"{len(dropped)} rewrite(s) dropped" + (f", {len(withheld)} rule(s) withheld" if withheld else "")
     runs = f"{spent()} runs of the rewritten model"
     if failure.passed:

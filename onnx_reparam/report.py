@@ -67,7 +67,8 @@ class OutputCheck:
     note: str | None = None  # why it failed, or what it is
     ours: float | None = None  # the candidate's distance from the float64 evaluation (worst channel, relative)
     theirs: float | None = None  # the input model's own distance from it
-    role: str = "output"  # "output"; "decided": computed through a decision on floats; "decision input": added for the check
+    # "output"; "decided": computed through a decision on floats; "decision input": added for the check
+    role: str = "output"
     differ: int = 0  # integer values that differ from the input model's
     integer: bool = False  # an output of integers (or booleans)
 

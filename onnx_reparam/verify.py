@@ -498,8 +498,8 @@ class Checker:
             self.truth_note = f"no float64 evaluation of the input model: {exc}"
             return
         self.runs["float64"] += len(self.feed_sets) + (self.rounded is not None)
-        rounded = f", and once with its weights rounded as to {onnx.TensorProto.DataType.Name(self.precision).lower()}" \
-            if self.rounded is not None else ""
+        precision = onnx.TensorProto.DataType.Name(self.precision).lower()
+        rounded = f", and once with its weights rounded as to {precision}" if self.rounded is not None else ""
         self.truth_note = (f"float64 evaluation of the input model (onnx reference evaluator){rounded}: "
                            f"{time.perf_counter() - start:.2f}s")
 
@@ -558,8 +558,8 @@ class Checker:
         if missing and self.decided:
             for check in checks:
                 if check.name in self.decided:
-                    check.note = (check.note or "") + f" (held to the input model: the rewrite removed '{missing[0]}', " \
-                        "the float tensor its decision reads)"
+                    check.note = (check.note or "") + (f" (held to the input model: the rewrite removed "
+                                                       f"'{missing[0]}', the float tensor its decision reads)")
         return Verification(self.runner.provider, checks, inputs=len(chosen), bound=self._describe(),
                             device=f"{self.runner.device}; onnxruntime {_ort().__version__}",
                             failing_sets=failing, **header)

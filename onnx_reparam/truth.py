@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Iterable
 
 import numpy as np
@@ -126,11 +127,13 @@ def _widen_subgraph(graph: onnx.GraphProto) -> None:
 
 
 def evaluate(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]],
-             names: list[str], jitter: float = 0.0) -> list[list[np.ndarray | None]]:
+             names: list[str], jitter: float = 0.0, budget: float | None = None) -> list[list[np.ndarray | None]]:
     """The float64 values of ``names`` (graph outputs or intermediate tensors) on each input set;
     None for a float tensor that did not come out in float64 (a path the widening cannot reach).
     ``jitter``: with the weights moved as by one rounding (see ``widened``). Raises NoTruth when
-    the evaluation cannot be made."""
+    the evaluation cannot be made, or when it has taken more than ``budget`` seconds after an
+    input set."""
+    start = time.perf_counter()
     weight_bytes = sum(map(tensor_bytes, model.graph.initializer))
     if weight_bytes > WEIGHT_LIMIT:
         raise NoTruth(f"its weights ({weight_bytes / (1 << 30):.1f} GiB) are over the "
@@ -151,6 +154,10 @@ def evaluate(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]],
             raise NoTruth(f"onnx's reference evaluator failed: {first_line(exc)}") from None
         results.append([v if not _is_float(v.dtype) or v.dtype == np.float64 else None
                         for v in map(np.asarray, values)])
+        spent = time.perf_counter() - start
+        if budget is not None and spent > budget and len(results) < len(feed_sets):
+            raise NoTruth(f"it took {spent:.1f}s for {len(results)} of {len(feed_sets)} input sets, over its budget "
+                          f"of {budget:.1f}s")
     return results
 
 

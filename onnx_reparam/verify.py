@@ -48,6 +48,9 @@ FLOAT_TYPES = {value for name, value in onnx.TensorProto.DataType.items()
                if name.startswith("FLOAT") or name in ("DOUBLE", "BFLOAT16")}
 MAX_INPUT_BYTES = 1 << 32  # a generated input larger than this is a mistake in --input-shape
 BATCH_FOR_CHECK = 1  # the size a dynamic batch axis gets when the user gives none
+# The float64 evaluation is given up (and the check compares with the input model, saying why) once it
+# has taken more than the larger of these: seconds, or times the input model's runs in onnxruntime.
+TRUTH_SECONDS, TRUTH_FACTOR = 60.0, 50.0
 
 
 def _ort():
@@ -472,8 +475,10 @@ class Checker:
 
     def _run_reference(self, reference: onnx.ModelProto) -> list[list[np.ndarray]]:
         try:
+            start = time.perf_counter()
             with _extra_outputs(reference, self.extra):
                 outputs = self.runner.run(reference, self.feed_sets)
+            self.reference_seconds = time.perf_counter() - start
             self.runs["input model"] += len(self.feed_sets)
             return outputs
         except ReparamError:
@@ -489,7 +494,8 @@ class Checker:
         start = time.perf_counter()
         names = self.output_names + self.extra
         try:
-            self.truth = truth.evaluate(reference, self.feed_sets, names)
+            budget = max(TRUTH_SECONDS, TRUTH_FACTOR * self.reference_seconds)
+            self.truth = truth.evaluate(reference, self.feed_sets, names, budget=budget)
             roundoff = compare.ROUNDOFF.get(self.precision, compare.LOOSEST_ROUNDOFF)
             if roundoff >= compare.ROUNDOFF[onnx.TensorProto.FLOAT16]:
                 self.rounded = truth.evaluate(reference, self.feed_sets[:1], names, jitter=roundoff)[0]

@@ -4,6 +4,7 @@ noisy, discrete outputs are checked through the floats they are decided on, and 
 costs little."""
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -335,6 +336,16 @@ def test_without_a_float64_evaluation_the_check_says_why_and_uses_the_type_bound
     assert report.verification.passed
     assert "no float64 evaluation of the input model: its weights" in report.verification.summary()
     assert "rtol 0.0001, atol 1e-06 for float arithmetic" in report.verification.bound
+
+
+def test_a_float64_evaluation_over_its_time_budget_is_given_up_and_says_so(monkeypatch):
+    verification = importlib.import_module("onnx_reparam.verify")
+    monkeypatch.setattr(verification, "TRUTH_SECONDS", 0.0)
+    monkeypatch.setattr(verification, "TRUTH_FACTOR", 0.0)
+    model = deep_classifier(classes=10)
+    optimized, report = onnx_reparam.optimize(model)
+    assert report.verification.passed and "over its budget" in report.verification.truth
+    assert "against the input model" in report.verification.bound
 
 
 def test_a_custom_op_leaves_no_float64_evaluation_and_says_so():

@@ -6,15 +6,17 @@ with three or more dims), the whole output otherwise (logits, boxes, vectors), s
 is held to the scale of the logits, and a small-valued channel beside a large one to its own.
 
 With truth, a model's distance in a group is max |model - truth| / s, s the group's largest
-|truth| (at least DEAD times the output's, so an all-zero channel is held to the output's scale).
+|truth| over the input sets (at least DEAD times the output's, so an all-zero channel is held to
+the output's scale).
 The candidate passes when, in every group, its distance is at most FACTOR times the largest of:
 the input model's distance there; its median over groups (a group where the input model happens to
 land on the truth is not held to zero); the distance of the float64 evaluation run with every weight
-moved as by one rounding to the least precise float type computing in the graph, where that is
-float16 or coarser (a rewrite must write its fused weights in that type, and onnxruntime's CPU
-computes float16 layers in float32, so the input model's own distance misses that rounding; in
-float32 it computes as the weights are stored, and that run is not made); ROUNDOFF_LEVEL units
-of that roundoff. So a rewrite passes when it is about as exact as the model the
+moved as by one rounding to the least precise float type computing in the graph (a rewrite must
+write its fused weights in that type: where a channel's output is small beside its terms, as after
+a BN whose mean cancels the conv's output, that rounding is a larger error than the input model's
+own; in float16 onnxruntime's CPU computes the input model's layers in float32, so it always is);
+ROUNDOFF_LEVEL units of that roundoff. The rounded-weights run is made up front for float16
+graphs, and for others only once a candidate fails without it. So a rewrite passes when it is about as exact as the model the
 user exported, and a channel the rewrite got wrong fails even where the input model is noisy.
 
 Without truth (see truth.py for why it can be missing), each value must be within atol + rtol x
@@ -131,16 +133,19 @@ def baseline(truths: list[np.ndarray], references: list[np.ndarray], roundoff: f
              rounded: np.ndarray | None = None) -> Baseline | None:
     """The input model's distance from truth on one output over the input sets, and that of
     ``rounded`` (the evaluation with rounded weights, on the first set); None when the shapes
-    disagree (the input model is the reference either way)."""
-    scales, theirs = [], None
-    for t, r in zip(truths, references):
-        if t.shape != np.shape(r):
-            return None
-        largest = _per_group([t], _magnitude)
-        scale = np.maximum(largest, max(float(largest.max(initial=0.0)) * DEAD, np.finfo(np.float64).tiny))
+    disagree (the input model is the reference either way). A group's scale is its largest
+    |truth| over all the sets: on a degenerate input (the constant set) a channel may be a single
+    small value left by cancellation, whose error is that of the terms cancelled, not its own."""
+    if any(t.shape != np.shape(r) for t, r in zip(truths, references)):
+        return None
+    largest = [_per_group([t], _magnitude) for t in truths]
+    if len({g.shape for g in largest}) == 1:  # the same groups in every set
+        largest = [np.max(largest, axis=0)] * len(largest)
+    scales = [np.maximum(g, max(float(g.max(initial=0.0)) * DEAD, np.finfo(np.float64).tiny)) for g in largest]
+    theirs = None
+    for t, r, scale in zip(truths, references, scales):
         distance = _per_group([np.asarray(r), t], _distance) / scale
-        scales.append(scale)
-        theirs = distance if theirs is None else np.maximum(theirs, distance)
+        theirs = distance if theirs is None or theirs.shape != distance.shape else np.maximum(theirs, distance)
     rounding = None
     if rounded is not None and rounded.shape == truths[0].shape:
         rounding = _per_group([rounded, truths[0]], _distance) / scales[0]

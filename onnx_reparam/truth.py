@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -149,7 +150,10 @@ def evaluate(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]],
     for feeds in feed_sets:
         wide_feeds = {**weights, **{k: _wide(np.asarray(v)) for k, v in feeds.items()}}
         try:
-            values = evaluator.run(names, wide_feeds)
+            # inf and NaN are values like others here (the comparison handles them): no warnings
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                values = evaluator.run(names, wide_feeds)
         except Exception as exc:  # noqa: BLE001 - an op the evaluator lacks for these types, etc.
             raise NoTruth(f"onnx's reference evaluator failed: {first_line(exc)}") from None
         results.append([v if not _is_float(v.dtype) or v.dtype == np.float64 else None

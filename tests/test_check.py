@@ -100,8 +100,10 @@ def test_the_float64_data_ops_are_the_reference_evaluators(op, attrs, inputs):
 
 
 def test_the_float64_erf_is_exact_to_double_precision():
-    x = np.linspace(-8, 8, 40001)
-    assert np.abs(truth.erf(x) - np.array([math.erf(v) for v in x])).max() < 1e-13
+    x = np.concatenate([np.linspace(-8, 8, 40001), np.geomspace(1e-300, 0.1, 500), -np.geomspace(1e-30, 0.1, 50)])
+    expected = np.array([math.erf(v) for v in x])
+    assert (np.abs(truth.erf(x) - expected) / np.maximum(np.abs(expected), 1e-300)).max() < 1e-14
+    assert np.isnan(truth.erf(np.array([np.nan]))[0]) and list(truth.erf(np.array([np.inf, -np.inf]))) == [1, -1]
 
 
 def test_the_float64_evaluation_widens_weights_casts_and_constants():

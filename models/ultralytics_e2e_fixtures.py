@@ -36,19 +36,10 @@ from ultralytics.engine.exporter import NMSModel
 from ultralytics.nn.modules.conv import Conv, RepConv
 from ultralytics.nn.tasks import DetectionModel, RTDETRDetectionModel
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ultralytics_fixtures import randomized  # noqa: E402
+
 SIZE = 128
-
-
-def randomized(model: nn.Module) -> nn.Module:
-    generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):  # statistics as training leaves them
-            c = module.num_features
-            module.running_mean.copy_(torch.randn(c, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
-            module.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(c, generator=generator) * 0.5)
-    return model.eval()
 
 
 def yolov6() -> nn.Module:

@@ -24,14 +24,20 @@ def net() -> nn.Module:
     model = nn.Sequential(Conv(3, 16, 3, 2), RepConv(16, 16, bn=True), RepC3(16, 16, n=1),
                           RepNCSPELAN4(16, 32, 16, 8), C2fCIB(32, 32, n=1, shortcut=True, lk=True),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    return randomized(model)
+
+
+def randomized(model: nn.Module) -> nn.Module:
+    """The model in eval mode with seeded BN statistics and affine parameters, as training leaves them."""
     generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):  # statistics as training leaves them
-            c = module.num_features
-            module.running_mean.copy_(torch.randn(c, generator=generator) * 0.5)
-            module.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
-            module.weight.data.copy_(torch.rand(c, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(c, generator=generator) * 0.5)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(torch.randn(c, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(c, generator=generator) * 1.5 + 0.5)
+                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(c, generator=generator) * 0.5)
     return model.eval()
 
 

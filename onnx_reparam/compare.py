@@ -16,26 +16,29 @@ write its fused weights in that type: where a channel's output is small beside i
 a BN whose mean cancels the conv's output, that rounding is a larger error than the input model's
 own; in float16 onnxruntime's CPU computes the input model's layers in float32, so it always is);
 ROUNDOFF_LEVEL units of that roundoff. The rounded-weights run is made up front for float16
-graphs, and for others only once a candidate fails without it. So a rewrite passes when it is about as exact as the model the
-user exported, and a channel the rewrite got wrong fails even where the input model is noisy.
+graphs, and for others only once a candidate fails without it. So a rewrite passes when it is
+about as exact as the model the user exported, and a channel the rewrite got wrong fails even
+where the input model is noisy.
 
 Without truth (see truth.py for why it can be missing), each value must be within atol + rtol x
 its group's largest |reference|; the bound is never widened by a measured difference (onnxruntime's
 own optimized run performs the very folds under test).
 
-Discrete outputs, those computed through a decision on floats (ArgMax, TopK, NonMaxSuppression, a
-comparison, a Cast or rounding to integers), change under any rounding difference; they are not
-held to the reference. The float tensors those decisions read are checked in their place (added
-as outputs of both models for the check), and the discrete outputs' agreement is reported.
+Discrete outputs, those computed through a decision on floats (ArgMax, TopK's indices,
+NonMaxSuppression, NonZero, rounding, a Cast to integers, also of a comparison's mask), change under
+any rounding difference; they are not held to the reference. The float tensors those decisions
+read are checked in their place (added as outputs of both models for the check), and the discrete
+outputs' agreement is reported.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from .report import OutputCheck
+from .report import NOTHING_COMPARED, OutputCheck
 
 FACTOR = 4  # a candidate may be this many times further from truth than the input model
 # The input model's distance is taken as at least this many units of roundoff: a candidate's
@@ -45,14 +48,13 @@ FACTOR = 4  # a candidate may be this many times further from truth than the inp
 ROUNDOFF_LEVEL = 4
 DEAD = 2.0 ** -20  # a group's scale is at least this fraction of its output's largest magnitude
 PIECE = 1 << 22  # values of an output compared at a time
-NOTHING_COMPARED = "nothing compared (empty or non-finite output)"
 ROUNDOFF = {onnx.TensorProto.DOUBLE: 2.0 ** -52, onnx.TensorProto.FLOAT: 2.0 ** -23,
             onnx.TensorProto.FLOAT16: 2.0 ** -10, onnx.TensorProto.BFLOAT16: 2.0 ** -7}
 LOOSEST_ROUNDOFF = 2.0 ** -3  # float8 and the like
 
 
 def is_float(dtype: np.dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or dtype.kind == "V"
+    return np.issubdtype(dtype, np.floating) or dtype.kind == "V"  # ml_dtypes' bfloat16 and float8 are 'V'
 
 
 def grouped(shape: tuple[int, ...]) -> bool:
@@ -193,8 +195,9 @@ def against_reference(check: OutputCheck, expected: np.ndarray, actual: np.ndarr
         if differ:
             check.max_abs_error = max(check.max_abs_error, float(np.max(np.abs(_wide(e) - _wide(a)))))
         return
-    largest = float(_per_group([e], _magnitude).max(initial=0.0))
-    worst, beyond = 0.0, 0
+    scales = _per_group([e], _magnitude)  # per group: the bound's scale without truth
+    largest = float(scales.max(initial=0.0))
+    worst, beyond, first = 0.0, 0, 0
     for pe, pa in _pieces([e, a]):
         finite = np.isfinite(pe)
         if not (np.array_equal(finite, np.isfinite(pa)) and np.array_equal(pe[~finite], pa[~finite], equal_nan=True)):
@@ -204,10 +207,12 @@ def against_reference(check: OutputCheck, expected: np.ndarray, actual: np.ndarr
         worst = max(worst, float(error.max(initial=0.0)))
         if bound is not None:
             rtol, atol = bound
-            scale = _group_max(_magnitude(pe), grouped(e.shape)) if grouped(e.shape) else largest
-            limit = atol + rtol * (np.asarray(scale).reshape((1, -1) + (1,) * (e.ndim - 2)) if grouped(e.shape)
-                                   else scale)
-            beyond += int(np.count_nonzero(error > limit))
+            if grouped(e.shape):  # this piece's channels
+                scale = scales[first:first + pe.shape[1]].reshape((1, -1) + (1,) * (e.ndim - 2))
+                first += pe.shape[1]
+            else:
+                scale = largest
+            beyond += int(np.count_nonzero(error > atol + rtol * scale))
             check.tolerance = max(check.tolerance, atol + rtol * largest)
     check.max_abs_error = max(check.max_abs_error, worst)
     if largest > 0:
@@ -240,13 +245,17 @@ MASKS = {"Greater", "Less", "GreaterOrEqual", "LessOrEqual", "Equal", "IsInf", "
 MAX_DECISION_INPUTS = 32  # float tensors added as outputs for the check
 
 
-def decision_inputs(model: onnx.ModelProto, types: dict[str, int],
+def decision_inputs(model: onnx.ModelProto, tensor_types: Callable[[], dict[str, int]],
                     float_types: set[int]) -> tuple[set[str], list[str]]:
     """(graph outputs computed through a decision on float data, the float tensors those decisions
-    read, themselves not decided). ``types``: element types of tensors by name (inferred).
-    Tensors computed from constants and shapes alone are not data; a Cast is a decision only from
-    a float (or a mask of floats) to a non-float type."""
+    read, themselves not decided). ``tensor_types`` gives the element types of tensors by name
+    (inferred; asked only when the graph has a decision op). Tensors computed from constants and
+    shapes alone are not data; a Cast is a decision only from a float (or a mask of floats) to a
+    non-float type."""
     graph = model.graph
+    if not any(node.op_type in DECISIONS for node in graph.node):
+        return set(), []
+    types = tensor_types()
     initializers = {t.name for t in graph.initializer}
     data = {i.name for i in graph.input if i.name not in initializers}
     decided: set[str] = set()

@@ -56,6 +56,9 @@ class GraphStats:
         return cls(len(model.graph.node), params, dict(sorted(ops.items())), sum(map(tensor_bytes, tensors)))
 
 
+NOTHING_COMPARED = "nothing compared (empty or non-finite output)"
+
+
 @dataclass
 class OutputCheck:
     name: str
@@ -92,7 +95,6 @@ class Verification:
     @property
     def inconclusive(self) -> bool:
         """Failed only because nothing could be compared: no rewrite is to blame."""
-        from .compare import NOTHING_COMPARED
         return not self.passed and self.error is None and all(o.passed or o.note == NOTHING_COMPARED
                                                               for o in self.outputs)
 

@@ -1,9 +1,9 @@
 """The float64 evaluation of a model ("truth"): the same graph and weights with every float type
 widened to double (weights, inputs, Cast targets, constants), run by onnx's reference evaluator,
-which has every standard op. Its Conv and Erf are replaced by float64 implementations of our own
-(the reference ones build an im2col per group and call math.erf per element), and so are
-AveragePool, MaxPool and ScatterND (the reference ones loop over output elements or indices in
-Python: 110 s on DBB's export, where these take a fraction of a second).
+which has every standard op. The ops in FAST_OPS are replaced by float64 implementations of our
+own: the reference Conv builds an im2col per group, its Erf calls math.erf per element, its pools,
+ScatterND and GridSample loop over output elements or indices in Python (110 s on DBB's export,
+where ours take a fraction of a second), and its GatherElements stops at 64 choices.
 
 The check holds both models to this evaluation: a rewrite is good when it is no further from it
 than the model the user exported. ``evaluate`` raises NoTruth, with the reason, where it cannot be
@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
+from .compare import is_float
 from .errors import first_line
 from .model_io import read_array, tensor_bytes
 
@@ -75,11 +76,7 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterable[onnx.NodeProto]:
 
 
 def _wide(array: np.ndarray) -> np.ndarray:
-    return array.astype(np.float64) if _is_float(array.dtype) else array
-
-
-def _is_float(dtype: np.dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or dtype.kind == "V"  # ml_dtypes' bfloat16 and float8 are 'V'
+    return array.astype(np.float64) if is_float(array.dtype) else array
 
 
 def _wide_value(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
@@ -156,7 +153,7 @@ def evaluate(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]],
                 values = evaluator.run(names, wide_feeds)
         except Exception as exc:  # noqa: BLE001 - an op the evaluator lacks for these types, etc.
             raise NoTruth(f"onnx's reference evaluator failed: {first_line(exc)}") from None
-        results.append([v if not _is_float(v.dtype) or v.dtype == np.float64 else None
+        results.append([v if not is_float(v.dtype) or v.dtype == np.float64 else None
                         for v in map(np.asarray, values)])
         spent = time.perf_counter() - start
         if budget is not None and spent > budget and len(results) < len(feed_sets):
@@ -422,7 +419,8 @@ def erf(x: np.ndarray) -> np.ndarray:
         out += table[j].take(band)
     small = a < ERF_BAND / 2  # near 0 the Maclaurin series keeps tiny values' relative precision
     s2 = a[small] ** 2
-    out[small] = 2 / math.sqrt(math.pi) * a[small] * (1 - s2 / 3 * (1 - s2 * 3 / 10 * (1 - s2 * 5 / 21 * (1 - s2 * 7 / 36))))
+    series = 1 - s2 / 3 * (1 - s2 * 3 / 10 * (1 - s2 * 5 / 21 * (1 - s2 * 7 / 36)))
+    out[small] = 2 / math.sqrt(math.pi) * a[small] * series
     out[a >= ERF_TOP] = 1.0
     out[np.isnan(a)] = np.nan
     return np.copysign(out, x).astype(x.dtype)

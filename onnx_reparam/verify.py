@@ -354,7 +354,7 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
     for offset in (0, 1):
         rng = np.random.default_rng(seed + offset)
         sets.append({name: _random(rng, dtype, shape) for name, (dtype, shape) in kinds.items()})
-    sets.append({name: np.ones(shape, dtype) if _is_float(dtype) else np.zeros(shape, dtype)
+    sets.append({name: np.ones(shape, dtype) if compare.is_float(dtype) else np.zeros(shape, dtype)
                  for name, (dtype, shape) in kinds.items()})
     return sets
 
@@ -411,12 +411,8 @@ def input_shape(value: onnx.ValueInfoProto, chosen: list[str] | None = None) -> 
     return tuple(shape)
 
 
-def _is_float(dtype: np.dtype) -> bool:
-    return np.issubdtype(dtype, np.floating) or dtype.kind == "V"
-
-
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-    if _is_float(dtype):
+    if compare.is_float(dtype):
         return rng.standard_normal(shape).astype(dtype)
     if dtype == np.bool_:
         return rng.integers(0, 2, shape).astype(np.bool_)
@@ -460,14 +456,14 @@ class Checker:
         self.runner = Runner(provider)
         self.runs = {"input model": 0, "float64": 0, "candidate": 0}
         self.precision = lowest_precision(reference)  # the float type the bounds follow
-        self.decided, self.extra = compare.decision_inputs(reference, tensor_types(reference), FLOAT_TYPES)
+        self.decided, self.extra = compare.decision_inputs(reference, lambda: tensor_types(reference), FLOAT_TYPES)
         self.expected = self._run_reference(reference)
         given = rtol is not None or atol is not None
         default_rtol, default_atol = TOLERANCES.get(self.precision, LOOSEST)
         self.bound = (default_rtol if rtol is None else rtol, default_atol if atol is None else atol)
         self.truth, self.rounded, self.truth_note = None, None, ""
         self.reference: onnx.ModelProto | None = None
-        self.baselines: list[compare.Baseline | None] = []
+        self.unheld: list[str] = []  # float outputs without a float64 value although there is an evaluation
         if given:
             self.truth_note = "no float64 evaluation: rtol/atol were given"
         else:
@@ -517,30 +513,38 @@ class Checker:
         reference, self.reference = self.reference, None
         start = time.perf_counter()
         roundoff = compare.ROUNDOFF.get(self.precision, compare.LOOSEST_ROUNDOFF)
+        precision = onnx.TensorProto.DataType.Name(self.precision).lower()
         try:
             self.rounded = truth.evaluate(reference, self.feed_sets[:1], self.output_names + self.extra,
                                           jitter=roundoff)[0]
-        except truth.NoTruth:
+        except truth.NoTruth as exc:
+            self.truth_note += f"; no run with its weights rounded as to {precision}: {exc}"
             return False
         self.runs["float64"] += 1
-        precision = onnx.TensorProto.DataType.Name(self.precision).lower()
         self.truth_note += (f"; once more with its weights rounded as to {precision}: "
                             f"{time.perf_counter() - start:.2f}s")
-        self.baselines = self._baselines()
         return True
 
     def _baselines(self) -> list[compare.Baseline | None]:
         """Per output (and added decision input), the input model's distance from truth; None
-        where it is not a float output with a float64 value."""
+        where it is not a float output with a float64 value. The float outputs that get none
+        although there is a float64 evaluation are named in the truth note."""
         roundoff = compare.ROUNDOFF.get(self.precision, compare.LOOSEST_ROUNDOFF)
         bases: list[compare.Baseline | None] = []
+        unheld = []
         for i, name in enumerate(self.output_names + self.extra):
             references = [outputs[i] for outputs in self.expected]
-            truths = [values[i] for values in self.truth] if self.truth is not None else []
-            usable = truths and all(t is not None and compare.is_float(np.asarray(r).dtype)
-                                    for t, r in zip(truths, references)) and name not in self.decided
+            if self.truth is None or name in self.decided or not compare.is_float(np.asarray(references[0]).dtype):
+                bases.append(None)
+                continue
+            truths = [values[i] for values in self.truth]
             rounded = self.rounded[i] if self.rounded is not None else None
-            bases.append(compare.baseline(truths, references, roundoff, rounded) if usable else None)
+            base = compare.baseline(truths, references, roundoff, rounded) \
+                if all(t is not None for t in truths) else None
+            if base is None:
+                unheld.append(name)
+            bases.append(base)
+        self.unheld = unheld
         return bases
 
     def _describe(self) -> str:
@@ -557,7 +561,10 @@ class Checker:
         """Runs the candidate on the check's inputs (the sets numbered in ``sets``, or all) and
         judges each output."""
         names = [o.name for o in candidate.graph.output]
-        header = dict(note=self.note, truth=self.truth_note)
+        truth_note = self.truth_note + (f"; compared with the input model, without a float64 value of their "
+                                        f"own (a type or shape the widening does not reach): {', '.join(self.unheld)}"
+                                        if self.unheld else "")
+        header = dict(note=self.note, truth=truth_note)
         if names != self.output_names:
             return Verification(self.runner.provider, [], error=f"the outputs differ: {self.output_names} vs {names}",
                                 **header)
@@ -582,11 +589,10 @@ class Checker:
         checks = [check for check, _ in judged]
         failing = sorted({i for _, sets_failed in judged for i in sets_failed})
         if missing and self.decided:
-            for check in checks:
-                if check.name in self.decided:
-                    check.note = (check.note or "") + (f" (held to the input model: the rewrite removed "
-                                                       f"'{missing[0]}', the float tensor its decision reads)")
+            header["truth"] += (f"; {', '.join(sorted(self.decided))} held to the input model: the rewrite removed "
+                                f"'{missing[0]}', a float tensor their decisions read")
         if failing and self._evaluate_rounded():  # is the failure the fused weights' rounding?
+            self.baselines = self._baselines()
             return self.check(candidate, sets)
         return Verification(self.runner.provider, checks, inputs=len(chosen), bound=self._describe(),
                             device=f"{self.runner.device}; onnxruntime {_ort().__version__}",

@@ -5,7 +5,9 @@ which ``optimize`` runs on every rewrite; tests add node counts and refusal reas
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,6 +15,14 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnx_reparam
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"  # committed exports
+
+
+def fixture_manifest(name: str) -> dict:
+    """What a fixture script wrote beside its exports (e.g. the deploy structure's op counts)."""
+    return json.loads((FIXTURES / name).read_text())
 
 
 class GraphBuilder:

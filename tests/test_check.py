@@ -16,6 +16,7 @@ from onnx.reference import ReferenceEvaluator
 import onnx_reparam
 from conftest import GraphBuilder, ops
 from onnx_reparam import compare, truth
+from onnx_reparam.report import OutputCheck
 from onnx_reparam.passes import fold_affine
 from onnx_reparam.verify import Checker
 
@@ -356,9 +357,45 @@ def test_a_custom_op_leaves_no_float64_evaluation_and_says_so():
     y = b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)
     model = b.model([y])
     model.graph.node.append(helper.make_node("Relu", [y], ["custom"], domain="my.domain"))
-    assert compare.is_float(np.dtype(np.float32))
     with pytest.raises(truth.NoTruth, match="reference evaluator"):
         truth.evaluate(model, [{"x": np.zeros((1, 4, 6, 6), np.float32)}], [y])
+
+
+def test_without_a_float64_evaluation_the_bound_follows_the_lowest_precision_inside(monkeypatch):
+    monkeypatch.setattr(truth, "WEIGHT_LIMIT", -1)
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    half = b.node("Cast", [x], to=TensorProto.FLOAT16)
+    w = b.const(b.rand(4, 4, 3, 3).astype(np.float16))
+    model = b.model([b.node("Cast", [b.node("Conv", [half, w], pads=[1] * 4)], to=TensorProto.FLOAT)])
+    result = onnx_reparam.verify(model, model)
+    assert result.passed and "float16 arithmetic" in result.bound and "3 input sets" in result.summary()
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 3, 5), (3, 11), (29,), ()])
+def test_an_output_compared_in_pieces_gives_what_one_piece_gives(monkeypatch, shape):
+    """A huge output is compared a few channels (or values) at a time: the same errors, counts,
+    verdicts and distances from float64."""
+    rng = np.random.default_rng(0)
+    scales = rng.uniform(0.1, 100.0, shape[1]).reshape((1, -1) + (1,) * (len(shape) - 2)) if len(shape) > 1 else 1.0
+    truth_values = rng.standard_normal(shape) * scales
+    expected = (truth_values + rng.standard_normal(shape) * 1e-6).astype(np.float32)
+    actual = (expected + rng.standard_normal(shape).astype(np.float32) * 1e-3).astype(np.float32)
+    if expected.size > 2:
+        expected.flat[1], actual.flat[1] = np.inf, np.inf
+        actual.flat[2] = np.nan  # a NaN where a number was expected
+    results = []
+    for piece in (1 << 22, 2, 1):
+        monkeypatch.setattr(compare, "PIECE", piece)
+        loose, strict = (OutputCheck("y", 0.0, 0.0, 0.0, True) for _ in range(2))
+        compare.against_reference(loose, expected, actual, None)
+        compare.against_reference(strict, expected, actual, (1e-4, 1e-6))
+        base = compare.baseline([truth_values], [expected], 2.0 ** -23)
+        distance = compare.against_truth(base, 0, truth_values, actual)
+        results.append((loose, strict, base.theirs.tolist(), distance.tolist()))
+    assert results[0] == results[1] == results[2]
+    strict = results[0][1]
+    assert strict.compared == expected.size - (expected.size > 2) and not strict.passed
 
 
 def test_given_tolerances_override_and_say_so():
@@ -423,3 +460,19 @@ def test_a_where_on_a_comparison_is_held_like_any_output():
     conv = next(n for n in optimized.graph.node if n.op_type == "Conv")
     result = onnx_reparam.verify(model, with_array(optimized, conv.input[1], lambda w: w * 1.01))
     assert not result.passed
+
+
+def test_a_decision_whose_floats_a_rewrite_removed_is_held_to_the_input_model_and_says_so():
+    b = GraphBuilder(13)
+    x = b.input("x", [1, 4, 6, 6])
+    scores = b.node("Identity", [b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)])  # drop_noops takes it away
+    classes = b.node("ArgMax", [scores], axis=1)
+    graph = helper.make_graph(b.nodes, "g", b.inputs, [helper.make_tensor_value_info(classes, TensorProto.INT64,
+                                                                                     [1, 1, 6, 6])],
+                              initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    optimized, report = onnx_reparam.optimize(model)
+    assert report.verification.passed and "Identity" not in ops(optimized)
+    (out,) = report.verification.outputs
+    assert out.role == "output" and out.integer and out.differ == 0
+    assert f"'{scores}', a float tensor their decisions read" in report.verification.truth

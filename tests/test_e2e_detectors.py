@@ -6,16 +6,14 @@ reached with no BatchNormalization left, and the detections are checked through 
 decisions read, held to the float64 evaluation."""
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 import onnx_reparam
+from conftest import FIXTURES, fixture_manifest
 
-FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
-MANIFEST = json.loads((FIXTURES / "ultralytics_e2e_manifest.json").read_text())
+MANIFEST = fixture_manifest("ultralytics_e2e_manifest.json")
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import onnx
 import pytest
 
 import onnx_reparam
-from conftest import ops
+from conftest import FIXTURES, ops
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
 import export  # noqa: E402
@@ -72,7 +71,6 @@ def _as_folded(model, reference) -> bool:
         and counts["Add"] <= reference["Add"]
 
 
-FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
 
 
 @pytest.mark.parametrize("name", ["paddle_repvgg_acnet", "paddle_repvgg_acnet_dynamic"])

@@ -5,16 +5,14 @@ float32 and in float16 (model.half(), and float16 inside with float32 inputs and
 report gives both models' distances from the float64 evaluation."""
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
 import onnx_reparam
+from conftest import FIXTURES, fixture_manifest
 
-FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"
-MANIFEST = json.loads((FIXTURES / "timm_manifest.json").read_text())
+MANIFEST = fixture_manifest("timm_manifest.json")
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))

@@ -10,6 +10,7 @@ self-contained model.
 """
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import sys
@@ -274,29 +275,40 @@ def _check_structure(model: onnx.ModelProto) -> None:
 
 def _locate_external(model: onnx.ModelProto, folder: Path, data_files: set[Path] | None) -> None:
     """Points the model's external data at its files by absolute path (checked to lie in the
-    model's folder, as onnx requires); small tensors are read in, large ones stay on disk."""
+    model's folder, as onnx requires, wherever the process runs): the main graph's large
+    initializers stay on disk, every other tensor stored outside (small initializers, Constant
+    values, subgraphs' and functions' tensors, sparse ones) is read in, so that the model made
+    from it never refers to the input's files."""
     root = folder.resolve()
     for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL or on_disk(tensor) is not None:
-            continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        location = (root / info.location).resolve()
-        if os.path.isabs(info.location) or not location.is_relative_to(root):
-            raise ReparamError(f"tensor '{tensor.name}': external data location '{info.location}' "
-                               "lies outside the model's folder")
-        if not location.is_file():
-            raise ReparamError(f"missing external data: {location} (needed by tensor '{tensor.name}')")
-        if data_files is not None:
-            data_files.add(location)
-        offset, size = int(info.offset or 0), location.stat().st_size
-        length = int(info.length) if info.length else size - offset
-        if offset < 0 or length < 0 or offset + length > size:
-            raise ReparamError(f"tensor '{tensor.name}': its external data runs past the end of {location} "
-                               "(the file is truncated)")
-        if length <= LARGE_TENSOR:
-            _take_in(tensor, _read_bytes(str(location), offset, length))
-        else:
-            _point_at(tensor, str(location), offset, length)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and on_disk(tensor) is None:
+            location, offset, length = _external_place(tensor, root, data_files)
+            if length <= LARGE_TENSOR:
+                _take_in(tensor, _read_bytes(location, offset, length))
+            else:
+                _point_at(tensor, location, offset, length)
+    sparse = [part for t in model.graph.sparse_initializer for part in (t.values, t.indices)]
+    for tensor in itertools.chain(external_data_helper._get_all_tensors(model), sparse):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and on_disk(tensor) is None:
+            _take_in(tensor, _read_bytes(*_external_place(tensor, root, data_files)))
+
+
+def _external_place(tensor: onnx.TensorProto, root: Path, data_files: set[Path] | None) -> tuple[str, int, int]:
+    """(file, offset, length) of a tensor's external data, checked to lie in the model's folder."""
+    info = external_data_helper.ExternalDataInfo(tensor)
+    location = (root / info.location).resolve()
+    label = f"tensor '{tensor.name}'" if tensor.name else "a tensor without a name (a Constant's value)"
+    if os.path.isabs(info.location) or not location.is_relative_to(root):
+        raise ReparamError(f"{label}: external data location '{info.location}' lies outside the model's folder")
+    if not location.is_file():
+        raise ReparamError(f"missing external data: {location} (needed by {label})")
+    if data_files is not None:
+        data_files.add(location)
+    offset, size = int(info.offset or 0), location.stat().st_size
+    length = int(info.length) if info.length else size - offset
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ReparamError(f"{label}: its external data runs past the end of {location} (the file is truncated)")
+    return str(location), offset, length
 
 
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:

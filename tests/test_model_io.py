@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
@@ -172,3 +173,51 @@ def test_onnxruntime_reads_weights_on_disk_where_they_are(tmp_path, monkeypatch,
     x = {"x": np.ones((1, 64), np.float32)}
     expected = verify.Runner("cpu").run(big_model(), [x])[0][0]  # onnx.save made `model` external
     np.testing.assert_array_equal(verify.Runner("cpu").run(lazy, [x])[0][0], expected)
+
+
+def constants_with_external_data(folder) -> tuple:
+    """A model whose weights are Constant nodes (one inside an If's branch), saved as onnx saves
+    with convert_attribute=True: every Constant value in model.data beside it."""
+    rng = np.random.default_rng(0)
+    weight, scale, floor = (rng.standard_normal(s).astype(np.float32) for s in ((8, 4, 3, 3), (1, 8, 1, 1), (1, 8, 6, 6)))
+    branch = [helper.make_graph([helper.make_node("Constant", [], [f"t{i}"], value=numpy_helper.from_array(
+        rng.standard_normal((1, 8, 1, 1)).astype(np.float32)))], f"branch{i}", [],
+        [helper.make_tensor_value_info(f"t{i}", onnx.TensorProto.FLOAT, [1, 8, 1, 1])]) for i in (0, 1)]
+    nodes = [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight)),
+             helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1]),
+             helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(scale)),
+             helper.make_node("Mul", ["y", "s"], ["m"]),
+             helper.make_node("Constant", [], ["f"], value=numpy_helper.from_array(floor)),
+             helper.make_node("Max", ["m", "f"], ["h"]),  # a Constant the rewrite keeps
+             helper.make_node("ReduceSum", ["x"], ["c"], keepdims=0),
+             helper.make_node("Greater", ["c", "zero"], ["cond"]),
+             helper.make_node("If", ["cond"], ["t"], then_branch=branch[0], else_branch=branch[1]),
+             helper.make_node("Add", ["h", "t"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [1, 8, 6, 6])],
+                              initializer=[numpy_helper.from_array(np.zeros((), np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    path = folder / "model.onnx"
+    onnx.save(model, path, save_as_external_data=True, convert_attribute=True, size_threshold=0, location="model.data")
+    onnx.checker.check_model(path, full_check=True)
+    return model, path
+
+
+def test_constant_values_in_external_data_are_read_from_the_models_folder(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir(), (tmp_path / "out").mkdir(), (tmp_path / "elsewhere").mkdir()
+    model, path = constants_with_external_data(tmp_path / "in")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()}
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, output = run("optimize", path, tmp_path / "out" / "deploy.onnx")
+    assert code == 0, output
+    assert "rewrote 1 x Conv+Mul" in output
+    out = onnx.load(tmp_path / "out" / "deploy.onnx", load_external_data=False)
+    held = {entry.value for t in onnx.external_data_helper._get_all_tensors(out) for entry in t.external_data
+            if entry.key == "location"}
+    assert held <= {"deploy.onnx.data"}  # its own data file, beside it: never the input's
+    assert {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()} == before
+    monkeypatch.chdir(tmp_path)
+    x = {"x": np.random.default_rng(1).standard_normal((1, 4, 6, 6)).astype(np.float32)}
+    expected = ort.InferenceSession(str(path)).run(None, x)[0]
+    actual = ort.InferenceSession(str(tmp_path / "out" / "deploy.onnx")).run(None, x)[0]
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ from .model_io import load_model, load_weights
 from .passes import Pass
 from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
-from .verify import Checker, chosen_shape, graph_inputs
+from .verify import Checker, graph_inputs, input_sizes
 
 ISOLATION_BUDGET = 10  # checks' worth of runs of rewritten models spent finding failing rewrites
 EARLY_REFERENCE_BYTES = 1 << 28  # weights: a bigger model's reference runs before the rewrite
@@ -150,18 +150,19 @@ def peak_memory() -> int | None:
 
 
 def fix_input_sizes(model: onnx.ModelProto, shapes: dict[str, Sequence[int]] | None) -> str:
-    """Gives every symbolic dim of the graph inputs a size: from ``shapes``, else 1 on a batch
-    axis (as the check chooses); a dim name used elsewhere (outputs) takes the same size, and the
-    inferred shapes are dropped to be inferred again. Says which inputs changed, and how."""
+    """Gives every symbolic dim of the graph inputs a size, as the check chooses them (from
+    ``shapes``, one size per dim name, else 1 on a batch axis); a dim name used in the outputs
+    takes the same size, and the inferred shapes are dropped to be inferred again. Says which
+    inputs changed, and how."""
     shapes = shapes or {}
+    inputs = graph_inputs(model, list(shapes))
+    chosen = input_sizes(inputs, shapes)
     sizes, fixed = {}, []
-    for value in graph_inputs(model, list(shapes)):
-        if not value.type.HasField("tensor_type"):
-            continue
-        dims = value.type.tensor_type.shape.dim
+    for value in inputs:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
         if all(d.HasField("dim_value") for d in dims):
             continue
-        shape = chosen_shape(value, shapes)
+        shape = chosen[value.name]
         for dim, size in zip(dims, shape):
             if not dim.HasField("dim_value"):
                 if dim.dim_param:

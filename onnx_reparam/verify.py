@@ -48,6 +48,7 @@ FLOAT_TYPES = {value for name, value in onnx.TensorProto.DataType.items()
                if name.startswith("FLOAT") or name in ("DOUBLE", "BFLOAT16")}
 MAX_INPUT_BYTES = 1 << 32  # a generated input larger than this is a mistake in --input-shape
 BATCH_FOR_CHECK = 1  # the size a dynamic batch axis gets when the user gives none
+TYPICAL_SIZE = 224  # an example size for a symbolic dim, in the message asking for one
 # The float64 evaluation is given up (and the check compares with the input model, saying why) once it
 # has taken more than the larger of these: seconds, or times the input model's runs in onnxruntime.
 TRUTH_SECONDS, TRUTH_FACTOR = 60.0, 50.0
@@ -344,8 +345,10 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
     for value in inputs:
         if not value.type.HasField("tensor_type"):
             raise ReparamError(f"input '{value.name}' is not a tensor; give its value with --inputs")
+    chosen_shapes = input_sizes(inputs, shapes, chosen)
+    for value in inputs:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        shape = chosen_shape(value, shapes, chosen)
+        shape = chosen_shapes[value.name]
         if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_INPUT_BYTES:
             raise ReparamError(f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take more "
                                f"than {MAX_INPUT_BYTES >> 30} GiB; give a smaller --input-shape")
@@ -370,13 +373,60 @@ def graph_inputs(model: onnx.ModelProto, named: list[str] = ()) -> list[onnx.Val
     return inputs
 
 
-def chosen_shape(value: onnx.ValueInfoProto, shapes: dict[str, tuple[int, ...]],
-                 chosen: list[str] | None = None) -> tuple[int, ...]:
-    """The input's shape for a run: the one given, else its own with a dynamic batch axis set to
-    BATCH_FOR_CHECK (``chosen`` says so); checked against its static dims."""
-    shape = tuple(shapes[value.name]) if value.name in shapes else input_shape(value, chosen)
-    check_input_shape(value, shape)
-    return shape
+def input_sizes(inputs: list[onnx.ValueInfoProto], shapes: dict[str, tuple[int, ...]],
+                chosen: list[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """The shape of each tensor input for a run: the one given, else its own with each symbolic
+    dim at the size given for that dim name in another input, or a batch axis (axis 0) at
+    BATCH_FOR_CHECK (``chosen`` says so). A dim name is one size everywhere it appears: sizes
+    given that disagree on it are an error, as is a symbolic dim left without a size."""
+    sizes: dict[str, tuple[int, str]] = {}  # dim name -> its size, and the input that set it
+
+    def bind(label: str, size: int, whose: str) -> None:
+        known = sizes.setdefault(label, (size, whose))
+        if known[0] != size:
+            raise ReparamError(f"symbolic dim '{label}' is {known[0]} in input '{known[1]}' but {size} in "
+                               f"input '{whose}': a dim name has one size in every input")
+
+    tensors = [v for v in inputs if v.type.HasField("tensor_type")]
+    result = {}
+    for value in tensors:
+        if value.name in shapes:
+            shape = tuple(shapes[value.name])
+            check_input_shape(value, shape)
+            for dim, size in zip(value.type.tensor_type.shape.dim, shape):
+                if not dim.HasField("dim_value") and dim.dim_param:
+                    bind(dim.dim_param, size, value.name)
+            result[value.name] = shape
+    for value in tensors:
+        if value.name not in shapes:
+            result[value.name] = _own_shape(value, sizes, bind, chosen)
+    return result
+
+
+def _own_shape(value: onnx.ValueInfoProto, sizes: dict, bind, chosen: list[str] | None) -> tuple[int, ...]:
+    dims = value.type.tensor_type.shape.dim
+    shape, unsized = [], []
+    for axis, dim in enumerate(dims):
+        if dim.HasField("dim_value"):
+            shape.append(dim.dim_value)
+        elif dim.dim_param in sizes:
+            shape.append(sizes[dim.dim_param][0])
+        elif axis == 0:  # a batch axis: any size shows the same
+            shape.append(BATCH_FOR_CHECK)
+            if dim.dim_param:
+                bind(dim.dim_param, BATCH_FOR_CHECK, value.name)
+            if chosen is not None:
+                chosen.append(f"input '{value.name}': dynamic batch '{dim.dim_param or '?'}' set to "
+                              f"{BATCH_FOR_CHECK} for the check (--input-shape to choose)")
+        else:
+            unsized.append(f"'{dim.dim_param}' (axis {axis})" if dim.dim_param else f"axis {axis}")
+            shape.append(TYPICAL_SIZE)
+    if unsized:
+        example = ",".join(map(str, shape))
+        what = "a symbolic dim" if len(unsized) == 1 else "symbolic dims"
+        raise ReparamError(f"input '{value.name}' has {what} {' and '.join(unsized)} with no size to run it at: "
+                           f"give the sizes your data has, e.g. --input-shape {value.name}:{example}")
+    return tuple(shape)
 
 
 def check_input_shape(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> None:
@@ -390,25 +440,6 @@ def check_input_shape(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> Non
         if dim.HasField("dim_value") and dim.dim_value != size:
             raise ReparamError(f"input '{value.name}' has size {dim.dim_value} on axis {axis}, "
                                f"--input-shape gives {size}")
-
-
-def input_shape(value: onnx.ValueInfoProto, chosen: list[str] | None = None) -> tuple[int, ...]:
-    dims = value.type.tensor_type.shape.dim
-    shape = []
-    for axis, dim in enumerate(dims):
-        if not dim.HasField("dim_value") and axis == 0:  # a batch axis: any size shows the same
-            shape.append(BATCH_FOR_CHECK)
-            if chosen is not None:
-                chosen.append(f"input '{value.name}': dynamic batch '{dim.dim_param or '?'}' set to "
-                              f"{BATCH_FOR_CHECK} for the check (--input-shape to choose)")
-            continue
-        if not dim.HasField("dim_value"):
-            label = dim.dim_param or "?"
-            example = ",".join(str(d.dim_value) if d.HasField("dim_value") else "1" for d in dims)
-            raise ReparamError(f"input '{value.name}' has a dynamic dim '{label}': give its size, "
-                               f"e.g. --input-shape {value.name}:{example}")
-        shape.append(dim.dim_value)
-    return tuple(shape)
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -10,6 +10,7 @@ import pytest
 import onnx_reparam
 from conftest import GraphBuilder, ops
 from test_cli import block_model
+from onnx_reparam.verify import Checker
 
 
 def test_optimize_returns_model_and_report_and_leaves_the_input_alone():
@@ -87,7 +88,8 @@ def test_static_shape_fixes_the_inputs_symbolic_dims_and_says_so():
     x = b.input("x", ["N", 4, "H", 6])
     model = b.model([b.node("Relu", [b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)])])
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
-    with pytest.raises(onnx_reparam.ReparamError, match="dynamic dim 'H': give its size, e.g. --input-shape x:1,4,1,6"):
+    with pytest.raises(onnx_reparam.ReparamError, match=r"symbolic dim 'H' \(axis 2\) with no size to run it at: give the sizes your data has, "
+                       r"e.g. --input-shape x:1,4,224,6"):
         onnx_reparam.optimize(model, static_shape=True)
     fixed, report = onnx_reparam.optimize(model, static_shape=True, input_shapes={"x": (2, 4, 5, 6)})
     assert report.verification.passed and ops(fixed) == {"Conv": 1, "Relu": 1}
@@ -98,3 +100,22 @@ def test_static_shape_fixes_the_inputs_symbolic_dims_and_says_so():
         onnx_reparam.optimize(model, static_shape=True, verify=False, input_shapes={"y": (2, 4, 5, 6)})
     kept, _ = onnx_reparam.optimize(model, input_shapes={"x": (2, 4, 5, 6)})
     assert kept.graph.input[0].type.tensor_type.shape.dim[2].dim_param == "H"  # only when asked
+
+
+def shared_batch_model() -> onnx.ModelProto:
+    b = GraphBuilder()
+    x, z = b.input("x", ["N", 3, 4, 4]), b.input("z", ["N", 3, 4, 4])
+    model = b.model([b.node("Add", [b.bn(b.conv(x, 3, 3, 1), 3), z])])
+    model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    return model
+
+
+def test_a_symbolic_dim_shared_by_inputs_gets_one_size():
+    fixed, report = onnx_reparam.optimize(shared_batch_model(), static_shape=True, input_shapes={"x": (2, 3, 4, 4)})
+    assert report.verification.passed and ops(fixed) == {"Conv": 1, "Add": 1}
+    assert [[d.dim_value for d in i.type.tensor_type.shape.dim] for i in fixed.graph.input] == [[2, 3, 4, 4]] * 2
+    onnx.checker.check_model(fixed, full_check=True)
+    checker = Checker(shared_batch_model(), input_shapes={"z": (3, 3, 4, 4)})  # the check too
+    assert {name: a.shape for name, a in checker.feed_sets[0].items()} == {"x": (3, 3, 4, 4), "z": (3, 3, 4, 4)}
+    with pytest.raises(onnx_reparam.ReparamError, match="symbolic dim 'N' is 2 in input 'x' but 3 in input 'z'"):
+        onnx_reparam.optimize(shared_batch_model(), static_shape=True, input_shapes={"x": (2, 3, 4, 4), "z": (3, 3, 4, 4)})

@@ -104,7 +104,7 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     checker = reference_run() if verify and report.before.weight_bytes > EARLY_REFERENCE_BYTES else None
 
     start = time.perf_counter()
-    optimized, report.passes, applied = _rewrite(original, passes, progress=progress)
+    optimized, report.passes, applied = _rewrite(original, passes, progress=progress, notes=report.notes)
     del original  # it became `optimized`
     report.seconds["rewrite"] = time.perf_counter() - start
 
@@ -222,10 +222,14 @@ def _drop_inputs(model: onnx.ModelProto, names: list[str]) -> None:
         model.ir_version = 4
 
 
-def _rewrite(original: onnx.ModelProto, passes: tuple[Pass, ...], policy=None, progress=None
-             ) -> tuple[onnx.ModelProto, list[PassReport], list[Rewrite]]:
-    """Rewrites ``original`` into the result (in place, so weights are not copied)."""
+def _rewrite(original: onnx.ModelProto, passes: tuple[Pass, ...], policy=None, progress=None,
+             notes: list[str] | None = None) -> tuple[onnx.ModelProto, list[PassReport], list[Rewrite]]:
+    """Rewrites ``original`` into the result (in place, so weights are not copied); what the
+    graph found wrong in its declarations goes to ``notes``."""
     graph = Graph(original)
+    if graph.shape_conflicts and notes is not None:
+        notes.append("declared shapes that shape inference contradicts, not trusted (the rewrite uses the "
+                     f"inferred ones): {'; '.join(graph.shape_conflicts)}")
     reports, applied = run_passes(graph, passes, policy, progress)
     return (graph.to_model(original) if applied else original), reports, applied
 

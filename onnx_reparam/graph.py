@@ -1,5 +1,10 @@
 """The graph layer: an onnx-graphsurgeon graph plus the questions every pass asks of it.
 
+Rules match op types of the default domain only, and that is decided here, once: a node of any
+other domain (``my.custom:Reshape``) carries its domain in its op type while the graph is being
+rewritten, so no rule takes it for the standard op of the same name; ``spelled_out`` gives
+onnx-graphsurgeon, shape inference and the exported model the op types as the model has them.
+
 Passes never edit an initializer in place: fused weights are fresh constants with fresh names, so a
 weight shared with another node stays as that node needs it. Nor do they edit the graph directly:
 ``add_node`` only writes down a node, and ``commit`` puts a rewrite's nodes in at once (or
@@ -19,10 +24,12 @@ from onnx_graphsurgeon.importers.onnx_importer import get_itemsize, get_onnx_ten
 from onnx_graphsurgeon.ir import tensor as gs_tensor
 from onnx_graphsurgeon.util import misc
 
-from .model_io import LARGE_TENSOR, append_array, inferred_value_info, on_disk, read_array
+from .model_io import (LARGE_TENSOR, append_array, inferred_shapes, inferred_value_info, on_disk, read_array,
+                       shape_disagreement)
 
 Node = gs.Node
 Tensor = gs.Tensor
+DEFAULT_DOMAINS = ("", "ai.onnx", None)
 _FRESH_SUFFIX = re.compile(r"(_reparam\d+)+$")
 RULE_KEY = "onnx_reparam.rule"
 
@@ -31,13 +38,30 @@ class Graph:
     """A model being rewritten. ``gs`` is the onnx-graphsurgeon graph; the rest is bookkeeping."""
 
     def __init__(self, model: onnx.ModelProto):
-        # Inferred shapes go into the import, then out of the caller's model again.
-        known = len(model.graph.value_info)
-        model.graph.value_info.extend(inferred_value_info(model))
+        # Shapes come from inference, declared ones only where it has none: a rule must not
+        # trust a declaration onnxruntime does not check. They go into the import, then out of
+        # the caller's model again.
+        inferred = inferred_shapes(model)
+        declared = list(model.graph.value_info)
+        self.shape_conflicts = [d for d in (shape_disagreement(v, inferred[v.name]) for v in
+                                            declared + list(model.graph.output) if v.name in inferred) if d]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend([v for v in declared if v.name not in inferred] + list(inferred.values()))
         try:
             self.gs = gs.import_onnx(model)
         finally:
-            del model.graph.value_info[known:]
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(declared)
+        for node in self.gs.nodes:
+            if node.domain not in DEFAULT_DOMAINS:
+                node.op = f"{node.domain}:{node.op}"
+        tensors = self.gs.tensors()
+        for output in model.graph.output:
+            if output.name in inferred and output.name in tensors:
+                tensor, shape = tensors[output.name], inferred[output.name].type.tensor_type
+                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.shape.dim]
+                if shape.elem_type:
+                    tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(shape.elem_type)
         for tensor in self.gs.tensors().values():
             values = getattr(tensor, "_values", None)
             if type(values) is gs_tensor.LazyValues and on_disk(values.tensor) is not None:
@@ -57,7 +81,7 @@ class Graph:
     def infer_shapes(self) -> None:
         """Fills in shapes ONNX can infer now that were unknown at import (after constant folding,
         slice bounds and reshape targets are constants)."""
-        with _weights_as_placeholders(self.gs, LARGE_TENSOR):
+        with _weights_as_placeholders(self.gs, LARGE_TENSOR), self.spelled_out():
             model = gs.export_onnx(self.gs, do_type_check=False)
         del model.graph.value_info[:]
         tensors = self.gs.tensors()
@@ -67,6 +91,18 @@ class Graph:
                     and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
                 dims = info.type.tensor_type.shape.dim
                 tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+
+    @contextlib.contextmanager
+    def spelled_out(self):
+        """For the while: every node's op type as the model has it, not marked with its domain."""
+        custom = [(node, node.op) for node in self.gs.nodes if node.domain not in DEFAULT_DOMAINS]
+        for node, op in custom:
+            node.op = op.split(":", 1)[1] if op.startswith(f"{node.domain}:") else op
+        try:
+            yield
+        finally:
+            for node, op in custom:
+                node.op = op
 
     def nodes(self) -> list[Node]:
         """A snapshot of the nodes, safe to iterate while rewriting."""
@@ -231,8 +267,8 @@ class Graph:
         still read stay where they are (not copied), dead ones are deleted, new ones added one at
         a time. The graph is not to be used afterwards."""
         collect = self.holds_new_weights()
-        with _weights_as_placeholders(self.gs, 0, restore=False) as values:  # each array freed once stored
-            exported = gs.export_onnx(self.gs, do_type_check=False)
+        with _weights_as_placeholders(self.gs, 0, restore=False) as values, self.spelled_out():
+            exported = gs.export_onnx(self.gs, do_type_check=False)  # each array freed once stored
         # Nothing may still point into the model's initializers when they are deleted below.
         self._read.clear()
         self.gs = None

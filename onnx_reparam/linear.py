@@ -91,7 +91,7 @@ class ConvForm:
 def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
     """Conv or AveragePool with constant parameters as a conv; a reason if it is one of them but
     not an exact conv; None otherwise."""
-    if node.domain not in ("", "ai.onnx", None) or not node.inputs:
+    if not node.inputs:
         return None
     source = node.inputs[0]
     if graph.constant(source) is not None:
@@ -147,7 +147,7 @@ class FCForm:
 
 def fc_form(graph: Graph, node: Node) -> FCForm | None:
     """Gemm (transA 0) or MatMul with a constant 2-D weight and a constant per-feature bias."""
-    if node.op not in ("Gemm", "MatMul") or node.domain not in ("", "ai.onnx", None) or len(node.inputs) < 2:
+    if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
         return None
     weight = graph.constant(node.inputs[1])
     if weight is None or weight.ndim != 2 or graph.constant(node.inputs[0]) is not None:

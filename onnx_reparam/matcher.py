@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 from .graph import Graph, Node, Tensor
 
-DEFAULT_DOMAINS = ("", "ai.onnx", None)
-
-
 @dataclass(frozen=True)
 class Chain:
     """Nodes n0 -> n1 -> ..., where n_{i+1} reads n_i's first output (at any input)."""
@@ -29,7 +26,7 @@ class ChainMatch:
 
 
 def _is(node: Node, ops: frozenset[str]) -> bool:
-    return node.op in ops and node.domain in DEFAULT_DOMAINS
+    return node.op in ops
 
 
 def find_chains(graph: Graph, chain: Chain, skip: set[int]) -> Iterator[ChainMatch]:

@@ -375,6 +375,42 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [v for v in inferred.graph.value_info if v.name not in known]
 
 
+def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """The types and shapes ONNX infers for the model's tensors (graph outputs included) from
+    its inputs and weights alone: the declared value_info and output shapes are left out, since
+    onnxruntime runs a model whose declarations are wrong. Empty where inference fails."""
+    light = _light(model)
+    del light.graph.value_info[:]
+    for value in light.graph.output:
+        if value.type.HasField("tensor_type"):
+            value.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
+    except Exception:  # noqa: BLE001 - any failure just means fewer known shapes
+        return {}
+    inputs = {v.name for v in model.graph.input}
+    return {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+            if v.name not in inputs and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+
+
+def shape_disagreement(declared: onnx.ValueInfoProto, inferred: onnx.ValueInfoProto) -> str | None:
+    """How a declared type and shape contradict the inferred one, or None."""
+    a, b = declared.type.tensor_type, inferred.type.tensor_type
+    if not declared.type.HasField("tensor_type"):
+        return None
+    if a.elem_type and b.elem_type and a.elem_type != b.elem_type:
+        name = onnx.TensorProto.DataType.Name
+        return f"'{declared.name}' is declared {name(a.elem_type).lower()}, inferred {name(b.elem_type).lower()}"
+    if not a.HasField("shape"):
+        return None
+    dims = [[d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim] for t in (a, b)]
+    if len(dims[0]) != len(dims[1]) or any(isinstance(x, int) and isinstance(y, int) and x != y
+                                           for x, y in zip(*dims)):
+        shown = ["x".join(map(str, d)) or "a scalar" for d in dims]
+        return f"'{declared.name}' is declared {shown[0]}, inferred {shown[1]}"
+    return None
+
+
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file
 ALIGN_THRESHOLD, ALIGNMENT = 1 << 20, 1 << 16  # external data this large starts at a multiple of 64 KiB
 

@@ -43,7 +43,7 @@ class PadView:
 def pad_view(graph: Graph, tensor: Tensor) -> PadView | str | None:
     """The view ``tensor`` is, why it is not one, or None when no data-movement op produces it."""
     node = graph.producer(tensor)
-    if node is None or node.op not in ROUTING_OPS or node.domain not in ("", "ai.onnx", None):
+    if node is None or node.op not in ROUTING_OPS:
         return None
     nodes, source, shaped_by = _subgraph(graph, tensor)
     if isinstance(nodes, str):

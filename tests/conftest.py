@@ -84,6 +84,26 @@ class GraphBuilder:
         return model
 
 
+def misdeclare(model: onnx.ModelProto, name: str, dims: list) -> onnx.ModelProto:
+    """Declares a wrong shape for tensor ``name`` (value_info, or the graph output's type): what
+    onnxruntime runs anyway and ``check_model(full_check=True)`` rejects."""
+    outputs = [o for o in model.graph.output if o.name == name]
+    if outputs:
+        outputs[0].CopyFrom(helper.make_tensor_value_info(name, outputs[0].type.tensor_type.elem_type, dims))
+    else:
+        model.graph.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+    return model
+
+
+def unverified_output_is_right(model: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx_reparam.Report]:
+    """optimize() without verification, its output checked against the input model's in onnxruntime."""
+    optimized, report = onnx_reparam.optimize(model, verify=False)
+    from onnx_reparam.verify import Checker
+    result = Checker(model, provider="cpu").check(optimized)
+    assert result.passed, result.summary()
+    return optimized, report
+
+
 def ops(model: onnx.ModelProto) -> Counter:
     return Counter(n.op_type for n in model.graph.node)
 

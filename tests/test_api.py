@@ -119,3 +119,32 @@ def test_a_symbolic_dim_shared_by_inputs_gets_one_size():
     assert {name: a.shape for name, a in checker.feed_sets[0].items()} == {"x": (3, 3, 4, 4), "z": (3, 3, 4, 4)}
     with pytest.raises(onnx_reparam.ReparamError, match="symbolic dim 'N' is 2 in input 'x' but 3 in input 'z'"):
         onnx_reparam.optimize(shared_batch_model(), static_shape=True, input_shapes={"x": (2, 3, 4, 4), "z": (3, 3, 4, 4)})
+
+
+def in_custom_domain(model: onnx.ModelProto, domain: str = "my.custom") -> onnx.ModelProto:
+    """Every node moved to a custom domain under its standard name, with the shapes its outputs
+    had declared (inference knows nothing of the domain's ops)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for node in model.graph.node:
+        node.domain = domain
+    model.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    return model
+
+
+@pytest.mark.parametrize("build", ["blocks", "text head"])
+def test_no_rule_takes_a_custom_domains_op_for_the_standard_one(build):
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    if build == "blocks":
+        dense = b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)
+        y = b.node("Add", [dense, b.node("Mul", [b.node("Identity", [x]), b.const(b.rand(1, 4, 1, 1))])])
+        out = b.node("Reshape", [b.node("Reshape", [y, b.const(np.array([4, 36], np.int64))]),
+                                 b.const(np.array([1, 4, 36], np.int64))])
+    else:
+        from test_compose import yoloe_head
+        out = yoloe_head(b, x)
+    model = in_custom_domain(b.model([out]))
+    optimized, report = onnx_reparam.optimize(model, verify=False)
+    kinds = lambda m: sorted((n.domain, n.op_type) for n in m.graph.node)  # noqa: E731
+    assert report.rewrites == 0 and kinds(optimized) == kinds(model)

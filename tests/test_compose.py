@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import GraphBuilder, ops, refusals, rewrite
+from conftest import GraphBuilder, misdeclare, ops, refusals, rewrite, unverified_output_is_right
 from test_routing import border_scatter
 
 
@@ -271,3 +271,14 @@ def test_a_matmul_that_is_not_a_map_of_channels_stays():
                                    b.const(np.array([1, 4, 36, 1], np.int64))])  # not the input's grid
     model, _ = rewrite(b.model([back, regrouped]))
     assert ops(model)["MatMul"] == 2
+
+
+def test_reshapes_merge_by_inferred_shapes_not_a_wrong_declaration():
+    b = GraphBuilder()
+    x = b.input("x", [2, 3, 4])
+    first = b.node("Reshape", [x, b.const(np.array([6, 4], np.int64))])
+    second = b.node("Reshape", [first, b.const(np.array([4, -1], np.int64))])
+    model = misdeclare(b.model([b.node("Relu", [second])]), second, [3, 8])  # it is 4x6
+    optimized, report = unverified_output_is_right(model)
+    assert ops(optimized) == {"Reshape": 1, "Relu": 1}
+    assert f"'{second}' is declared 3x8, inferred 4x6" in " ".join(report.notes)

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from conftest import GraphBuilder, ops, refusals, rewrite
+from conftest import GraphBuilder, misdeclare, ops, refusals, rewrite, unverified_output_is_right
 from onnx_reparam.graph import Graph
 
 
@@ -107,3 +107,15 @@ def test_shapes_inferred_again_after_a_drop_keep_unknown_ranks_unknown():
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])))
     graph.infer_shapes()
     assert graph.gs.tensors()["flat"].shape is None
+
+
+def test_a_slice_is_whole_by_the_inferred_shape_not_a_wrong_declaration():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8])
+    relu = b.node("Relu", [x])
+    cut = b.node("Slice", [relu] + [b.const(np.array([v], np.int64)) for v in (0, 4, 2)])  # half of axis 2
+    model = misdeclare(b.model([b.node("Relu", [cut])]), relu, [1, 3, 4])
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = 4
+    optimized, report = unverified_output_is_right(model)
+    assert ops(optimized) == {"Relu": 2, "Slice": 1}
+    assert any(f"'{relu}' is declared 1x3x4, inferred 1x3x8" in n for n in report.notes)

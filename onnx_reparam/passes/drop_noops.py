@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import Graph, Node
-from ..matcher import DEFAULT_DOMAINS
 from . import PassLog
 
 NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
@@ -24,7 +23,7 @@ def run(graph: Graph, log: PassLog) -> None:
     seen: dict[tuple, Node] = {}
     sliced = False
     for node in graph.nodes():
-        if id(node) in done or node.domain not in DEFAULT_DOMAINS or len(node.outputs) != 1:
+        if id(node) in done or len(node.outputs) != 1:
             continue
         if node.outputs[0].name in graph.output_names:
             continue

@@ -38,8 +38,9 @@ def run(graph: Graph, log: PassLog) -> None:
         for _ in range(MAX_ROUNDS):
             count = _computing_nodes(graph)
             _fold_by_type(graph)
-            graph.gs.fold_constants(fold_shapes=False, size_threshold=SIZE_LIMIT, should_exclude_node=lambda node: any(
-                t.name in graph.overridable for t in node.inputs))  # values the caller may replace
+            with graph.spelled_out():
+                graph.gs.fold_constants(fold_shapes=False, size_threshold=SIZE_LIMIT, should_exclude_node=lambda node: any(
+                    t.name in graph.overridable for t in node.inputs))  # values the caller may replace
             graph.cleanup()
             if _computing_nodes(graph) == count:
                 break
@@ -71,8 +72,6 @@ def _fold_by_type(graph: Graph) -> None:
     dims they select are static; Size when all are; CastLike of a constant when the type it is
     cast like is known; an Identity of a weight gives its readers the weight itself."""
     for node in graph.nodes():
-        if node.domain not in ("", "ai.onnx", None):
-            continue
         if node.op == "Identity" and isinstance(node.inputs[0], gs.Constant) \
                 and node.inputs[0].name not in graph.overridable and node.outputs[0].name not in graph.output_names:
             _share(node)  # TorchScript shares equal weights so: folded, each reader would get a copy

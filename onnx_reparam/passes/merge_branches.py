@@ -19,7 +19,7 @@ from .. import algebra
 from ..graph import Graph, Node, Tensor
 from ..linear import ConvForm, conv_chain, fc_form, inference_bn
 from ..routing import ROUTING_OPS, pad_view, view_source
-from ..matcher import DEFAULT_DOMAINS, Leaf, Tree, combination_nodes, emit_sum, find_trees
+from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees
 from . import PassLog
 
 
@@ -73,7 +73,7 @@ def interpret(graph: Graph, leaf: Leaf) -> tuple[Term | None, tuple[str, str] | 
     if graph.constant(tensor) is not None:
         return None, None
     node = graph.producer(tensor)
-    term = _branch_term(graph, leaf, node) if node is not None and node.domain in DEFAULT_DOMAINS else None
+    term = _branch_term(graph, leaf, node) if node is not None else None
     opaque = Term(leaf, tensor, 0.0, None)
     if isinstance(term, str):
         return opaque, (node.inputs[0].name, f"{node.op} branch kept apart: {term}")

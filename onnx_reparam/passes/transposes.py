@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import Graph, Node, Tensor
-from ..matcher import DEFAULT_DOMAINS
 from ..model_io import LARGE_TENSOR
 from . import PassLog
 
@@ -27,7 +26,7 @@ MAX_STEPS = 32  # elementwise ops looked through for where a moved Transpose wou
 def run(graph: Graph, log: PassLog) -> None:
     done: set[int] = set()
     for node in graph.nodes():
-        if id(node) in done or node.domain not in DEFAULT_DOMAINS or node.op not in BINARY | UNARY:
+        if id(node) in done or node.op not in BINARY | UNARY:
             continue
         done.update(id(n) for n in log.attempt(node, _sink, graph, node, log) or [])
 
@@ -42,7 +41,7 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         producer = graph.producer(tensor)
         if graph.constant(tensor) is not None:
             continue
-        if producer is None or producer.op != "Transpose" or producer.domain not in DEFAULT_DOMAINS \
+        if producer is None or producer.op != "Transpose" \
                 or graph.shared_reason(tensor, len([t for t in node.inputs if t is tensor])) is not None:
             return []
         order = producer.attrs.get("perm")
@@ -82,7 +81,7 @@ def _leads_to_a_meeting(graph: Graph, tensor: Tensor, perm: list[int], depth: in
     if depth == 0 or tensor.name in graph.output_names:
         return False
     for reader in tensor.outputs:
-        if reader.domain not in DEFAULT_DOMAINS or len(reader.outputs) != 1:
+        if len(reader.outputs) != 1:
             continue
         if reader.op == "Transpose":
             order = reader.attrs.get("perm")
@@ -102,7 +101,7 @@ def _leads_to_a_meeting(graph: Graph, tensor: Tensor, perm: list[int], depth: in
 def _transposed(graph: Graph, tensor: Tensor, perm: list[int], depth: int) -> bool:
     """Whether ``tensor`` is, or will be once Transposes move down, a Transpose by ``perm``."""
     producer = graph.producer(tensor)
-    if producer is None or producer.domain not in DEFAULT_DOMAINS or depth == 0:
+    if producer is None or depth == 0:
         return False
     if producer.op == "Transpose":
         return list(producer.attrs.get("perm", [])) == perm

@@ -24,8 +24,9 @@ from onnx_graphsurgeon.importers.onnx_importer import get_itemsize, get_onnx_ten
 from onnx_graphsurgeon.ir import tensor as gs_tensor
 from onnx_graphsurgeon.util import misc
 
+from .kernels import dtype_code, unrunnable
 from .model_io import (LARGE_TENSOR, append_array, inferred_shapes, inferred_value_info, on_disk, read_array,
-                       shape_disagreement)
+                       shape_disagreement, sparse_array)
 
 Node = gs.Node
 Tensor = gs.Tensor
@@ -38,34 +39,18 @@ class Graph:
     """A model being rewritten. ``gs`` is the onnx-graphsurgeon graph; the rest is bookkeeping."""
 
     def __init__(self, model: onnx.ModelProto):
-        # Shapes come from inference, declared ones only where it has none: a rule must not
-        # trust a declaration onnxruntime does not check. They go into the import, then out of
-        # the caller's model again.
-        inferred = inferred_shapes(model)
-        declared = list(model.graph.value_info)
-        self.shape_conflicts = [d for d in (shape_disagreement(v, inferred[v.name]) for v in
-                                            declared + list(model.graph.output) if v.name in inferred) if d]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend([v for v in declared if v.name not in inferred] + list(inferred.values()))
-        try:
-            self.gs = gs.import_onnx(model)
-        finally:
-            del model.graph.value_info[:]
-            model.graph.value_info.extend(declared)
-        for node in self.gs.nodes:
-            if node.domain not in DEFAULT_DOMAINS:
-                node.op = f"{node.domain}:{node.op}"
-        tensors = self.gs.tensors()
-        for output in model.graph.output:
-            if output.name in inferred and output.name in tensors:
-                tensor, shape = tensors[output.name], inferred[output.name].type.tensor_type
-                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.shape.dim]
-                if shape.elem_type:
-                    tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(shape.elem_type)
+        self.gs, self.shape_conflicts = _import(model)
         for tensor in self.gs.tensors().values():
             values = getattr(tensor, "_values", None)
             if type(values) is gs_tensor.LazyValues and on_disk(values.tensor) is not None:
                 tensor._values = DiskValues(values.tensor)
+            elif isinstance(tensor, gs.Variable) and isinstance(tensor.dtype, int):  # a type onnx-graphsurgeon lacks
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype)  # bfloat16: ml_dtypes'
+        for node in self.gs.nodes:
+            if node.domain not in DEFAULT_DOMAINS:
+                node.op = f"{node.domain}:{node.op}"
+        # What the input model runs already: a rewrite may write it again without asking onnxruntime.
+        self._kinds = {(n.op, frozenset(dtype_code(t.dtype) for t in n.inputs if t.name)) for n in self.gs.nodes}
         self.output_names = {t.name for t in self.gs.outputs}
         # An initializer that is also a graph input can be overridden at run time: not a constant.
         self.overridable = {i.name for i in model.graph.input} & {t.name for t in model.graph.initializer}
@@ -115,6 +100,8 @@ class Graph:
         if isinstance(tensor, gs.Constant):
             if tensor.name in self.overridable:
                 return None
+            if isinstance(tensor._values, gs_tensor.SparseValues):  # stored sparse: its dense value
+                return sparse_array(tensor._values.tensor)
             if isinstance(tensor._values, gs_tensor.LazyValues):
                 if tensor.name not in self._read:
                     self._read[tensor.name] = read_array(stored_tensor(tensor._values))
@@ -208,6 +195,24 @@ class Graph:
     def add_rewire(self, old: Tensor, new: Tensor) -> None:
         """Writes down that every reader of ``old`` is to read ``new`` (``old`` is then dead)."""
         self._rewires.append((old, new))
+
+    def unrunnable(self) -> str | None:
+        """Why a node written down since the last commit cannot be in the model: onnxruntime
+        cannot run its op at its element types (kernels.py asks it), unless the input model has
+        that op at those types already."""
+        opset = self.gs.opset or onnx.defs.onnx_opset_version()
+        for op, inputs, outputs, attrs, _ in self._pending:
+            types = tuple(dtype_code(t.dtype) if t.name else None for t in inputs)
+            if (op, frozenset(t for t in types if t is not None)) in self._kinds \
+                    or any(t is None and i.name for t, i in zip(types, inputs)):
+                continue
+            ranks = tuple(len(t.shape) if t.shape is not None else None for t in inputs)
+            produced = tuple(dtype_code(t.dtype) or types[0] for t in outputs)
+            plain = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in attrs.items()))
+            problem = unrunnable(op, opset, types, ranks, produced, plain)
+            if problem:
+                return problem
+        return None
 
     def discard(self) -> None:
         """Forgets the nodes and rewirings written down since the last commit."""
@@ -313,6 +318,45 @@ class Graph:
             else:
                 node.doc_string = f"{RULE_KEY}: {rule}"
         return model
+
+
+def _import(model: onnx.ModelProto) -> tuple[gs.Graph, list[str]]:
+    """The onnx-graphsurgeon graph of ``model`` and the declared shapes inference contradicts.
+    Shapes come from inference, declared ones only where it has none: a rule must not trust a
+    declaration onnxruntime does not check. They go into the import, then out of the caller's
+    model again."""
+    inferred = inferred_shapes(model)
+    declared = list(model.graph.value_info)
+    conflicts = [d for d in (shape_disagreement(v, inferred[v.name]) for v in
+                             declared + list(model.graph.output) if v.name in inferred) if d]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend([v for v in declared if v.name not in inferred] + list(inferred.values()))
+    try:
+        with quiet_onnx_graphsurgeon():
+            graph = gs.import_onnx(model)
+    finally:
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(declared)
+    tensors = graph.tensors()
+    for output in model.graph.output:
+        if output.name in inferred and output.name in tensors:
+            tensor, trusted = tensors[output.name], inferred[output.name].type.tensor_type
+            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in trusted.shape.dim]
+            if trusted.elem_type:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(trusted.elem_type)
+    return graph, conflicts
+
+
+@contextlib.contextmanager
+def quiet_onnx_graphsurgeon():
+    """onnx-graphsurgeon's warnings (an op it skips, a type numpy lacks) silenced for the while:
+    the report says what matters."""
+    level = gs.logger.G_LOGGER.severity
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    try:
+        yield
+    finally:
+        gs.logger.G_LOGGER.severity = level
 
 
 @contextlib.contextmanager

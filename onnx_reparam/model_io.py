@@ -95,6 +95,17 @@ def read_array(tensor: onnx.TensorProto) -> np.ndarray:
     return np.frombuffer(_read_bytes(*place), dtype=dtype).reshape(tuple(tensor.dims))
 
 
+def sparse_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """A sparse initializer's dense value. Its indices are linear (shape [NNZ]) or coordinates
+    ([NNZ, rank]); onnx-graphsurgeon 0.6.1 reads linear ones wrongly."""
+    values, indices = numpy_helper.to_array(sparse.values), numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(tuple(sparse.dims), values.dtype)
+    if indices.ndim == 2:
+        indices = np.ravel_multi_index(tuple(indices.T), dense.shape)
+    dense.reshape(-1)[indices.reshape(-1)] = values.reshape(-1)
+    return dense
+
+
 def _plain(tensor: onnx.TensorProto) -> bool:
     """Whether numpy takes the tensor's raw bytes as they are (not bfloat16, float8 or 4-bit
     types, which onnx's helpers convert, nor on a big-endian machine)."""

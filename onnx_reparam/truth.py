@@ -23,7 +23,7 @@ from onnx import TensorProto, numpy_helper
 
 from .compare import is_float
 from .errors import first_line
-from .model_io import read_array, tensor_bytes
+from .model_io import read_array, sparse_array, tensor_bytes
 
 NARROW_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16} | {
     value for name, value in TensorProto.DataType.items() if name.startswith("FLOAT8") or name.startswith("FLOAT4")}
@@ -47,6 +47,7 @@ def widened(model: onnx.ModelProto, jitter: float = 0.0) -> tuple[onnx.ModelProt
         if node.op_type in RANDOM_OPS:
             raise NoTruth(f"it draws random numbers ({node.op_type} '{node.name}')")
     weights = {t.name: _wide(read_array(t)) for t in graph.initializer}
+    weights.update((t.values.name, _wide(sparse_array(t))) for t in graph.sparse_initializer)
     if jitter:
         rng = np.random.default_rng(0)
         weights = {name: w * (1 + jitter * (rng.random(w.shape) - 0.5)) if w.dtype == np.float64 else w
@@ -55,8 +56,7 @@ def widened(model: onnx.ModelProto, jitter: float = 0.0) -> tuple[onnx.ModelProt
     inputs += [onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
                                                   array.shape) for name, array in weights.items()]
     wide_graph = onnx.helper.make_graph([_wide_node(n) for n in graph.node], graph.name, inputs,
-                                        [_wide_value(v) for v in graph.output],
-                                        sparse_initializer=list(graph.sparse_initializer))
+                                        [_wide_value(v) for v in graph.output])
     wide = onnx.helper.make_model(wide_graph, opset_imports=list(model.opset_import))
     wide.ir_version = model.ir_version
     for function in model.functions:

@@ -282,3 +282,17 @@ def test_reshapes_merge_by_inferred_shapes_not_a_wrong_declaration():
     optimized, report = unverified_output_is_right(model)
     assert ops(optimized) == {"Reshape": 1, "Relu": 1}
     assert f"'{second}' is declared 3x8, inferred 4x6" in " ".join(report.notes)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float64])
+def test_a_channel_matmul_on_data_no_conv_takes_stays(dtype):
+    b = GraphBuilder(dtype=dtype)
+    x = b.input("x", [1, 4, 3, 3])
+    flat = b.node("Reshape", [x, b.const(np.array([1, 4, 9], np.int64))])
+    mixed = b.node("MatMul", [b.const(np.arange(32).reshape(8, 4).astype(dtype) - 16), flat])
+    model = b.model([b.node("Reshape", [mixed, b.const(np.array([1, 8, 3, 3], np.int64))])])
+    optimized, report = unverified_output_is_right(model)
+    assert ops(optimized) == {"Reshape": 2, "MatMul": 1}  # ONNX has no integer Conv; onnxruntime's CPU no double one
+    name = {np.int32: "int32", np.int64: "int64", np.float64: "double"}[dtype]
+    assert any(f"onnxruntime cannot run the Conv it would write on {name} data" in r
+               for r in refusals(report))

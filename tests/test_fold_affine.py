@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import itertools
 
+import ml_dtypes
 import numpy as np
+import onnx
 import pytest
 from onnx import numpy_helper
 
+import onnx_reparam
 from conftest import GraphBuilder, ops, refusals, rewrite
 
 GEOMETRIES = list(itertools.product([1, 2, 3], [1, 2], [True, False], [1, 2], [0, 1], [1, 2]))
@@ -230,3 +233,43 @@ def test_average_pool_bn_becomes_a_depthwise_conv(pads, count_include_pad, ceil_
                   count_include_pad=count_include_pad, ceil_mode=ceil_mode)
     model, _ = rewrite(b.model([b.bn(pool, 3)]))
     assert ops(model) == ({"Conv": 1} if folded else {"AveragePool": 1, "BatchNormalization": 1})
+
+
+def test_a_sparse_weight_folds_by_its_dense_value():
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 5, 5])
+    weight = b.rand(4, 4, 3, 3)
+    weight[np.abs(weight) < 0.8] = 0
+    model = b.model([b.bn(b.conv(x, 4, 4, 3, bias=False, pads=[1] * 4, weight=b.const(weight, "w")), 4)])
+    del model.graph.initializer[[t.name for t in model.graph.initializer].index("w1")]
+    where = np.flatnonzero(weight)  # linear indices: onnx-graphsurgeon misreads them
+    model.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(
+        numpy_helper.from_array(weight.ravel()[where], "w1"), numpy_helper.from_array(where, "w_indices"), weight.shape))
+    optimized, report = rewrite(model)
+    assert ops(optimized) == {"Conv": 1} and "float64 evaluation" in report.verification.truth
+
+
+def bfloat16(array: np.ndarray, name: str) -> onnx.TensorProto:
+    return onnx.helper.make_tensor(name, onnx.TensorProto.BFLOAT16, array.shape, array.astype(np.float32).ravel())
+
+
+def test_bfloat16_layers_fold_without_an_internal_error():
+    """onnxruntime's CPU runs no bfloat16 Conv or MatMul; the fold still writes what the input
+    model has, in its type, and the values are those of onnx's reference evaluator."""
+    rng = np.random.default_rng(0)
+    weight, scale, shift = rng.standard_normal((4, 4, 3, 3)), rng.uniform(0.5, 2, 4), rng.standard_normal(4)
+    nodes = [onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4),
+             onnx.helper.make_node("BatchNormalization", ["y", "s", "b", "m", "v"], ["z"])]
+    bf16 = onnx.TensorProto.BFLOAT16
+    graph = onnx.helper.make_graph(nodes, "bf16", [onnx.helper.make_tensor_value_info("x", bf16, [1, 4, 5, 5])],
+                                   [onnx.helper.make_tensor_value_info("z", bf16, [1, 4, 5, 5])],
+                                   initializer=[bfloat16(a, n) for a, n in ((weight, "w"), (scale, "s"), (shift, "b"),
+                                                                          (np.zeros(4), "m"), (np.ones(4), "v"))])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9)
+    optimized, report = onnx_reparam.optimize(model, verify=False)
+    assert ops(optimized) == {"Conv": 1} and not any("internal error" in r for r in refusals(report))
+    assert {t.data_type for t in optimized.graph.initializer} == {bf16}
+    from onnx.reference import ReferenceEvaluator
+    x = {"x": rng.standard_normal((1, 4, 5, 5)).astype(ml_dtypes.bfloat16)}
+    expected, actual = (ReferenceEvaluator(m).run(None, x)[0].astype(np.float32) for m in (model, optimized))
+    np.testing.assert_allclose(actual, expected, atol=0.05 * np.abs(expected).max())  # bfloat16: 8 bits

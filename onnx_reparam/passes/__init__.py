@@ -28,11 +28,12 @@ class PassLog:
     refusals: list[Refusal] = field(default_factory=list)
 
     def rewrote(self, pattern: str, replaced: list[Node]) -> bool:
-        """Applies the rewrite built since the last one, replacing ``replaced``; False when the
-        policy withholds it (the graph stays as it was, and the reason is a refusal)."""
+        """Applies the rewrite built since the last one, replacing ``replaced``; False when it
+        writes an op onnxruntime cannot run at its types, or the policy withholds it (the graph
+        stays as it was, and the reason is a refusal)."""
         origins = sorted({o for n in replaced for o in self.graph.origin(n)})
         rewrite = Rewrite(self.name, pattern, origins)
-        withheld = self.policy(rewrite) if self.policy is not None else None
+        withheld = self.graph.unrunnable() or (self.policy(rewrite) if self.policy is not None else None)
         if withheld:
             self.graph.discard()
             self.refusals.append(Refusal(", ".join(origins), withheld, pattern))

@@ -16,7 +16,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
 
-from ..graph import Graph, Node
+from ..graph import Graph, Node, quiet_onnx_graphsurgeon
 from . import PassLog
 
 SIZE_LIMIT = 1 << 26  # bytes: a folded value larger than this stays computed
@@ -28,17 +28,15 @@ def run(graph: Graph, log: PassLog) -> None:
     original = graph.gs
     if log.policy is not None:  # the rewrite may be withheld: fold a copy, keep it if allowed
         graph.gs = original.copy()
-    level = gs.logger.G_LOGGER.severity
-    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR  # it warns about every op it skips
-    # and the ORT sessions it makes (with no options we could pass) warn about every optimization
-    # they cannot apply, through ORT's process-wide logger: the one place we touch it.
+    # The ORT sessions onnx-graphsurgeon makes (with no options we could pass) warn about every
+    # optimization they cannot apply, through ORT's process-wide logger: the one place we touch it.
     ort.set_default_logger_severity(3)
     try:
         # Folding fixes shapes (slice bounds become constants), shapes let Shape ops fold: repeat.
         for _ in range(MAX_ROUNDS):
             count = _computing_nodes(graph)
             _fold_by_type(graph)
-            with graph.spelled_out():
+            with graph.spelled_out(), quiet_onnx_graphsurgeon():
                 graph.gs.fold_constants(fold_shapes=False, size_threshold=SIZE_LIMIT, should_exclude_node=lambda node: any(
                     t.name in graph.overridable for t in node.inputs))  # values the caller may replace
             graph.cleanup()
@@ -50,7 +48,6 @@ def run(graph: Graph, log: PassLog) -> None:
             graph.gs = original
         raise
     finally:
-        gs.logger.G_LOGGER.severity = level
         ort.set_default_logger_severity(2)  # ORT's default; it has no getter to restore from
         # onnx-graphsurgeon folds on clones of the graph, reference cycles sharing our weights:
         # collected now, they do not keep weights that later rewrites let go.

@@ -23,10 +23,9 @@ from .model_io import load_model, load_weights
 from .passes import Pass
 from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
-from .verify import Checker, graph_inputs, input_sizes
+from .verify import Checker, graph_inputs, input_sizes, same_inputs
 
 ISOLATION_BUDGET = 10  # checks' worth of runs of rewritten models spent finding failing rewrites
-EARLY_REFERENCE_BYTES = 1 << 28  # weights: a bigger model's reference runs before the rewrite
 
 
 class VerificationError(ReparamError):
@@ -99,9 +98,10 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
         report.seconds["verify"] = report.seconds.get("verify", 0.0) + time.perf_counter() - start
         return checker
 
-    # A big model's reference runs first, so that its session's memory is freed before the
-    # rewritten weights exist; a small one's only once something was rewritten.
-    checker = reference_run() if verify and report.before.weight_bytes > EARLY_REFERENCE_BYTES else None
+    # The input model runs before any rewrite: one onnxruntime cannot run is bad input (exit 2)
+    # whether or not anything is rewritten, and a big model's session memory is freed before
+    # the rewritten weights exist.
+    checker = reference_run() if verify else None
 
     start = time.perf_counter()
     optimized, report.passes, applied = _rewrite(original, passes, progress=progress, notes=report.notes)
@@ -109,7 +109,6 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     report.seconds["rewrite"] = time.perf_counter() - start
 
     if verify and applied:
-        checker = checker or reference_run()
         start = time.perf_counter()
         step(f"verifying ({len(optimized.graph.node)} nodes against {report.before.nodes})")
         report.verification = checker.check(optimized)
@@ -322,10 +321,15 @@ def inspect(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str] 
 def bench(a, b, **options) -> BenchResult:
     """Latency A/B of two models with the same inputs (each as optimize takes it). Options:
     names, provider, input_shapes, seed, rounds, warmup, threads."""
-    return latency_ab(load_model(_as_model_source(a)), load_model(_as_model_source(b)), **options)
+    models = load_model(_as_model_source(a)), load_model(_as_model_source(b))
+    same_inputs(*models, options.get("names", ("A", "B")))
+    return latency_ab(*models, **options)
 
 
-def verify(reference, candidate, **options) -> Verification:
+def verify(reference, candidate, *, names: tuple[str, str] = ("A", "B"), **options) -> Verification:
     """The same equivalence check optimize runs, on any two models with the same inputs and
-    outputs (each as optimize takes it). Options: provider, input_shapes, inputs, seed, rtol, atol."""
-    return Checker(load_model(_as_model_source(reference)), **options).check(load_model(_as_model_source(candidate)))
+    outputs (each as optimize takes it), called ``names`` in messages. Options: provider,
+    input_shapes, inputs, seed, rtol, atol."""
+    models = load_model(_as_model_source(reference)), load_model(_as_model_source(candidate))
+    same_inputs(*models, names)
+    return Checker(models[0], **options).check(models[1], name=names[1])

@@ -80,12 +80,20 @@ class _Timed:
         return time.perf_counter() - start
 
 
+MAX_ROUNDS = 100_000
+MAX_THREADS = 1024  # onnxruntime makes one OS thread per intra-op thread
+
+
 def bench(a: onnx.ModelProto, b: onnx.ModelProto, *, names: tuple[str, str] = ("A", "B"), provider: str = "auto",
           input_shapes: dict | None = None, seed: int = 0, rounds: int = 50, warmup: int = 5,
           threads: int | None = None) -> BenchResult:
     """Times ``a`` and ``b`` on the same seeded inputs, interleaved (see the module docstring)."""
-    if rounds < 1 or warmup < 0:
-        raise ReparamError("rounds must be at least 1 and warm-up at least 0")
+    for name, value, low, high in (("rounds", rounds, 1, MAX_ROUNDS), ("warmup", warmup, 0, MAX_ROUNDS),
+                                   ("threads", threads, 1, MAX_THREADS)):
+        if value is None and name == "threads":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ReparamError(f"{name} must be an integer from {low} to {high}, not {value!r}")
     runner = Runner(provider)
     chosen: list[str] = []
     feeds = make_inputs(a, input_shapes, seed, chosen=chosen)[0]

@@ -21,6 +21,7 @@ import click
 from . import api
 from .errors import ReparamError, first_line
 from .model_io import save_model
+from .bench import MAX_ROUNDS, MAX_THREADS
 from .passes import default_passes
 from .report import Report
 from .verify import load_inputs, parse_input_shapes
@@ -259,7 +260,7 @@ def verify(reference, candidate, provider, rtol, atol, input_shapes, inputs_file
     """Check that models A and B compute the same outputs on the same inputs."""
     if report_path:
         _writable(Path(report_path), "report")
-    result = api.verify(reference, candidate, provider=provider,
+    result = api.verify(reference, candidate, names=(reference, candidate), provider=provider,
                         input_shapes=parse_input_shapes(input_shapes),
                         inputs=load_inputs(inputs_file) if inputs_file else None, seed=seed,
                         rtol=rtol, atol=atol)
@@ -277,9 +278,9 @@ def verify(reference, candidate, provider, rtol, atol, input_shapes, inputs_file
 @click.argument("model_a", metavar="A", type=click.Path())
 @click.argument("model_b", metavar="B", type=click.Path())
 @_run_options
-@click.option("--rounds", type=click.IntRange(1), default=50, show_default=True, help="Timed rounds.")
-@click.option("--warmup", type=click.IntRange(0), default=5, show_default=True, help="Untimed rounds first.")
-@click.option("--threads", type=click.IntRange(1), help="onnxruntime intra-op threads (default: its own).")
+@click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), default=50, show_default=True, help="Timed rounds.")
+@click.option("--warmup", type=click.IntRange(0, MAX_ROUNDS), default=5, show_default=True, help="Untimed rounds first.")
+@click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="onnxruntime intra-op threads (default: its own).")
 @click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON (for CI).")
 @_output_options
 @_one_line_errors

@@ -102,6 +102,8 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
         bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
         if weight is None or bias is None:
             return None
+        if misfit(node, weight):
+            return misfit(node, weight)
         bias = bias_vector(bias, weight.shape[0])
         geometry = conv_geometry(node, weight)
     elif node.op == "AveragePool":
@@ -123,6 +125,18 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
         return "AveragePool excludes padding from its count (count_include_pad=0)"  # auto_pad too
     dtype = np.dtype(source.dtype) if node.op == "AveragePool" else weight.dtype
     return ConvForm(source, weight, bias, geometry, dtype, [node])
+
+
+def misfit(node: Node, weight: np.ndarray) -> str | None:
+    """Why a Conv's or ConvTranspose's group and channels do not fit its weight (a model
+    onnxruntime refuses to run), or None."""
+    group, source = attr(node, "group", 1), node.inputs[0]
+    channels = source.shape[1] if source.shape is not None and len(source.shape) == weight.ndim else None
+    per_group = weight.shape[1] if node.op == "Conv" else weight.shape[0] // max(group, 1)
+    if weight.ndim < 3 or group < 1 or weight.shape[0] % group or isinstance(channels, int) and channels != per_group * group:
+        return (f"the {node.op}'s weight {'x'.join(map(str, weight.shape))} in {group} group(s) does not fit its "
+                f"{channels if isinstance(channels, int) else 'unknown'} input channels")
+    return None
 
 
 def bias_vector(bias: np.ndarray, channels: int) -> np.ndarray:

@@ -373,6 +373,34 @@ def graph_inputs(model: onnx.ModelProto, named: list[str] = ()) -> list[onnx.Val
     return inputs
 
 
+def same_inputs(a: onnx.ModelProto, b: onnx.ModelProto, names: tuple[str, str] = ("A", "B")) -> None:
+    """Two models to run on the same inputs must take them: the same names, element types, ranks
+    and static sizes (a symbolic dim in either takes any size)."""
+    inputs = [{v.name: v for v in graph_inputs(m)} for m in (a, b)]
+    for one, other, name in ((0, 1, names[0]), (1, 0, names[1])):
+        only = sorted(set(inputs[one]) - set(inputs[other]))
+        if only:
+            raise ReparamError(f"{name} has input {', '.join(repr(n) for n in only)} that {names[other]} lacks: "
+                               "the two models cannot run on the same inputs")
+    for key, value in inputs[0].items():
+        kinds = [_described(m[key]) for m in inputs]
+        dims = [[d.dim_value if d.HasField("dim_value") else None for d in m[key].type.tensor_type.shape.dim]
+                for m in inputs]
+        if kinds[0][0] != kinds[1][0] or len(dims[0]) != len(dims[1]) or any(
+                x is not None and y is not None and x != y for x, y in zip(*dims)):
+            raise ReparamError(f"input '{key}' is {kinds[0][1]} in {names[0]} but {kinds[1][1]} in {names[1]}: "
+                               "the two models cannot run on the same inputs")
+
+
+def _described(value: onnx.ValueInfoProto) -> tuple[int, str]:
+    """(element type, 'float 1x3xHxW') of an input."""
+    tensor = value.type.tensor_type
+    if not value.type.HasField("tensor_type"):
+        return -1, "not a tensor"
+    dims = "x".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim)
+    return tensor.elem_type, f"{onnx.TensorProto.DataType.Name(tensor.elem_type).lower()} {dims or 'scalar'}"
+
+
 def input_sizes(inputs: list[onnx.ValueInfoProto], shapes: dict[str, tuple[int, ...]],
                 chosen: list[str] | None = None) -> dict[str, tuple[int, ...]]:
     """The shape of each tensor input for a run: the one given, else its own with each symbolic
@@ -467,8 +495,8 @@ def lowest_precision(model: onnx.ModelProto) -> int:
 
 
 class Checker:
-    """The input model's outputs and their float64 evaluation on the check's inputs, computed once;
-    ``check`` judges a candidate by them (compare.py says how). Problems running the input model
+    """The input model's outputs (at once) and their float64 evaluation (when first needed) on
+    the check's inputs, computed once; ``check`` judges a candidate by them (compare.py says how). Problems running the input model
     are bad input (ReparamError); problems running the candidate are a failed check. ``runs``
     counts the model runs, by model."""
 
@@ -495,12 +523,21 @@ class Checker:
         self.truth, self.rounded, self.truth_note = None, None, ""
         self.reference: onnx.ModelProto | None = None
         self.unheld: list[str] = []  # float outputs without a float64 value although there is an evaluation
+        self.baselines: list[compare.Baseline | None] | None = None
+        self._pending: onnx.ModelProto | None = None if given else reference  # evaluated by evaluate()
         if given:
             self.truth_note = "no float64 evaluation: rtol/atol were given"
-        else:
-            self._evaluate_truth(reference)
-        self.baselines = self._baselines()
         self.note = "; ".join(self.runner.notes + self.chosen) or None
+
+    def evaluate(self) -> Checker:
+        """Makes the float64 evaluation and the input model's distances from it, once: when the
+        first candidate is checked (a run that rewrites nothing needs neither)."""
+        if self.baselines is None:
+            reference, self._pending = self._pending, None
+            if reference is not None:
+                self._evaluate_truth(reference)
+            self.baselines = self._baselines()
+        return self
 
     def _run_reference(self, reference: onnx.ModelProto) -> list[list[np.ndarray]]:
         try:
@@ -588,9 +625,11 @@ class Checker:
             return f"rtol {rtol:g}, atol {atol:g} (given, or by the {name} type where not), against the input model"
         return f"rtol {rtol:g}, atol {atol:g} for {name} arithmetic, against the input model"
 
-    def check(self, candidate: onnx.ModelProto, sets: list[int] | None = None) -> Verification:
-        """Runs the candidate on the check's inputs (the sets numbered in ``sets``, or all) and
-        judges each output."""
+    def check(self, candidate: onnx.ModelProto, sets: list[int] | None = None,
+              name: str = "the rewritten model") -> Verification:
+        """Runs the candidate (called ``name`` in messages) on the check's inputs (the sets
+        numbered in ``sets``, or all) and judges each output."""
+        self.evaluate()
         names = [o.name for o in candidate.graph.output]
         truth_note = self.truth_note + (f"; compared with the input model, without a float64 value of their "
                                         f"own (a type or shape the widening does not reach): {', '.join(self.unheld)}"
@@ -614,7 +653,7 @@ class Checker:
                     judge.add(i, actual)
                 del outputs
         except Exception as exc:  # noqa: BLE001 - the rewritten model is ours: a failed check
-            return Verification(self.runner.provider, [], error=f"onnxruntime cannot run the rewritten model: "
+            return Verification(self.runner.provider, [], error=f"onnxruntime cannot run {name}: "
                                 f"{first_line(exc)}", **header)
         judged = [judge.verdict() for judge in judges]
         checks = [check for check, _ in judged]
@@ -624,7 +663,7 @@ class Checker:
                                 f"'{missing[0]}', a float tensor their decisions read")
         if failing and self._evaluate_rounded():  # is the failure the fused weights' rounding?
             self.baselines = self._baselines()
-            return self.check(candidate, sets)
+            return self.check(candidate, sets, name)
         return Verification(self.runner.provider, checks, inputs=len(chosen), bound=self._describe(),
                             device=f"{self.runner.device}; onnxruntime {_ort().__version__}",
                             failing_sets=failing, **header)

@@ -137,7 +137,7 @@ def deep_classifier(classes: int = 1000, layers: int = 6, seed: int = 0) -> onnx
 def test_an_exact_fold_is_never_refused_on_logits_near_zero():
     model = deep_classifier()
     # biases that put every logit near zero on the first input set
-    logits = Checker(model).truth[0][0]
+    logits = Checker(model).evaluate().truth[0][0]
     gemm = model.graph.node[-1]
     model = with_array(model, gemm.input[2], lambda bias: (bias - logits[0]).astype(np.float32))
     optimized, report = onnx_reparam.optimize(model)
@@ -153,7 +153,7 @@ def test_a_perturbed_logit_is_caught():
     model = deep_classifier()
     optimized, _ = onnx_reparam.optimize(model, verify=False)
     gemm = next(n for n in optimized.graph.node if n.op_type == "Gemm")
-    scale = float(np.abs(Checker(model).truth[0][0]).max())
+    scale = float(np.abs(Checker(model).evaluate().truth[0][0]).max())
 
     def nudge(bias):
         bias[17] += 1e-4 * scale  # one logit off by 1e-4 of the logits' scale
@@ -181,7 +181,7 @@ def test_a_wrong_channel_is_caught_where_the_input_model_is_noisy():
     model = cancelling_model()
     optimized, report = onnx_reparam.optimize(model)
     assert report.verification.passed and ops(optimized) == {"Conv": 1}
-    checker = Checker(model)
+    checker = Checker(model).evaluate()
     t, r = checker.truth[0][0], checker.expected[0][0]
     channel_range = float(np.abs(t[0, 2]).max())
     own_error = float(np.abs(r[0, 2] - t[0, 2]).max()) / channel_range
@@ -198,7 +198,7 @@ def test_a_wrong_channel_is_caught_where_the_input_model_is_noisy():
 def test_an_output_ten_times_further_from_truth_than_the_input_model_fails():
     model = cancelling_model()  # an input model well away from truth: its distance is measurable
     inputs = {"x": np.random.default_rng(5).standard_normal((1, 4, 8, 8)).astype(np.float32)}
-    checker = Checker(model, inputs=inputs)
+    checker = Checker(model, inputs=inputs).evaluate()
     error = (checker.expected[0][0].astype(np.float64) - checker.truth[0][0])
     name = model.graph.output[0].name
     worse = onnx.ModelProto()

@@ -12,7 +12,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+import onnx_reparam
 from conftest import GraphBuilder, ops
+from onnx_reparam.errors import ReparamError
 from onnx_reparam.cli import main
 from onnx_reparam.verify import cuda_status
 
@@ -223,3 +225,54 @@ def test_console_script_has_no_traceback(tmp_path):
                              str(tmp_path / "out.onnx")], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().startswith("error:")
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_models_that_cannot_take_the_same_inputs_are_a_usage_error(tmp_path):
+    small, large, second = (tmp_path / n for n in ("small.onnx", "large.onnx", "second.onnx"))
+    onnx.save(block_model((1, 4, 6, 6)), small)
+    onnx.save(block_model((1, 4, 8, 8)), large)
+    b = GraphBuilder()
+    onnx.save(b.model([b.node("Add", [b.input("x", [1, 4, 6, 6]), b.input("q", [1, 4, 6, 6])])]), second)
+    code, output = run("verify", small, large)
+    assert code == 2 and one_line_error(output)
+    assert f"input 'x' is float 1x4x6x6 in {small} but float 1x4x8x8 in {large}" in output
+    code, output = run("bench", small, second, "--rounds", 1)
+    assert code == 2 and one_line_error(output) and f"{second} has input 'q' that {small} lacks" in output
+
+
+@pytest.mark.parametrize("option", [("--threads", 100000), ("--rounds", 10**9), ("--warmup", -1), ("--threads", 0)])
+def test_absurd_bench_settings_are_refused_up_front(model_path, option):
+    code, output = run("bench", model_path, model_path, *option)
+    assert code == 2 and "Invalid value for" in output and option[0] in output
+    with pytest.raises(ReparamError, match=f"{option[0][2:]} must be an integer from"):
+        onnx_reparam.bench(model_path, model_path, **{option[0][2:]: option[1]})
+
+
+def unrunnable_models() -> dict[str, onnx.ModelProto]:
+    """Valid to onnx's checker, refused by onnxruntime when run."""
+    b = GraphBuilder()
+    transposed = b.node("ConvTranspose", [b.input("x", [1, 32, 4, 4]), b.const(b.rand(32, 2, 3, 3))], group=3)
+    b.bn(transposed, 6)
+    graph = onnx.helper.make_graph(b.nodes, "t", b.inputs, [onnx.helper.make_tensor_value_info(
+        b.nodes[-1].output[0], onnx.TensorProto.FLOAT, [1, 6, 6, 6])], initializer=b.inits)
+    models = {"ConvTranspose, 32 channels in 3 groups": onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10)}
+    b = GraphBuilder()
+    padded = b.node("Pad", [b.input("x", [1, 4, 5, 5]), b.const(np.array([0, 1, 0, 0, 0, 0, 0, 0], np.int64))])
+    models["a Pad on the channel axis before a Conv"] = b.model([b.bn(b.conv(padded, 4, 4, 1), 4)])
+    return models
+
+
+@pytest.mark.parametrize("kind", unrunnable_models())
+def test_a_model_onnxruntime_cannot_run_is_bad_input_before_any_rewrite(tmp_path, kind):
+    path = tmp_path / "in.onnx"
+    onnx.save(unrunnable_models()[kind], path)
+    code, output = run("optimize", path, tmp_path / "out.onnx")
+    assert code == 2 and one_line_error(output) and "onnxruntime cannot run the input model" in output
+    assert not (tmp_path / "out.onnx").exists()
+    stages = []
+    with pytest.raises(ReparamError, match="cannot run the input model"):
+        onnx_reparam.optimize(path, progress=stages.append)
+    assert not any(s.startswith("sweep") for s in stages)  # refused before any rewrite
+    _, report = onnx_reparam.optimize(path, verify=False)  # unchecked, as asked: no internal error
+    assert not any(r.reason.startswith("internal error") for p in report.passes for r in p.refusals)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import algebra
 from ..graph import Graph, Node, attr, optional_input
-from ..linear import ChannelAffine, ConvForm, bias_vector, channel_affine, conv_form
+from ..linear import ChannelAffine, ConvForm, bias_vector, channel_affine, conv_form, misfit
 from ..matcher import Chain, ChainMatch, find_chains
 from . import PassLog
 
@@ -52,10 +52,12 @@ def linear_of(graph: Graph, node: Node) -> Linear | str | None:
     return _weighted_layer(graph, node)
 
 
-def _weighted_layer(graph: Graph, node: Node) -> Linear | None:
+def _weighted_layer(graph: Graph, node: Node) -> Linear | str | None:
     weight = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or graph.constant(node.inputs[0]) is not None:
         return None
+    if node.op in ("Conv", "ConvTranspose") and misfit(node, weight):
+        return misfit(node, weight)
     bias_input = optional_input(node, 2)
     bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
     if bias is None:

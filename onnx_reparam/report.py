@@ -50,7 +50,11 @@ class GraphStats:
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> GraphStats:
-        tensors = model.graph.initializer
+        """Counts the weights wherever they are held: initializers, sparse ones (their stored
+        values) and Constant nodes' values."""
+        graph = model.graph
+        tensors = list(graph.initializer) + [t.values for t in graph.sparse_initializer] + [
+            a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
         params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors)
         ops = Counter(n.op_type for n in model.graph.node)
         return cls(len(model.graph.node), params, dict(sorted(ops.items())), sum(map(tensor_bytes, tensors)))

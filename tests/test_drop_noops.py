@@ -119,3 +119,16 @@ def test_a_slice_is_whole_by_the_inferred_shape_not_a_wrong_declaration():
     optimized, report = unverified_output_is_right(model)
     assert ops(optimized) == {"Relu": 2, "Slice": 1}
     assert any(f"'{relu}' is declared 1x3x4, inferred 1x3x8" in n for n in report.notes)
+
+
+def test_adding_zero_goes_and_the_check_catches_a_sign_of_zero_that_matters():
+    """-0.0 + 0.0 is +0.0, so 1/x after the dropped Add flips -inf to +inf: value-exact rules
+    (as onnxruntime's), held to the check on the inputs given."""
+    b = GraphBuilder()
+    model = b.model([b.node("Reciprocal", [b.node("Add", [b.input("x", [1, 4]), b.const(np.zeros(1, np.float32))])])])
+    optimized, report = rewrite(model)
+    assert ops(optimized) == {"Reciprocal": 1} and report.verification.passed
+    signed = {"x": np.array([[-0.0, 0.0, 1.0, -2.0]], np.float32)}
+    kept, report = rewrite(model, inputs=signed)
+    assert ops(kept) == {"Add": 1, "Reciprocal": 1}
+    assert [d.reason for d in report.dropped] == [f"its rewrite did not verify ({model.graph.output[0].name}: inf/NaN values differ)"]

@@ -182,3 +182,19 @@ def test_json_report_has_stage_times_and_peak_memory(model_path, tmp_path):
     cli("optimize", model_path, tmp_path / "out.onnx", "--report", tmp_path / "r.json")
     data = json.loads((tmp_path / "r.json").read_text())
     assert {"load", "rewrite", "verify", "save"} <= set(data["seconds"]) and data["peak_memory"] > 2**20
+
+
+def test_weights_held_in_constant_nodes_are_counted(tmp_path):
+    rng = np.random.default_rng(0)
+    nodes = [onnx.helper.make_node("Constant", [], ["w"], value=onnx.numpy_helper.from_array(
+                 rng.standard_normal((8, 4, 3, 3)).astype(np.float32))),
+             onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[1] * 4),
+             onnx.helper.make_node("Constant", [], ["s"], value=onnx.numpy_helper.from_array(
+                 rng.uniform(1, 2, (1, 8, 1, 1)).astype(np.float32))),
+             onnx.helper.make_node("Mul", ["y", "s"], ["z"])]
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [1, 4, 6, 6])],
+                                   [onnx.helper.make_tensor_value_info("z", 1, [1, 8, 6, 6])])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "in.onnx")
+    code, output = cli("optimize", tmp_path / "in.onnx", tmp_path / "out.onnx")
+    assert code == 0 and re.search(r"^parameters +296 +296$", output, re.M), output
+    assert re.search(r"^weights +1\.2 KB +1\.2 KB$", output, re.M), output

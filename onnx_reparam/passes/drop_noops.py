@@ -3,6 +3,9 @@ Identity; Mul/Div by 1 and Add/Sub of 0 (a constant that does not broadcast the 
 shape); a Transpose followed by one that undoes it; a Slice of whole axes; and a second
 Transpose, Reshape, Squeeze, Unsqueeze or Flatten identical to one already reading the same tensor.
 
+Value-exact, not bit-exact: ``x + 0.0`` is dropped although it turns -0.0 into +0.0 (README:
+the sign of a zero is not kept; the check catches an output that depends on it on its inputs).
+
 Exporters write these (paddle2onnx's `x + 0` is Identity -> Mul(1) -> Add(0) -> Identity, tf2onnx
 puts a Transpose of the input in front of each branch). Readers of the removed node's output read
 its input instead; a node whose output is a graph output stays, so output names are kept.

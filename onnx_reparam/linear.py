@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import algebra
+from .compare import is_float
 from .graph import Graph, Node, Tensor, attr, conv_geometry, optional_input
 from .routing import PadView, SizeDependent, pad_view
 
@@ -164,7 +165,7 @@ def fc_form(graph: Graph, node: Node) -> FCForm | None:
     if node.op not in ("Gemm", "MatMul") or len(node.inputs) < 2:
         return None
     weight = graph.constant(node.inputs[1])
-    if weight is None or weight.ndim != 2 or graph.constant(node.inputs[0]) is not None:
+    if weight is None or weight.ndim != 2 or not is_float(weight.dtype) or graph.constant(node.inputs[0]) is not None:
         return None
     if node.op == "Gemm" and attr(node, "transA", 0):
         return None

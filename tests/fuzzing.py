@@ -1,29 +1,48 @@
 """Fuzz harness: the tool run as a hostile user would, on seeded random graphs of the patterns it
 targets and on mutants of the shipped model, each checked against onnxruntime.
 
+A random case is one of these kinds (HOSTILE), each a way a valid model has broken the tool:
+a plain block; its weights as Constant nodes (one inside an If's branch) stored as external data
+and run from another working folder; two inputs sharing a symbolic batch dim fixed by
+``--static-shape`` for one of them; a wrong declared shape; nodes moved to a custom domain under
+their standard names; int32, int64, double, float16 or bfloat16 data through the layout, constant,
+affine and channel-MatMul rules; a model onnxruntime refuses to run.
+
 For every case it records what a user must never see: an exception that is not a one-line error
-(a traceback), an input file changed, an output that fails ``check_model(full_check=True)``, an
-output that differs from the input's (with ``--no-verify``, so the check cannot hide it), a refusal
-without a reason, and an internal error turned into a refusal. The tests run a small budget
-(test_fuzz_harness.py); ``python benchmarks/fuzz.py`` a large one.
+(a traceback: exit 3), an input file changed, an output that fails ``check_model(full_check=True)``
+or that onnxruntime does not load (where the input passes and loads), an output that differs from
+the input's (with ``--no-verify``, so the check cannot hide it), an output that refers to the
+input's files, a custom-domain node taken for a standard one, a model onnxruntime refuses not
+rejected as bad input before any rewrite, a refusal without a reason, and an internal error turned
+into a refusal. The tests run a small budget (test_fuzz_harness.py); ``python benchmarks/fuzz.py``
+a large one.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 import onnx_reparam
 from conftest import GraphBuilder
+from onnx_reparam.model_io import save_model
 from onnx_reparam.verify import Checker
 
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "repvgg_a0_tiny_train.onnx"
+
+
+HOSTILE = ("external", "shared_dims", "misdeclared", "custom", "dtype", "refused")
+CUSTOM = "my.custom"
 
 
 @dataclass
@@ -31,6 +50,8 @@ class Case:
     name: str
     model: onnx.ModelProto
     input_shapes: dict | None = None
+    kind: str = "plain"  # or one of HOSTILE
+    static_shape: bool = False  # run with --static-shape (and input_shapes)
 
 
 @dataclass
@@ -40,14 +61,20 @@ class Findings:
     rewritten: int = 0
     dropped: int = 0  # rewrites the check caught and dropped (wrong, but never written)
     problems: list[str] = field(default_factory=list)
+    # Unchecked outputs onnxruntime runs, but not with its default optimizations, where it loads
+    # the input so: a defect of its optimizer the rewrite ran into (the check drops such rewrites).
+    optimizer_defects: list[str] = field(default_factory=list)
+    kinds: Counter = field(default_factory=Counter)  # cases run (not skipped), by kind
 
     def add(self, case: Case, what: str) -> None:
         self.problems.append(f"{case.name}: {what}")
 
     def summary(self) -> str:
         kinds = Counter(p.split(": ", 1)[1].split(":")[0] for p in self.problems)
+        defects = (f", {len(self.optimizer_defects)} unchecked outputs onnxruntime's optimizer fails on "
+                   f"({', '.join(self.optimizer_defects)})" if self.optimizer_defects else "")
         return (f"{self.cases} cases ({self.skipped} skipped as invalid, {self.rewritten} rewritten, "
-                f"{self.dropped} rewrites dropped by the check); problems: "
+                f"{self.dropped} rewrites dropped by the check{defects}); problems: "
                 + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"))
 
 
@@ -57,16 +84,16 @@ class RandomBlock:
     conv, BN, Mul and AveragePool leaves, broadcasting constants, a second input, dynamic dims,
     shared intermediates and a nonlinearity after."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, dtype=np.float32, second_input: bool = False, dynamic: str | None = None):
         self.rng = rng = np.random.default_rng(seed)
-        self.b = b = GraphBuilder(seed)
+        self.b = b = GraphBuilder(seed, dtype)
         self.rank = int(rng.choice([1, 2, 2, 2, 3]))
         self.c = int(rng.choice([2, 4, 6]))
         self.size = int(rng.choice([5, 6, 8]))
-        dynamic = str(rng.choice(["none", "none", "batch", "spatial"]))
+        dynamic = dynamic or str(rng.choice(["none", "none", "batch", "spatial"]))
         shape = [1, self.c] + [self.size] * self.rank
         self.x = b.input("x", shape)
-        self.z = b.input("z", shape) if rng.random() < 0.2 else None
+        self.z = b.input("z", shape) if rng.random() < 0.2 or second_input else None
         self.stride = int(rng.choice([1, 1, 2]))
         self.outputs: list[str] = []
         leaves = [self.leaf()]
@@ -178,12 +205,141 @@ class RandomBlock:
         return terms[0]
 
 
+class LayoutBlock:
+    """A chain of what the layout, constant, affine and channel-MatMul rules rewrite, on data of
+    any element type: Transpose pairs (with or without perm), Reshape pairs, Identity, Mul by one
+    and Add of zero, a per-channel Mul then Add, a whole Slice, a MatMul over the channels of a
+    flattened tensor, a MatMul over the last axis then a Mul along it."""
+
+    def __init__(self, seed: int, dtype):
+        rng = np.random.default_rng(seed)
+        self.b = b = GraphBuilder(seed, dtype)
+        c, h, w = int(rng.choice([2, 4])), 3, 3
+        y = b.input("x", [1, c, h, w])
+        small = lambda *shape: b.const((rng.integers(-3, 4, shape)).astype(dtype))  # noqa: E731 - exact in every type
+        for _ in range(int(rng.integers(2, 6))):
+            step = str(rng.choice(["transposes", "reshapes", "identity", "neutral", "affine", "slice",
+                                   "channel_matmul", "matmul_affine"]))
+            if step == "transposes":
+                perm = [int(p) for p in rng.permutation(4)] if rng.random() < 0.5 else None
+                first = b.node("Transpose", [y], **({"perm": perm} if perm else {}))
+                y = b.node("Transpose", [first], **({"perm": list(np.argsort(perm))} if perm else {}))
+            elif step == "reshapes":
+                y = b.node("Reshape", [b.node("Reshape", [y, b.const(np.array([1, c, h * w], np.int64))]),
+                                       b.const(np.array([1, c, h, w], np.int64))])
+            elif step == "identity":
+                y = b.node("Identity", [y])
+            elif step == "neutral":
+                op = str(rng.choice(["Mul", "Add"]))
+                y = b.node(op, [y, b.const(np.array([1 if op == "Mul" else 0]).astype(dtype))])
+            elif step == "affine":
+                y = b.node("Add", [b.node("Mul", [y, small(1, c, 1, 1)]), small(1, c, 1, 1)])
+            elif step == "slice":
+                y = b.node("Slice", [y] + [b.const(np.array([v], np.int64)) for v in (0, h, 2)])
+            elif step == "channel_matmul":
+                out = int(rng.choice([2, 4]))
+                flat = b.node("Reshape", [y, b.const(np.array([1, c, h * w], np.int64))])
+                y = b.node("Reshape", [b.node("MatMul", [small(out, c), flat]), b.const(np.array([1, out, h, w], np.int64))])
+                c = out
+            else:
+                y = b.node("Mul", [b.node("MatMul", [y, small(w, w)]), small(w)])
+        self.model = b.model([y])
+
+
 def random_case(seed: int) -> Case | None:
+    """Half the seeds a plain random block, the others one of the HOSTILE kinds (drawn from a
+    stream of its own, so the blocks stay as they were)."""
+    draw = np.random.default_rng([seed, 19])
+    kind = str(draw.choice(["plain"] * len(HOSTILE) + list(HOSTILE)))
     try:
+        if kind == "dtype":
+            dtype = draw.choice([np.int32, np.int64, np.float64, np.float16, ml_dtypes.bfloat16])
+            if dtype != np.float16 and draw.random() < 0.7:
+                return Case(f"random-{seed}-{np.dtype(dtype).name}", LayoutBlock(seed, dtype).model, kind=kind)
+            block = RandomBlock(seed, dtype)
+            return Case(f"random-{seed}-{np.dtype(dtype).name}", block.model, block.input_shapes, kind=kind)
+        if kind == "shared_dims":
+            block = RandomBlock(seed, second_input=True, dynamic="batch")
+            shape = (2,) + block.input_shapes["x"][1:]
+            return Case(f"random-{seed}-{kind}", block.model, {"x": shape}, kind=kind, static_shape=True)
         block = RandomBlock(seed)
     except Exception:  # noqa: BLE001 - shapes that do not add up: not a model at all
         return None
-    return Case(f"random-{seed}", block.model, block.input_shapes)
+    model = {"plain": lambda m, r: m, "external": as_constants, "misdeclared": misdeclared,
+             "custom": in_custom_domain, "refused": refused_by_onnxruntime}[kind](block.model, draw)
+    return Case(f"random-{seed}" + ("" if kind == "plain" else f"-{kind}"), model, block.input_shapes, kind=kind)
+
+
+def as_constants(model: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
+    """Every weight a Constant node, one of them behind an If whose branches both give it (the
+    case is saved with its Constant values as external data)."""
+    graph = model.graph
+    constants = [helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
+    hidden = constants.pop(int(rng.integers(len(constants)))) if constants else None
+    del graph.initializer[:]
+    nodes = constants + list(graph.node)
+    if hidden is not None:
+        branches = [helper.make_graph([hidden], f"branch{i}", [], [helper.make_tensor_value_info(
+            hidden.output[0], hidden.attribute[0].t.data_type, list(hidden.attribute[0].t.dims))]) for i in (0, 1)]
+        truth = helper.make_node("Constant", [], ["if_condition"], value=numpy_helper.from_array(np.array(True)))
+        nodes = [truth, helper.make_node("If", ["if_condition"], [hidden.output[0]], then_branch=branches[0],
+                                         else_branch=branches[1])] + nodes
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+def misdeclared(model: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
+    """A wrong shape declared for an intermediate tensor or an output (onnxruntime runs it)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    values = [v for v in list(inferred.graph.value_info) + list(model.graph.output)
+              if v.type.tensor_type.HasField("shape") and len(v.type.tensor_type.shape.dim) >= 2]
+    if not values:
+        return model
+    value = onnx.ValueInfoProto()
+    value.CopyFrom(values[int(rng.integers(len(values)))])
+    dims = value.type.tensor_type.shape.dim
+    axis = int(rng.integers(len(dims)))
+    dims[axis].dim_value = (dims[axis].dim_value if dims[axis].HasField("dim_value") else 1) + int(rng.integers(1, 3))
+    outputs = [o for o in model.graph.output if o.name == value.name]
+    if outputs:
+        outputs[0].CopyFrom(value)
+    else:
+        model.graph.value_info.append(value)
+    return model
+
+
+def in_custom_domain(model: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
+    """Some nodes moved to a custom domain under their standard names, their outputs' shapes
+    declared (inference knows nothing of the domain)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    model.graph.value_info.extend(inferred.graph.value_info)
+    for node in model.graph.node:
+        if rng.random() < 0.4:
+            node.domain = CUSTOM
+    model.opset_import.append(helper.make_opsetid(CUSTOM, 1))
+    return model
+
+
+def refused_by_onnxruntime(model: onnx.ModelProto, rng: np.random.Generator) -> onnx.ModelProto:
+    """A conv given a group count its channels do not divide, or one input channel too few in
+    its weight: onnx's checker passes it, onnxruntime refuses to run it."""
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    if not convs:
+        return model
+    node = convs[int(rng.integers(len(convs)))]
+    weight = next(t for t in model.graph.initializer if t.name == node.input[1])
+    if rng.random() < 0.5:
+        for a in node.attribute:
+            if a.name == "group":
+                a.i = weight.dims[0] + 1
+                break
+        else:
+            node.attribute.append(helper.make_attribute("group", int(weight.dims[0]) + 1))
+    else:
+        array = numpy_helper.to_array(weight)
+        weight.CopyFrom(numpy_helper.from_array(np.concatenate([array, array[:, :1]], axis=1), weight.name))
+    return model
 
 
 def mutant_case(seed: int) -> Case:
@@ -231,45 +387,47 @@ def mutant_case(seed: int) -> Case:
     return Case(f"mutant-{seed}-{kind}", model, input_shapes)
 
 
-def _valid_reference(case: Case) -> bool:
+def _passes(check, model: onnx.ModelProto) -> bool:
     try:
-        onnx.checker.check_model(case.model, full_check=True)
-        Checker(case.model, input_shapes=case.input_shapes, provider="cpu")
+        check(model)
         return True
-    except Exception:  # noqa: BLE001 - the generator made something that is not a model
+    except Exception:  # noqa: BLE001 - the answer asked for
         return False
+
+
+def _runs(case: Case) -> bool:
+    return _passes(lambda m: Checker(m, input_shapes=case.input_shapes, provider="cpu"), case.model)
 
 
 def run_case(case: Case, findings: Findings) -> None:
     findings.cases += 1
-    if not _valid_reference(case):
+    full = _passes(lambda m: onnx.checker.check_model(m, full_check=True), case.model)
+    runs = _runs(case)
+    if case.kind == "refused" and full and not runs:
+        findings.kinds[case.kind] += 1
+        with _saved(case, findings) as path:
+            _expect_rejection(case, path, findings)
+        return
+    # What the generator made must be a model: valid (its declaration wrong or its ops custom, if
+    # so made) and run by onnxruntime (or, for types its CPU lacks, by onnx's evaluator).
+    if not (full or case.kind in ("misdeclared", "custom") and _passes(onnx.checker.check_model, case.model)) \
+            or not (runs or case.kind in ("custom", "dtype")):
         findings.skipped += 1
         return
-    with tempfile.TemporaryDirectory(prefix="onnx-reparam-fuzz-") as tmp:
-        path = Path(tmp) / "in.onnx"
-        onnx.save(case.model, path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        try:
-            unverified, report = onnx_reparam.optimize(path, verify=False)
-        except onnx_reparam.ReparamError as exc:
-            findings.add(case, f"valid model rejected: {exc}")
+    findings.kinds[case.kind] += 1
+    with _saved(case, findings) as path:
+        unverified = _unverified_run(case, path, findings)
+        if unverified is None:
             return
-        except Exception as exc:  # noqa: BLE001 - exactly what the harness looks for
-            findings.add(case, f"traceback: {type(exc).__name__}: {exc}")
-            return
-        _inspect_report(case, report, findings)
-        if report.rewrites:
-            findings.rewritten += 1
+        if case.kind == "custom":
+            _custom_nodes_kept(case, unverified, findings)
+        if runs:
             try:
-                onnx.checker.check_model(unverified, full_check=True)
-            except Exception as exc:  # noqa: BLE001
-                findings.add(case, f"invalid output: {str(exc).splitlines()[0]}")
-            result = Checker(case.model, input_shapes=case.input_shapes, provider="cpu").check(unverified)
-            if not result.passed and not result.inconclusive:
-                findings.add(case, f"wrong output with --no-verify: {result.worst()}")
-            try:
-                _, verified = onnx_reparam.optimize(path, input_shapes=case.input_shapes, provider="cpu")
+                model, verified = onnx_reparam.optimize(path, input_shapes=case.input_shapes, provider="cpu",
+                                                        static_shape=case.static_shape)
                 findings.dropped += len(verified.dropped)
+                if _loads_optimized(path) and not _passes(lambda m: _session(m, optimized=True), model):
+                    findings.add(case, "verified output onnxruntime's default optimizations do not load")
             except onnx_reparam.VerificationError as exc:
                 if not exc.report.verification.inconclusive:  # all inf/NaN: nothing to blame
                     findings.add(case, f"verified run failed: {exc}")
@@ -277,8 +435,143 @@ def run_case(case: Case, findings: Findings) -> None:
                 findings.add(case, f"verified run failed: {exc}")
             except Exception as exc:  # noqa: BLE001
                 findings.add(case, f"traceback: {type(exc).__name__}: {exc}")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+
+
+@contextlib.contextmanager
+def _saved(case: Case, findings: Findings):
+    """The case saved in a folder of its own (an "external" case with its Constant values as
+    external data), the working folder elsewhere while it is used; checks the input unchanged."""
+    with tempfile.TemporaryDirectory(prefix="onnx-reparam-fuzz-") as tmp:
+        folder, elsewhere = Path(tmp) / "in", Path(tmp) / "elsewhere"
+        folder.mkdir(), elsewhere.mkdir()
+        path = folder / "in.onnx"
+        if case.kind == "external":
+            copy = onnx.ModelProto()
+            copy.CopyFrom(case.model)  # onnx.save would point the case's own tensors at the file
+            onnx.save(copy, path, save_as_external_data=True, convert_attribute=True, size_threshold=0,
+                      location="in.data")
+        else:
+            onnx.save(case.model, path)
+        before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+        with contextlib.chdir(elsewhere):
+            yield path
+        if {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()} != before:
             findings.add(case, "input changed")
+
+
+def _session(model, optimized: bool):
+    """An onnxruntime session of a model (or path) on the CPU: with its default optimizations, as
+    a user's session has them, or with none, as the check runs."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures are raised; onnxruntime need not also print them
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"], enable_fallback=0)
+
+
+def _loads_optimized(path: Path) -> bool:
+    return _passes(lambda m: _session(m, optimized=True), path)
+
+
+def _unverified_run(case: Case, path: Path, findings: Findings) -> onnx.ModelProto | None:
+    """optimize with --no-verify, written to OUT beside the input as the command line writes it;
+    OUT inspected. None when there is nothing more to look at."""
+    shapes = case.input_shapes if case.static_shape else None
+    try:
+        unverified, report = onnx_reparam.optimize(path, verify=False, static_shape=case.static_shape,
+                                                   input_shapes=shapes)
+        out = path.parent.parent / "out" / "out.onnx"
+        out.parent.mkdir()
+        save_model(unverified, out, external_data=case.kind == "external")
+    except onnx_reparam.ReparamError as exc:
+        findings.add(case, f"valid model rejected: {exc}")
+        return None
+    except Exception as exc:  # noqa: BLE001 - exactly what the harness looks for
+        findings.add(case, f"traceback: {type(exc).__name__}: {exc}")
+        return None
+    _inspect_report(case, report, findings)
+    if not report.rewrites:
+        return unverified
+    findings.rewritten += 1
+    held = {e.value for t in onnx.external_data_helper._get_all_tensors(onnx.load(out, load_external_data=False))
+            for e in t.external_data if e.key == "location"}
+    if held - {"out.onnx.data"}:
+        findings.add(case, f"output refers to files not its own: {sorted(held)}")
+        return unverified
+    if case.kind != "custom":
+        try:
+            onnx.checker.check_model(out, full_check=True)
+        except Exception as exc:  # noqa: BLE001
+            findings.add(case, f"invalid output: {str(exc).splitlines()[0]}")
+    if _runs(case):
+        try:
+            _session(out, optimized=False)
+        except Exception as exc:  # noqa: BLE001
+            findings.add(case, f"output onnxruntime does not load: {str(exc).splitlines()[0]}")
+            return unverified
+        if _loads_optimized(path) and not _loads_optimized(out):
+            # Valid, and run without optimizations: a defect of onnxruntime's optimizer that the
+            # unchecked rewrite ran into. The check drops such a rewrite (run_case checks that).
+            findings.optimizer_defects.append(case.name)
+        checker = Checker(case.model, input_shapes=case.input_shapes, provider="cpu")
+        checker.deployable = False  # the values only: loading optimized was looked at above
+        result = checker.check(unverified)
+        if not result.passed and not result.inconclusive:
+            findings.add(case, f"wrong output with --no-verify: {result.worst()}")
+    elif case.kind == "dtype":
+        _evaluator_agrees(case, unverified, findings)
+    return unverified
+
+
+def _evaluator_agrees(case: Case, unverified: onnx.ModelProto, findings: Findings) -> None:
+    """For a type onnxruntime's CPU does not run: both models in onnx's reference evaluator."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for value in case.model.graph.input:
+        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        feeds[value.name] = (rng.standard_normal(shape) * 3).astype(dtype)
+    try:
+        expected, actual = (ReferenceEvaluator(m).run(None, feeds) for m in (case.model, unverified))
+    except Exception:  # noqa: BLE001 - the evaluator lacks an op: nothing to compare with
+        return
+    for a, b in zip(expected, actual):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        slack = 0.05 * np.abs(a).max() if a.dtype != np.float64 or case.model.graph.input[0].type.tensor_type.elem_type \
+            == onnx.TensorProto.BFLOAT16 else 0.0
+        if a.shape != b.shape or np.abs(a - b).max(initial=0) > slack + 1e-9 * np.abs(a).max(initial=0):
+            findings.add(case, f"wrong output with --no-verify: onnx's evaluator gives another value "
+                               f"({np.abs(a - b).max(initial=0) if a.shape == b.shape else 'shape'})")
+
+
+def _custom_nodes_kept(case: Case, unverified: onnx.ModelProto, findings: Findings) -> None:
+    def custom(model):
+        return Counter((n.domain, n.op_type, str(sorted((a.name, str(a)) for a in n.attribute)))
+                       for n in model.graph.node if n.domain == CUSTOM)
+    if custom(unverified) != custom(case.model):
+        findings.add(case, "custom-domain node taken for a standard one")
+
+
+def _expect_rejection(case: Case, path: Path, findings: Findings) -> None:
+    """A model onnxruntime refuses: bad input (ReparamError) before any rewrite when checked;
+    without the check, no traceback and no internal error."""
+    stages: list[str] = []
+    try:
+        onnx_reparam.optimize(path, provider="cpu", input_shapes=case.input_shapes, progress=stages.append)
+        findings.add(case, "model onnxruntime refuses not rejected")
+    except onnx_reparam.ReparamError as exc:
+        if "cannot run the input model" not in str(exc) or any(s.startswith("sweep") for s in stages):
+            findings.add(case, f"model onnxruntime refuses rejected late or for another reason: {exc}")
+    except Exception as exc:  # noqa: BLE001
+        findings.add(case, f"traceback: {type(exc).__name__}: {exc}")
+    try:
+        _, report = onnx_reparam.optimize(path, verify=False)
+        _inspect_report(case, report, findings)
+    except onnx_reparam.ReparamError:
+        pass
+    except Exception as exc:  # noqa: BLE001
+        findings.add(case, f"traceback: {type(exc).__name__}: {exc}")
 
 
 def _inspect_report(case: Case, report, findings: Findings) -> None:

@@ -18,7 +18,7 @@ from conftest import GraphBuilder, ops
 from onnx_reparam import compare, truth
 from onnx_reparam.report import OutputCheck
 from onnx_reparam.passes import fold_affine
-from onnx_reparam.verify import Checker
+from onnx_reparam.verify import Checker, Runner
 
 
 def with_array(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
@@ -476,3 +476,29 @@ def test_a_decision_whose_floats_a_rewrite_removed_is_held_to_the_input_model_an
     (out,) = report.verification.outputs
     assert out.role == "output" and out.integer and out.differ == 0
     assert f"'{scores}', a float tensor their decisions read" in report.verification.truth
+
+
+def test_a_candidate_onnxruntime_cannot_load_optimized_fails_the_check():
+    """onnxruntime 1.31's layout optimizer loses a graph output that is a depthwise conv of 6
+    channels summed with another, when that conv comes first in the graph: the same model in the
+    other order loads. A user's session has those optimizations, so the check loads them too."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 6, 8, 8])
+    first = b.conv(x, 6, 6, 3, groups=6, pads=[1] * 4)
+    second = b.conv(x, 6, 6, 5, groups=6, pads=[2] * 4)
+    loads = b.model([b.node("Add", [second, first]), second])
+    runner = Runner("cpu")
+    runner.session(loads, optimized=True)
+    reordered = onnx.ModelProto()
+    reordered.CopyFrom(loads)
+    nodes = list(loads.graph.node)
+    del reordered.graph.node[:]
+    reordered.graph.node.extend([nodes[1], nodes[0], nodes[2]])
+    try:
+        runner.session(reordered, optimized=True)
+    except Exception:  # noqa: BLE001 - the defect is there: the check must see it
+        result = onnx_reparam.verify(loads, reordered, provider="cpu")
+        assert not result.passed and "with its default optimizations cannot load B" in result.error
+    else:
+        pytest.skip("this onnxruntime loads both orders: its layout optimizer's defect is fixed")
+    assert onnx_reparam.verify(loads, loads, provider="cpu").passed

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import algebra
 from ..graph import Graph, Node, attr, optional_input
+from ..compare import is_float
 from ..linear import ChannelAffine, ConvForm, bias_vector, channel_affine, conv_form, misfit
 from ..matcher import Chain, ChainMatch, find_chains
 from . import PassLog
@@ -58,6 +59,8 @@ def _weighted_layer(graph: Graph, node: Node) -> Linear | str | None:
         return None
     if node.op in ("Conv", "ConvTranspose") and misfit(node, weight):
         return misfit(node, weight)
+    if not is_float(weight.dtype):
+        return f"a {node.op} on {weight.dtype} data: folding is float arithmetic"
     bias_input = optional_input(node, 2)
     bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
     if bias is None:

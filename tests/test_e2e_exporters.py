@@ -15,6 +15,8 @@ from conftest import FIXTURES, ops
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
 import export  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports with torch at test time: .ci/run runs these
+
 ARCHS = ["repvgg_a0", "mobileone", "dbb", "repvit", "fastvit", "acnet"]
 COUNTED = ("Conv", "BatchNormalization", "Add")
 

@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
 import export  # noqa: E402
 import families  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports with torch at test time: .ci/run runs these
+
 TRAINING_OPS = {"BatchNormalization", "Pad", "Slice", "ScatterND", "AveragePool", "Sub", "Shape"}
 CASES = [(name, exporter) for name in families.FAMILIES for exporter in ("ts", "dynamo")]
 

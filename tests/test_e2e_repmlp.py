@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
 import export  # noqa: E402
 import repmlp  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports with torch at test time: .ci/run runs these
+
 CASES = [(name, exporter) for name in repmlp.NETS for exporter in ("ts", "dynamo")]
 
 

@@ -14,6 +14,8 @@ import onnx_reparam
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
 import export  # noqa: E402
 
+pytestmark = pytest.mark.slow  # exports with torch at test time: .ci/run runs these
+
 CASES = [(arch, exporter) for arch in ("repvgg_a0", "repvgg_b1g4") for exporter in export.EXPORTERS]
 
 

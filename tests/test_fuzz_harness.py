@@ -3,10 +3,19 @@ wrong output even without verification, every refusal with a reason. The large b
 benchmarks/fuzz.py."""
 from __future__ import annotations
 
+import pytest
+
 import fuzzing
 from onnx_reparam.passes import fold_affine
 
 
+def test_a_few_fuzz_cases_find_nothing():
+    findings = fuzzing.fuzz(random_cases=30, mutants=6, first_seed=1000)
+    assert not findings.problems, "\n".join(findings.problems)
+    assert findings.rewritten >= 15, findings.summary()
+
+
+@pytest.mark.slow  # a fuzz budget: .ci/run runs it
 def test_small_fuzz_budget_finds_nothing():
     findings = fuzzing.fuzz(random_cases=120, mutants=30)
     assert not findings.problems, "\n".join(findings.problems)

@@ -23,7 +23,7 @@ from .model_io import load_model, load_weights
 from .passes import Pass
 from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
-from .verify import Checker, graph_inputs, input_sizes, same_inputs
+from .verify import Checker, graph_inputs, input_sizes, same_inputs, takes_feeds
 
 ISOLATION_BUDGET = 10  # checks' worth of runs of rewritten models spent finding failing rewrites
 
@@ -332,4 +332,6 @@ def verify(reference, candidate, *, names: tuple[str, str] = ("A", "B"), **optio
     input_shapes, inputs, seed, rtol, atol."""
     models = load_model(_as_model_source(reference)), load_model(_as_model_source(candidate))
     same_inputs(*models, names)
-    return Checker(models[0], **options).check(models[1], name=names[1])
+    checker = Checker(models[0], **options)
+    takes_feeds(models[1], checker.feed_sets[0], names[1])
+    return checker.check(models[1], name=names[1])

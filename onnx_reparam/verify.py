@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from . import compare, truth
-from .errors import ReparamError, first_line
+from .errors import ReparamError, first_line, one_line
 from .model_io import disk_arrays, fits_in_protobuf, inferred_value_info, on_disk, save_model, tensor_bytes
 from .report import OutputCheck, Verification
 
@@ -393,6 +393,18 @@ def same_inputs(a: onnx.ModelProto, b: onnx.ModelProto, names: tuple[str, str] =
                                "the two models cannot run on the same inputs")
 
 
+def takes_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], name: str = "B") -> None:
+    """The model's static dims must fit the arrays the check runs it on (sizes chosen for another
+    model's symbolic dims): an error naming the input and both shapes otherwise."""
+    for value in graph_inputs(model):
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        shape = np.shape(feeds.get(value.name))
+        if value.name in feeds and (len(dims) != len(shape) or any(
+                d.HasField("dim_value") and d.dim_value != n for d, n in zip(dims, shape))):
+            raise ReparamError(f"input '{value.name}' is run at {'x'.join(map(str, shape))}, but {name} takes "
+                               f"{_described(value)[1]}: the two models cannot run on the same inputs")
+
+
 def _described(value: onnx.ValueInfoProto) -> tuple[int, str]:
     """(element type, 'float 1x3xHxW') of an input."""
     tensor = value.type.tensor_type
@@ -569,7 +581,7 @@ class Checker:
         except ReparamError:
             raise
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
-            problem = first_line(exc)
+            problem = one_line(exc)
         if self.runner.provider.startswith("CUDA"):
             self.runner.cuda_cannot_run(problem)
             return self._run_reference(reference)
@@ -673,7 +685,7 @@ class Checker:
                 del outputs
         except Exception as exc:  # noqa: BLE001 - the rewritten model is ours: a failed check
             return Verification(self.runner.provider, [], error=f"onnxruntime cannot run {name}: "
-                                f"{first_line(exc)}", **header)
+                                f"{one_line(exc)}", **header)
         problem = self._load_problem(candidate) if self.deployable else None
         if problem:
             return Verification(self.runner.provider, [], error=f"onnxruntime with its default optimizations cannot "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper
 
 from conftest import GraphBuilder, misdeclare, ops, refusals, rewrite, unverified_output_is_right
@@ -132,3 +133,32 @@ def test_adding_zero_goes_and_the_check_catches_a_sign_of_zero_that_matters():
     kept, report = rewrite(model, inputs=signed)
     assert ops(kept) == {"Add": 1, "Reciprocal": 1}
     assert [d.reason for d in report.dropped] == [f"its rewrite did not verify ({model.graph.output[0].name}: inf/NaN values differ)"]
+
+
+NO_OPS = {
+    "Transpose pair without perm": lambda b, y: b.node("Transpose", [b.node("Transpose", [y])]),
+    "identity perm": lambda b, y: b.node("Transpose", [y], perm=[0, 1, 2, 3]),
+    "Squeeze then Unsqueeze": lambda b, y: b.node("Unsqueeze", [b.node("Squeeze", [y, b.const(np.array([0]))]),
+                                                                b.const(np.array([0]))]),
+    "Flatten then Reshape back": lambda b, y: b.node("Reshape", [b.node("Flatten", [y], axis=2),
+                                                                 b.const(np.array([1, 4, 5, 5]))]),
+    "all-zero Pad": lambda b, y: b.node("Pad", [y, b.const(np.zeros(8, np.int64))]),
+    "inference Dropout": lambda b, y: b.node("Dropout", [y]),
+}
+
+
+@pytest.mark.parametrize("kind", NO_OPS)
+def test_a_no_op_by_its_meaning_does_not_stop_a_fold(kind):
+    b = GraphBuilder()
+    y = b.conv(b.input("x", [1, 4, 5, 5]), 4, 4, 3, pads=[1] * 4)
+    model, report = rewrite(b.model([b.node("Relu", [b.bn(NO_OPS[kind](b, y), 4)])]))
+    assert ops(model) == {"Conv": 1, "Relu": 1}, refusals(report)
+
+
+def test_a_channel_shuffle_is_data_movement_that_changes_something():
+    b = GraphBuilder()
+    y = b.conv(b.input("x", [1, 4, 5, 5]), 4, 4, 3, pads=[1] * 4)
+    grouped = b.node("Reshape", [y, b.const(np.array([1, 2, 2, 5, 5]))])
+    shuffled = b.node("Reshape", [b.node("Transpose", [grouped], perm=[0, 2, 1, 3, 4]), b.const(np.array([1, 4, 5, 5]))])
+    model, _ = rewrite(b.model([b.node("Relu", [shuffled])]))
+    assert ops(model) == {"Conv": 1, "Reshape": 2, "Transpose": 1, "Relu": 1}

@@ -1,7 +1,11 @@
 """Removes nodes that change nothing, so they do not stand between the nodes of a pattern:
-Identity; Mul/Div by 1 and Add/Sub of 0 (a constant that does not broadcast the data to a larger
-shape); a Transpose followed by one that undoes it; a Slice of whole axes; and a second
-Transpose, Reshape, Squeeze, Unsqueeze or Flatten identical to one already reading the same tensor.
+Identity; an inference Dropout; Mul/Div by 1 and Add/Sub of 0 (a constant that does not broadcast
+the data to a larger shape); a Transpose followed by one that undoes it; a Slice of whole axes; a
+second Transpose, Reshape, Squeeze, Unsqueeze or Flatten identical to one already reading the same
+tensor; and, by meaning rather than spelling, any chain of data-movement ops that gives back its
+input unchanged (a Transpose pair without ``perm``, an identity perm, Squeeze then Unsqueeze,
+Flatten then Reshape back, an all-zero Pad): routing runs it on numbered elements and sees each
+element where it was.
 
 Value-exact, not bit-exact: ``x + 0.0`` is dropped although it turns -0.0 into +0.0 (README:
 the sign of a zero is not kept; the check catches an output that depends on it on its inputs).
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import routing
 from ..graph import Graph, Node
+from ..routing import ROUTING_OPS
 from . import PassLog
 
 NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
@@ -41,6 +47,8 @@ def _drop(graph: Graph, node: Node, seen: dict[tuple, Node], log: PassLog) -> li
     output = node.outputs[0]
     if node.op == "Identity":
         return _rewire(graph, log, "Identity", [node], output, node.inputs[0])
+    if node.op == "Dropout" and _inference(graph, node):
+        return _rewire(graph, log, "inference Dropout", [node], output, node.inputs[0])
     if node.op in NEUTRAL and len(node.inputs) == 2:
         data, constant = node.inputs[0], graph.constant(node.inputs[1])
         if constant is None and node.op in ("Mul", "Add"):
@@ -57,12 +65,38 @@ def _drop(graph: Graph, node: Node, seen: dict[tuple, Node], log: PassLog) -> li
                 return _rewire(graph, log, "Transpose pair", [node, prior], output, prior.inputs[0])
     if node.op == "Slice" and _whole(graph, node):
         return _rewire(graph, log, "Slice of whole axes", [node], output, node.inputs[0])
+    view = _unchanged(graph, output) if node.op in ROUTING_OPS else None
+    if view is not None:
+        return _rewire(graph, log, "data movement that changes nothing", view.nodes, output, view.source)
     if node.op in DUPLICABLE:
         key = (node.op, tuple(id(t) for t in node.inputs), tuple(sorted((k, repr(v)) for k, v in node.attrs.items())))
         twin = seen.setdefault(key, node)
         if twin is not node and twin.outputs[0].dtype == output.dtype:
             return _rewire(graph, log, f"duplicate {node.op}", [node], output, twin.outputs[0])
     return []
+
+
+def _inference(graph: Graph, node: Node) -> bool:
+    """A Dropout that passes its input through: no training_mode input (or a constant false one)
+    and no reader of its mask."""
+    mode = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    training = graph.constant(mode) if mode is not None else np.array(False)
+    mask_read = len(node.outputs) > 1 and (node.outputs[1].outputs or node.outputs[1].name in graph.output_names)
+    return training is not None and not bool(np.any(training)) and not mask_read
+
+
+def _unchanged(graph: Graph, output) -> routing.PadView | None:
+    """The data-movement ops computing ``output``, when they give back the tensor they read,
+    element for element (a view with no padding and no crop, of the same shape). Run only where
+    the shapes already agree: a channel shuffle (Reshape, Transpose, Reshape) is looked at and kept."""
+    source = routing.view_source(graph, output)
+    if source is None or source.shape is None or output.shape is None or list(source.shape) != list(output.shape):
+        return None
+    view = routing.pad_view(graph, output)
+    if isinstance(view, routing.PadView) and view.source is source and view.border is None \
+            and not any(view.begins) and not any(view.ends):
+        return view
+    return None
 
 
 def _whole(graph: Graph, node: Node) -> bool:

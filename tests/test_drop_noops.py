@@ -144,8 +144,9 @@ NO_OPS = {
                                                                  b.const(np.array([1, 4, 5, 5]))]),
     "all-zero Pad": lambda b, y: b.node("Pad", [y, b.const(np.zeros(8, np.int64))]),
     "inference Dropout": lambda b, y: b.node("Dropout", [y]),
+    "Reshape to its own shape": lambda b, y: b.node("Reshape", [y, b.const(np.array([1, 4, 5, 5]))]),
+    "Expand to its own shape": lambda b, y: b.node("Expand", [y, b.const(np.array([1, 4, 5, 5]))]),
 }
-
 
 @pytest.mark.parametrize("kind", NO_OPS)
 def test_a_no_op_by_its_meaning_does_not_stop_a_fold(kind):
@@ -162,3 +163,26 @@ def test_a_channel_shuffle_is_data_movement_that_changes_something():
     shuffled = b.node("Reshape", [b.node("Transpose", [grouped], perm=[0, 2, 1, 3, 4]), b.const(np.array([1, 4, 5, 5]))])
     model, _ = rewrite(b.model([b.node("Relu", [shuffled])]))
     assert ops(model) == {"Conv": 1, "Reshape": 2, "Transpose": 1, "Relu": 1}
+
+
+# Their must-not twins: same shape, but the data moves; or the Dropout's mask is read.
+CHANGES = {
+    "Transpose of a square image": (lambda b, y: b.node("Transpose", [y], perm=[0, 1, 3, 2]), "Transpose"),
+    "Pad of one row, then the first rows": (
+        lambda b, y: b.node("Slice", [b.node("Pad", [y, b.const(np.array([0, 0, 1, 0, 0, 0, 0, 0]))]),
+                                      b.const(np.array([0])), b.const(np.array([5])), b.const(np.array([2]))]), "Slice"),
+    "Dropout whose mask is read": (lambda b, y: b.node("Dropout", [y], n_out=2), "Dropout"),
+}
+
+
+@pytest.mark.parametrize("kind", CHANGES)
+def test_data_movement_that_changes_the_data_stays(kind):
+    b = GraphBuilder()
+    y = b.conv(b.input("x", [1, 4, 5, 5]), 4, 4, 3, pads=[1] * 4)
+    build, op = CHANGES[kind]
+    moved = build(b, y)
+    outputs = [b.node("Relu", [moved])]
+    if op == "Dropout":
+        outputs.append(b.node("Cast", [b.nodes[-2].output[1]], to=onnx.TensorProto.FLOAT))  # its mask, read
+    model, _ = rewrite(b.model(outputs))
+    assert ops(model)[op] == 1

@@ -19,9 +19,9 @@ from pathlib import Path
 import click
 
 from . import api
+from .bench import MAX_ROUNDS, MAX_THREADS
 from .errors import ReparamError, first_line
 from .model_io import save_model
-from .bench import MAX_ROUNDS, MAX_THREADS
 from .passes import default_passes
 from .report import Report
 from .verify import load_inputs, parse_input_shapes

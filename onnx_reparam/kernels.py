@@ -36,7 +36,7 @@ def unrunnable(op: str, opset: int, input_types: tuple, ranks: tuple, output_typ
     return _probe(op, opset, input_types, ranks, output_types, attrs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(op: str, opset: int, input_types: tuple, ranks: tuple, output_types: tuple, attrs: tuple) -> str | None:
     import onnxruntime as ort
     names = [f"in{i}" if t is not None else "" for i, t in enumerate(input_types)]

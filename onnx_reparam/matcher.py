@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .graph import Graph, Node, Tensor
 
+
 @dataclass(frozen=True)
 class Chain:
     """Nodes n0 -> n1 -> ..., where n_{i+1} reads n_i's first output (at any input)."""

@@ -383,7 +383,7 @@ def same_inputs(a: onnx.ModelProto, b: onnx.ModelProto, names: tuple[str, str] =
         if only:
             raise ReparamError(f"{name} has input {', '.join(repr(n) for n in only)} that {names[other]} lacks: "
                                "the two models cannot run on the same inputs")
-    for key, value in inputs[0].items():
+    for key in inputs[0]:
         kinds = [_described(m[key]) for m in inputs]
         dims = [[d.dim_value if d.HasField("dim_value") else None for d in m[key].type.tensor_type.shape.dim]
                 for m in inputs]

@@ -216,7 +216,9 @@ class LayoutBlock:
         self.b = b = GraphBuilder(seed, dtype)
         c, h, w = int(rng.choice([2, 4])), 3, 3
         y = b.input("x", [1, c, h, w])
-        small = lambda *shape: b.const((rng.integers(-3, 4, shape)).astype(dtype))  # noqa: E731 - exact in every type
+
+        def small(*shape):  # small integers: exact in every type
+            return b.const(rng.integers(-3, 4, shape).astype(dtype))
         for _ in range(int(rng.integers(2, 6))):
             step = str(rng.choice(["transposes", "reshapes", "identity", "neutral", "affine", "slice",
                                    "channel_matmul", "matmul_affine"]))

@@ -146,5 +146,6 @@ def test_no_rule_takes_a_custom_domains_op_for_the_standard_one(build):
         out = yoloe_head(b, x)
     model = in_custom_domain(b.model([out]))
     optimized, report = onnx_reparam.optimize(model, verify=False)
-    kinds = lambda m: sorted((n.domain, n.op_type) for n in m.graph.node)  # noqa: E731
+    def kinds(m):
+        return sorted((n.domain, n.op_type) for n in m.graph.node)
     assert report.rewrites == 0 and kinds(optimized) == kinds(model)

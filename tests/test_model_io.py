@@ -205,7 +205,7 @@ def constants_with_external_data(folder) -> tuple:
 
 def test_constant_values_in_external_data_are_read_from_the_models_folder(tmp_path, monkeypatch):
     (tmp_path / "in").mkdir(), (tmp_path / "out").mkdir(), (tmp_path / "elsewhere").mkdir()
-    model, path = constants_with_external_data(tmp_path / "in")
+    _, path = constants_with_external_data(tmp_path / "in")
     before = {p.name: p.read_bytes() for p in (tmp_path / "in").iterdir()}
     monkeypatch.chdir(tmp_path / "elsewhere")
     code, output = run("optimize", path, tmp_path / "out" / "deploy.onnx")

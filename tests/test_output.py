@@ -197,5 +197,5 @@ def test_weights_held_in_constant_nodes_are_counted(tmp_path):
     onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10),
               tmp_path / "in.onnx")
     code, output = cli("optimize", tmp_path / "in.onnx", tmp_path / "out.onnx")
-    assert code == 0 and re.search(r"^parameters +296 +296$", output, re.M), output
-    assert re.search(r"^weights +1\.2 KB +1\.2 KB$", output, re.M), output
+    assert code == 0 and re.search(r"^parameters +296 +296$", output, re.MULTILINE), output
+    assert re.search(r"^weights +1\.2 KB +1\.2 KB$", output, re.MULTILINE), output

@@ -12,9 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import algebra
-from ..graph import Graph, Node, attr, optional_input
 from ..compare import is_float
-from ..linear import ChannelAffine, ConvForm, bias_vector, channel_affine, conv_form, misfit
+from ..graph import Graph, Node, attr, optional_input
+from ..linear import (
+    ChannelAffine,
+    ConvForm,
+    bias_vector,
+    channel_affine,
+    conv_form,
+    misfit,
+)
 from ..matcher import Chain, ChainMatch, find_chains
 from . import PassLog
 

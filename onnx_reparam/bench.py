@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import ReparamError, first_line
-from .verify import Runner, _ort, device_name, make_inputs
+from .verify import Runner, _ort, device_name, make_inputs, takes_feeds
 
 
 @dataclass
@@ -88,15 +88,14 @@ def bench(a: onnx.ModelProto, b: onnx.ModelProto, *, names: tuple[str, str] = ("
           input_shapes: dict | None = None, seed: int = 0, rounds: int = 50, warmup: int = 5,
           threads: int | None = None) -> BenchResult:
     """Times ``a`` and ``b`` on the same seeded inputs, interleaved (see the module docstring)."""
-    for name, value, low, high in (("rounds", rounds, 1, MAX_ROUNDS), ("warmup", warmup, 0, MAX_ROUNDS),
-                                   ("threads", threads, 1, MAX_THREADS)):
-        if value is None and name == "threads":
-            continue
+    limits = [("rounds", rounds, 1, MAX_ROUNDS), ("warmup", warmup, 0, MAX_ROUNDS)]
+    for name, value, low, high in limits + ([("threads", threads, 1, MAX_THREADS)] if threads is not None else []):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ReparamError(f"{name} must be an integer from {low} to {high}, not {value!r}")
     runner = Runner(provider)
     chosen: list[str] = []
     feeds = make_inputs(a, input_shapes, seed, chosen=chosen)[0]
+    takes_feeds(b, feeds, names[1])
     timed = [_Timed(runner, model, feeds, threads) for model in (a, b)]
     for _ in range(warmup):
         for t in timed:

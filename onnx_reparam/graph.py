@@ -74,8 +74,7 @@ class Graph:
             tensor = tensors.get(info.name)
             if isinstance(tensor, gs.Variable) and self.static_shape(tensor) is None \
                     and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-                dims = info.type.tensor_type.shape.dim
-                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
+                tensor.shape = _dims(info.type.tensor_type.shape)
 
     @contextlib.contextmanager
     def spelled_out(self):
@@ -341,10 +340,15 @@ def _import(model: onnx.ModelProto) -> tuple[gs.Graph, list[str]]:
     for output in model.graph.output:
         if output.name in inferred and output.name in tensors:
             tensor, trusted = tensors[output.name], inferred[output.name].type.tensor_type
-            tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in trusted.shape.dim]
+            tensor.shape = _dims(trusted.shape)
             if trusted.elem_type:
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(trusted.elem_type)
     return graph, conflicts
+
+
+def _dims(shape: onnx.TensorShapeProto) -> list:
+    """A shape as onnx-graphsurgeon holds it: sizes, dim names, None where unknown."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
 
 
 @contextlib.contextmanager

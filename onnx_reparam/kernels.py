@@ -29,15 +29,11 @@ def dtype_code(dtype) -> int | None:
         return None
 
 
+@functools.cache
 def unrunnable(op: str, opset: int, input_types: tuple, ranks: tuple, output_types: tuple,
                attrs: tuple) -> str | None:
     """Why onnxruntime cannot run ``op`` on inputs of these ONNX element types and ranks (None
-    for an input left out), or None when it can."""
-    return _probe(op, opset, input_types, ranks, output_types, attrs)
-
-
-@functools.cache
-def _probe(op: str, opset: int, input_types: tuple, ranks: tuple, output_types: tuple, attrs: tuple) -> str | None:
+    for an input left out), or None when it can; asked once per arguments."""
     import onnxruntime as ort
     names = [f"in{i}" if t is not None else "" for i, t in enumerate(input_types)]
     inputs = [helper.make_tensor_value_info(name, t, [f"d{i}_{k}" for k in range(r)] if r is not None else None)

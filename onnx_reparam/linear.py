@@ -103,8 +103,9 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
         bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
         if weight is None or bias is None:
             return None
-        if misfit(node, weight):
-            return misfit(node, weight)
+        problem = misfit(node, weight)
+        if problem:
+            return problem
         bias = bias_vector(bias, weight.shape[0])
         geometry = conv_geometry(node, weight)
     elif node.op == "AveragePool":

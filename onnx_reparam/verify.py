@@ -509,9 +509,9 @@ def lowest_precision(model: onnx.ModelProto) -> int:
 
 class Checker:
     """The input model's outputs (at once) and their float64 evaluation (when first needed) on
-    the check's inputs, computed once; ``check`` judges a candidate by them (compare.py says how). Problems running the input model
-    are bad input (ReparamError); problems running the candidate are a failed check. ``runs``
-    counts the model runs, by model."""
+    the check's inputs, computed once; ``check`` judges a candidate by them (compare.py says
+    how). Problems running the input model are bad input (ReparamError); problems running the
+    candidate are a failed check. ``runs`` counts the model runs, by model."""
 
     def __init__(self, reference: onnx.ModelProto, *, provider: str = "auto",
                  input_shapes: dict[str, tuple[int, ...]] | None = None,
@@ -534,12 +534,14 @@ class Checker:
         # level drops a graph output that is a depthwise conv of 6 channels summed with another):
         # a candidate must load with the default optimizations a user's session has, where the
         # input model does (and is small enough for a second, optimized session).
-        self.deployable = sum(map(tensor_bytes, reference.graph.initializer)) <= DEPLOY_LOAD_LIMIT
-        if not self.deployable:
-            self.chosen.append("the rewritten model is not loaded with onnxruntime's default optimizations: "
-                               f"weights over {DEPLOY_LOAD_LIMIT >> 20} MiB")
-        elif self._load_problem(reference):
-            self.deployable = False
+        if sum(map(tensor_bytes, reference.graph.initializer)) > DEPLOY_LOAD_LIMIT:
+            unloaded = f"weights over {DEPLOY_LOAD_LIMIT >> 20} MiB"
+        else:
+            problem = self._load_problem(reference)
+            unloaded = problem and f"the input model does not load with them either ({problem})"
+        self.deployable = not unloaded
+        if unloaded:
+            self.chosen.append(f"the rewritten model is not loaded with onnxruntime's default optimizations: {unloaded}")
         given = rtol is not None or atol is not None
         default_rtol, default_atol = TOLERANCES.get(self.precision, LOOSEST)
         self.bound = (default_rtol if rtol is None else rtol, default_atol if atol is None else atol)

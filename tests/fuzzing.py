@@ -65,6 +65,7 @@ class Findings:
     # the input so: a defect of its optimizer the rewrite ran into (the check drops such rewrites).
     optimizer_defects: list[str] = field(default_factory=list)
     kinds: Counter = field(default_factory=Counter)  # cases run (not skipped), by kind
+    unevaluated: list[str] = field(default_factory=list)  # values onnx's evaluator could not compute
 
     def add(self, case: Case, what: str) -> None:
         self.problems.append(f"{case.name}: {what}")
@@ -73,6 +74,8 @@ class Findings:
         kinds = Counter(p.split(": ", 1)[1].split(":")[0] for p in self.problems)
         defects = (f", {len(self.optimizer_defects)} unchecked outputs onnxruntime's optimizer fails on "
                    f"({', '.join(self.optimizer_defects)})" if self.optimizer_defects else "")
+        defects += (f", values of {len(self.unevaluated)} not compared: onnx's evaluator could not run them "
+                    f"({', '.join(self.unevaluated)})" if self.unevaluated else "")
         return (f"{self.cases} cases ({self.skipped} skipped as invalid, {self.rewritten} rewritten, "
                 f"{self.dropped} rewrites dropped by the check{defects}); problems: "
                 + (", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none"))
@@ -536,7 +539,8 @@ def _evaluator_agrees(case: Case, unverified: onnx.ModelProto, findings: Finding
         feeds[value.name] = (rng.standard_normal(shape) * 3).astype(dtype)
     try:
         expected, actual = (ReferenceEvaluator(m).run(None, feeds) for m in (case.model, unverified))
-    except Exception:  # noqa: BLE001 - the evaluator lacks an op: nothing to compare with
+    except Exception as exc:  # noqa: BLE001 - the evaluator lacks an op: nothing to compare with, said
+        findings.unevaluated.append(f"{case.name} ({type(exc).__name__})")
         return
     for a, b in zip(expected, actual):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

@@ -241,6 +241,8 @@ def test_models_that_cannot_take_the_same_inputs_are_a_usage_error(tmp_path):
     code, output = run("verify", dynamic, small, "--input-shape", "x:1,4,8,8")
     assert code == 2 and one_line_error(output)
     assert f"input 'x' is run at 1x4x8x8, but {small} takes float 1x4x6x6" in output
+    code, output = run("bench", dynamic, small, "--input-shape", "x:1,4,8,8", "--rounds", 1)
+    assert code == 2 and one_line_error(output) and f"but {small} takes float 1x4x6x6" in output
     code, output = run("bench", small, second, "--rounds", 1)
     assert code == 2 and one_line_error(output) and f"{second} has input 'q' that {small} lacks" in output
 

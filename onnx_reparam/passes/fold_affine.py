@@ -64,8 +64,9 @@ def _weighted_layer(graph: Graph, node: Node) -> Linear | str | None:
     weight = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or graph.constant(node.inputs[0]) is not None:
         return None
-    if node.op in ("Conv", "ConvTranspose") and misfit(node, weight):
-        return misfit(node, weight)
+    problem = misfit(node, weight) if node.op in ("Conv", "ConvTranspose") else None
+    if problem:
+        return problem
     if not is_float(weight.dtype):
         return f"a {node.op} on {weight.dtype} data: folding is float arithmetic"
     bias_input = optional_input(node, 2)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import Refused
+
 
 def bn_affine(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray,
               eps: float) -> tuple[np.ndarray, np.ndarray]:
@@ -50,17 +52,17 @@ def _scaled(weight: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> np.ndarra
                                                                      dtype), casting="same_kind")
 
 
-def per_channel(const: np.ndarray, channels: int, axis: int, rank: int | None) -> np.ndarray | str:
+def per_channel(const: np.ndarray, channels: int, axis: int, rank: int | None) -> np.ndarray:
     """The constant as a vector over the channel axis of an output of rank ``rank`` (``axis`` counted
-    from the end), or why it is not one: ONNX broadcasting aligns shapes from the right."""
+    from the end); raises Refused where it is not one: ONNX broadcasting aligns shapes from the right."""
     if const.ndim > 1 and (rank is None or const.ndim > rank):
-        return f"constant of shape {list(const.shape)} may broadcast the output to a larger rank"
+        raise Refused(f"constant of shape {list(const.shape)} may broadcast the output to a larger rank")
     pos = const.ndim + axis
     for i, size in enumerate(const.shape):
         if i != pos and size != 1:
-            return f"constant of shape {list(const.shape)} varies along a non-channel axis"
+            raise Refused(f"constant of shape {list(const.shape)} varies along a non-channel axis")
     if pos >= 0 and const.shape[pos] not in (1, channels):
-        return f"constant has {const.shape[pos]} channels, the layer {channels}"
+        raise Refused(f"constant has {const.shape[pos]} channels, the layer {channels}")
     return np.broadcast_to(np.asarray(const, np.float64).reshape(-1), (channels,)).copy()
 
 
@@ -250,8 +252,9 @@ class AxisPlan:
 
 
 def plan_axis(branches: list[AxisBranch], stride: int, dilation: int,
-              length: int | None) -> AxisPlan | str:
-    """Finds one kernel size and padding that holds every branch on this axis, or says why not.
+              length: int | None) -> AxisPlan:
+    """Finds one kernel size and padding that holds every branch on this axis; raises Refused
+    where there is none.
 
     Branch i reads input position o*stride - pb_i + j*dilation; the merged conv reads
     o*stride - PB + j*dilation, so branch i sits at tap offset (PB - pb_i) / dilation. The merged
@@ -264,23 +267,23 @@ def plan_axis(branches: list[AxisBranch], stride: int, dilation: int,
     for b in branches:
         gap = pad_begin - b.pad_begin
         if gap % dilation:
-            return f"begin pads {b.pad_begin} and {pad_begin} differ by a non-multiple of dilation {dilation}"
+            raise Refused(f"begin pads {b.pad_begin} and {pad_begin} differ by a non-multiple of dilation {dilation}")
         offsets.append(gap // dilation)
     kernel = max(o + b.kernel for o, b in zip(offsets, branches))
     implied_ends = {b.pad_end + (kernel - b.kernel - o) * dilation for o, b in zip(offsets, branches)}
     if len(implied_ends) == 1:
         return AxisPlan(kernel, pad_begin, implied_ends.pop(), tuple(offsets))
     if length is None:
-        return f"end pads {sorted(implied_ends)} disagree and the input length is unknown"
+        raise Refused(f"end pads {sorted(implied_ends)} disagree and the input length is unknown")
     lengths = {conv_output_length(length, b.kernel, b.pad_begin, b.pad_end, stride, dilation)
                for b in branches}
     if len(lengths) != 1:
-        return f"branches give output lengths {sorted(lengths)}"
+        raise Refused(f"branches give output lengths {sorted(lengths)}")
     target = lengths.pop()
     for pad_end in sorted(implied_ends):
         if conv_output_length(length, kernel, pad_begin, pad_end, stride, dilation) == target:
             return AxisPlan(kernel, pad_begin, pad_end, tuple(offsets))
-    return f"no end pad in {sorted(implied_ends)} gives output length {target}"
+    raise Refused(f"no end pad in {sorted(implied_ends)} gives output length {target}")
 
 
 def same_pads(length: int, kernel: int, stride: int, dilation: int, upper: bool) -> tuple[int, int]:

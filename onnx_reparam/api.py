@@ -17,10 +17,10 @@ import onnx
 
 from .bench import BenchResult
 from .bench import bench as latency_ab
-from .errors import ReparamError
+from .errors import Refused, ReparamError
 from .graph import Graph
 from .model_io import load_model, load_weights
-from .passes import Pass
+from .passes import Pass, Policy
 from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
 from .verify import Checker, graph_inputs, input_sizes, same_inputs, takes_feeds
@@ -128,7 +128,7 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
         raise VerificationError(optimized, report)
     if strict and report.dropped:
         raise VerificationError(optimized, report, f"{len(report.dropped)} rewrite(s) did not verify "
-                                f"(strict): {report.dropped[0].node}: {report.dropped[0].reason}")
+                                f"(strict): {report.dropped[0].node}: {report.dropped[0].text}")
     return optimized, report
 
 
@@ -244,20 +244,22 @@ def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, model: onnx.
     twice has all its rewrites withheld: after its first culprit, a failure that goes when the
     rule's other rewrites are withheld counts as its second. Isolating stops when it has run the
     candidate ISOLATION_BUDGET checks' worth of times, and says it gave up."""
-    dropped: dict[tuple, str] = {}
-    withheld: dict[tuple[str, str], str] = {}
+    dropped: dict[tuple, Refused] = {}
+    withheld: dict[tuple[str, str], Refused] = {}
     strikes: dict[tuple[str, str], int] = {}
     budget = ISOLATION_BUDGET * len(checker.feed_sets)
     start = checker.runs["candidate"]
 
-    def policy(allowed: set[tuple] | None = None, also: tuple[str, str] | None = None):
-        def decide(rw: Rewrite) -> str | None:
+    isolating = Refused("left out while isolating a failure", kind="withheld")
+
+    def policy(allowed: set[tuple] | None = None, also: tuple[str, str] | None = None) -> Policy:
+        def decide(rw: Rewrite) -> Refused | None:
             rule = (rw.pass_name, rw.pattern)
             if rw.key in dropped:
                 return dropped[rw.key]
             if rule in withheld or rule == also:
-                return withheld.get(rule) or "left out while isolating a failure"
-            return None if allowed is None or rw.key in allowed else "left out while isolating a failure"
+                return withheld.get(rule) or isolating
+            return None if allowed is None or rw.key in allowed else isolating
         return decide
 
     def spent() -> int:
@@ -265,7 +267,8 @@ def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, model: onnx.
 
     def withhold(rule: tuple[str, str], why: str) -> None:
         strikes[rule] = strikes.get(rule, 0) + 1
-        withheld[rule] = f"its rule is withheld: {strikes[rule]} of its rewrites did not verify ({why})"
+        withheld[rule] = Refused(f"its rule is withheld: {strikes[rule]} of its rewrites did not verify", why,
+                                 kind="withheld")
 
     while spent() < budget:
         keys = [rw.key for rw in applied]
@@ -285,7 +288,7 @@ def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, model: onnx.
             withhold(rule, failure.worst())
         else:
             strikes[rule] = 1
-            dropped[culprit.key] = f"its rewrite did not verify ({failure.worst()})"
+            dropped[culprit.key] = Refused("its rewrite did not verify", failure.worst(), kind="unverified")
         model, reports, applied = _rewrite(load(), passes, policy())
         failure = checker.check(model)
         if failure.passed:
@@ -299,9 +302,8 @@ def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, model: onnx.
                 failure = checker.check(model)
                 if failure.passed:
                     break
-    records = [Refusal(", ".join(key[2]), reason, f"{key[0]}: {key[1]}") for key, reason in dropped.items()]
-    records += [Refusal(f"every {rule[1]} rewrite", reason, f"{rule[0]}: {rule[1]}")
-                for rule, reason in withheld.items()]
+    records = [Refusal.of(", ".join(key[2]), why, f"{key[0]}: {key[1]}") for key, why in dropped.items()]
+    records += [Refusal.of(f"every {rule[1]} rewrite", why, f"{rule[0]}: {rule[1]}") for rule, why in withheld.items()]
     what = f"{len(dropped)} rewrite(s) dropped" + (f", {len(withheld)} rule(s) withheld" if withheld else "")
     runs = f"{spent()} runs of the rewritten model"
     if failure.passed:

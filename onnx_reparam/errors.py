@@ -1,8 +1,30 @@
-"""The one exception type the CLI turns into a one-line message and a non-zero exit."""
+"""The exception types: ReparamError, which the CLI turns into a one-line message and a non-zero
+exit, and Refused, a pattern found but not rewritable exactly, which the pass applying the rule
+turns into a refusal in the report."""
+from __future__ import annotations
 
 
 class ReparamError(Exception):
     """A problem with the user's input or environment, stated in one line."""
+
+
+class Refused(Exception):
+    """A pattern found that cannot be rewritten exactly.
+
+    ``reason`` is the same words for every instance (the report groups by it); ``detail`` names this
+    instance's tensors and nodes; ``size_dependent``: fixing the symbolic input sizes
+    (--static-shape) would let the rewrite apply, so it is worth saying wherever it was looked for;
+    ``kind`` is report.KINDS' key for who refused it.
+    """
+
+    def __init__(self, reason: str, detail: str = "", size_dependent: bool = False, kind: str = "refused") -> None:
+        super().__init__(f"{reason} ({detail})" if detail else reason)
+        self.reason, self.detail, self.size_dependent, self.kind = reason, detail, size_dependent, kind
+
+    def within(self, context: str, detail: str = "") -> Refused:
+        """The same refusal, its reason prefixed by the larger pattern it stopped."""
+        return Refused(f"{context}: {self.reason}", "; ".join(filter(None, (detail, self.detail))),
+                       self.size_dependent, self.kind)
 
 
 def internal_error(exc: BaseException) -> str:

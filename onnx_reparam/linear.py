@@ -17,20 +17,21 @@ import numpy as np
 
 from . import algebra
 from .compare import is_float
+from .errors import Refused
 from .graph import Graph, Node, Tensor, attr, conv_geometry, optional_input
-from .routing import PadView, SizeDependent, pad_view
+from .routing import PadView, pad_view
 
 
-def inference_bn(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray] | str:
-    """(scale, shift) of a BatchNormalization in inference mode, or why it is not one."""
+def inference_bn(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) of a BatchNormalization in inference mode; raises Refused if it is not one."""
     if attr(node, "training_mode", 0) or len([t for t in node.outputs if t.name]) > 1:
-        return "BatchNormalization in training mode"
+        raise Refused("BatchNormalization in training mode")
     params = [graph.constant(t) for t in node.inputs[1:5]]
     if any(p is None for p in params):
-        return "BatchNormalization parameters are not constants"
+        raise Refused("BatchNormalization parameters are not constants")
     epsilon = attr(node, "epsilon", 1e-5)
     if not np.all(np.asarray(params[3], np.float64) + epsilon > 0):
-        return "BatchNormalization variance + epsilon is not positive everywhere (its output is NaN or inf)"
+        raise Refused("BatchNormalization variance + epsilon is not positive everywhere (its output is NaN or inf)")
     return algebra.bn_affine(*params, epsilon)
 
 
@@ -42,18 +43,16 @@ class ChannelAffine:
 
 
 def channel_affine(graph: Graph, node: Node, channels: int, axis: int,
-                   rank: int | None) -> ChannelAffine | str | None:
+                   rank: int | None) -> ChannelAffine | None:
     """The node as y = x * scale + shift along the channel axis ``axis`` (negative, from the end)
-    of a ``channels``-channel tensor of rank ``rank``; a reason if it is such an op but not that
-    map; None if it is not an affine op with one constant."""
+    of a ``channels``-channel tensor of rank ``rank``; None if it is not an affine op with one
+    constant; raises Refused if it is such an op but not that map."""
     if node.op == "BatchNormalization":
         affine = inference_bn(graph, node)
-        if isinstance(affine, str):
-            return affine
         if rank is None or 1 - rank != axis:
-            return "BatchNormalization normalizes axis 1, which is not the layer's channel axis"
+            raise Refused("BatchNormalization normalizes axis 1, which is not the layer's channel axis")
         if len(affine[0]) != channels:
-            return f"BatchNormalization has {len(affine[0])} channels, the layer {channels}"
+            raise Refused(f"BatchNormalization has {len(affine[0])} channels, the layer {channels}")
         return ChannelAffine(0, *affine)
     if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
         return None
@@ -62,8 +61,6 @@ def channel_affine(graph: Graph, node: Node, channels: int, axis: int,
         return None
     index = 0 if consts[1] is not None else 1
     vector = algebra.per_channel(consts[1 - index], channels, axis, rank)
-    if isinstance(vector, str):
-        return vector
     ones, zeros = np.ones(channels), np.zeros(channels)
     if node.op == "Mul":
         return ChannelAffine(index, vector, zeros)
@@ -74,7 +71,7 @@ def channel_affine(graph: Graph, node: Node, channels: int, axis: int,
     if index == 1:
         return None  # c / x is not affine in x
     if not np.all(vector):
-        return "division by a constant with zeros"
+        raise Refused("division by a constant with zeros")
     return ChannelAffine(index, 1.0 / vector, zeros)
 
 
@@ -89,9 +86,9 @@ class ConvForm:
     nodes: list[Node] = field(default_factory=list)  # the nodes it replaces, last one first
 
 
-def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
-    """Conv or AveragePool with constant parameters as a conv; a reason if it is one of them but
-    not an exact conv; None otherwise."""
+def conv_form(graph: Graph, node: Node) -> ConvForm | None:
+    """Conv or AveragePool with constant parameters as a conv; None otherwise; raises Refused if
+    it is one of them but not an exact conv."""
     if not node.inputs:
         return None
     source = node.inputs[0]
@@ -103,42 +100,37 @@ def conv_form(graph: Graph, node: Node) -> ConvForm | str | None:
         bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
         if weight is None or bias is None:
             return None
-        problem = misfit(node, weight)
-        if problem:
-            return problem
+        misfit(node, weight)
         bias = bias_vector(bias, weight.shape[0])
         geometry = conv_geometry(node, weight)
     elif node.op == "AveragePool":
         kernel = tuple(attr(node, "kernel_shape", ()))
         channels = source.shape[1] if source.shape is not None and len(source.shape) == len(kernel) + 2 else None
         if not isinstance(channels, int) or source.dtype is None:
-            return "AveragePool over an input of unknown channel count"
+            raise Refused("AveragePool over an input of unknown channel count")
         if attr(node, "ceil_mode", 0):
-            return "AveragePool with ceil_mode=1"
+            raise Refused("AveragePool with ceil_mode=1")
         weight = algebra.average_kernel(channels, kernel)
         bias = np.zeros(channels)
         geometry = {**conv_geometry(node, weight), "group": channels}
     else:
         return None
     geometry = explicit_geometry(geometry, source)
-    if isinstance(geometry, str):
-        return geometry
     if node.op == "AveragePool" and any(geometry["pads"]) and not attr(node, "count_include_pad", 0):
-        return "AveragePool excludes padding from its count (count_include_pad=0)"  # auto_pad too
+        raise Refused("AveragePool excludes padding from its count (count_include_pad=0)")  # auto_pad too
     dtype = np.dtype(source.dtype) if node.op == "AveragePool" else weight.dtype
     return ConvForm(source, weight, bias, geometry, dtype, [node])
 
 
-def misfit(node: Node, weight: np.ndarray) -> str | None:
-    """Why a Conv's or ConvTranspose's group and channels do not fit its weight (a model
-    onnxruntime refuses to run), or None."""
+def misfit(node: Node, weight: np.ndarray) -> None:
+    """Raises Refused when a Conv's or ConvTranspose's group and channels do not fit its weight (a
+    model onnxruntime refuses to run)."""
     group, source = attr(node, "group", 1), node.inputs[0]
     channels = source.shape[1] if source.shape is not None and len(source.shape) == weight.ndim else None
     per_group = weight.shape[1] if node.op == "Conv" else weight.shape[0] // max(group, 1)
     if weight.ndim < 3 or group < 1 or weight.shape[0] % group or isinstance(channels, int) and channels != per_group * group:
-        return (f"the {node.op}'s weight {'x'.join(map(str, weight.shape))} in {group} group(s) does not fit its "
-                f"{channels if isinstance(channels, int) else 'unknown'} input channels")
-    return None
+        raise Refused(f"the {node.op}'s weight {'x'.join(map(str, weight.shape))} in {group} group(s) does not fit "
+                      f"its {channels if isinstance(channels, int) else 'unknown'} input channels")
 
 
 def bias_vector(bias: np.ndarray, channels: int) -> np.ndarray:
@@ -176,16 +168,17 @@ def fc_form(graph: Graph, node: Node) -> FCForm | None:
     bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
     if bias is None:
         return None
-    bias = algebra.per_channel(np.asarray(bias), weight.shape[0], -1, 2)
-    if isinstance(bias, str):
-        return None
+    try:
+        bias = algebra.per_channel(np.asarray(bias), weight.shape[0], -1, 2)
+    except Refused:
+        return None  # not a layer with a bias: the Gemm broadcasts its C over more than features
     alpha, beta = (float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))) if node.op == "Gemm" else (1.0, 1.0)
     return FCForm(node.inputs[0], weight, alpha, bias * beta, weight.dtype)
 
 
-def explicit_geometry(geometry: dict, source: Tensor) -> dict | str:
+def explicit_geometry(geometry: dict, source: Tensor) -> dict:
     """Turns auto_pad into explicit pads, which needs the input's spatial sizes for SAME_* (the
-    batch and channel sizes may stay symbolic)."""
+    batch and channel sizes may stay symbolic); raises Refused where they are unknown."""
     auto_pad = geometry["auto_pad"]
     if auto_pad in ("NOTSET", ""):
         return geometry
@@ -194,10 +187,10 @@ def explicit_geometry(geometry: dict, source: Tensor) -> dict | str:
         return {**geometry, "pads": (0,) * 2 * spatial, "auto_pad": "NOTSET"}
     shape = source.shape
     if shape is None or len(shape) != spatial + 2:
-        return f"auto_pad {auto_pad} with an input of unknown size"
+        raise Refused(f"auto_pad {auto_pad} with an input of unknown size")
     for a in range(spatial):
         if not isinstance(shape[2 + a], int) or shape[2 + a] < 0:
-            return f"auto_pad {auto_pad} with an input of unknown size on {Graph.axis_size(source, 2 + a)}"
+            raise Refused(f"auto_pad {auto_pad} with an input of unknown size", Graph.axis_size(source, 2 + a))
     pairs = [algebra.same_pads(shape[2 + a], geometry["kernel"][a], geometry["strides"][a],
                                geometry["dilations"][a], auto_pad == "SAME_UPPER") for a in range(spatial)]
     return {**geometry, "pads": tuple(p[0] for p in pairs) + tuple(p[1] for p in pairs), "auto_pad": "NOTSET"}
@@ -209,17 +202,20 @@ def pointwise_form(graph: Graph, tensor: Tensor) -> ConvForm | None:
     not taken: before a layer they are usually part of a formula ORT fuses (GELU's x * 0.5), and
     folding them would break that fusion for no node saved in a deploy export."""
     node = graph.producer(tensor)
-    if node is None or graph.shared_reason(tensor) is not None or tensor.shape is None:
+    if node is None or graph.shared(tensor) is not None or tensor.shape is None:
         return None
     rank = len(tensor.shape)
-    form = conv_form(graph, node)
-    if isinstance(form, ConvForm):
-        return form if _pointwise(form.geometry) and node.op == "Conv" else None
-    channels = tensor.shape[1] if rank >= 3 else None
-    if not isinstance(channels, int) or node.op != "BatchNormalization":
-        return None
-    affine = channel_affine(graph, node, channels, 1 - rank, rank)
-    if not isinstance(affine, ChannelAffine):
+    try:
+        form = conv_form(graph, node)
+        if form is not None:
+            return form if _pointwise(form.geometry) and node.op == "Conv" else None
+        channels = tensor.shape[1] if rank >= 3 else None
+        if not isinstance(channels, int) or node.op != "BatchNormalization":
+            return None
+        affine = channel_affine(graph, node, channels, 1 - rank, rank)
+    except Refused:
+        return None  # not a map to compose with: the rewrite that would take it says why
+    if affine is None:
         return None
     spatial = rank - 2
     weight = algebra.diagonal_kernel(affine.scale, channels, spatial)
@@ -235,29 +231,30 @@ def _pointwise(geometry: dict) -> bool:
         and not any(geometry["pads"])
 
 
-def conv_chain(graph: Graph, node: Node) -> tuple[ConvForm | str | None, str | None]:
+def conv_chain(graph: Graph, node: Node) -> tuple[ConvForm | None, Refused | None]:
     """``node`` as a conv on the furthest tensor it can be traced back to (through a pad/crop view
     and one pointwise map before it, or, for a 1x1 ``node``, the conv before it), and, when it
-    stops short, why."""
+    stops short, why; raises Refused when ``node`` is a conv op but not an exact conv."""
     outer = conv_form(graph, node)
-    if not isinstance(outer, ConvForm):
-        return outer, None
-    view = pad_view(graph, outer.source) if graph.shared_reason(outer.source) is None else None
-    if isinstance(view, str):  # not a view: said only where fixing the sizes would make it one
-        return outer, view if isinstance(view, SizeDependent) else None
+    if outer is None:
+        return None, None
+    try:
+        view = pad_view(graph, outer.source) if graph.shared(outer.source) is None else None
+    except Refused as refused:  # not a view: said only where fixing the sizes would make it one
+        return outer, refused if refused.size_dependent else None
     data = view.source if view is not None else outer.source
     inner = pointwise_form(graph, data)
     note = None
     if inner is not None:
-        composed = _compose(outer, view, inner)
-        if isinstance(composed, ConvForm):
-            return composed, None
-        note = composed
+        try:
+            return _compose(outer, view, inner), None
+        except Refused as refused:
+            note = refused
     if view is not None:
-        viewed = _through_view(outer, view, np.zeros(outer.weight.shape[1] * outer.geometry["group"]))
-        if isinstance(viewed, ConvForm):
-            return viewed, note
-        note = note or viewed
+        try:
+            return _through_view(outer, view, np.zeros(outer.weight.shape[1] * outer.geometry["group"])), note
+        except Refused as refused:
+            note = note or refused
     elif inner is None:
         return _after_conv(graph, outer) or outer, note
     return outer, note
@@ -269,17 +266,20 @@ def _after_conv(graph: Graph, outer: ConvForm) -> ConvForm | None:
     if outer.geometry["group"] != 1 or not _pointwise(outer.geometry):
         return None
     producer = graph.producer(outer.source)
-    if producer is None or producer.op != "Conv" or graph.shared_reason(outer.source) is not None:
+    if producer is None or producer.op != "Conv" or graph.shared(outer.source) is not None:
         return None
-    inner = conv_form(graph, producer)
-    if not isinstance(inner, ConvForm) or inner.geometry["group"] != 1:
+    try:
+        inner = conv_form(graph, producer)
+    except Refused:
+        return None  # the conv before is refused where it is looked at itself
+    if inner is None or inner.geometry["group"] != 1:
         return None
     weight = algebra.pointwise_after(outer.weight, inner.weight)
     bias = outer.bias + algebra.input_shift_bias(outer.weight, 1, inner.bias)
     return ConvForm(inner.source, weight, bias, inner.geometry, outer.dtype, outer.nodes + inner.nodes)
 
 
-def _through_view(outer: ConvForm, view: PadView, ring_value: np.ndarray) -> ConvForm | str:
+def _through_view(outer: ConvForm, view: PadView, ring_value: np.ndarray) -> ConvForm:
     """The conv reading the view's source, its pads grown by the view's padding (shrunk by its
     cropping), when the view pads with ``ring_value`` and the conv's own zero padding does not
     land inside the source."""
@@ -288,29 +288,27 @@ def _through_view(outer: ConvForm, view: PadView, ring_value: np.ndarray) -> Con
     for axis, (begin, end) in enumerate(zip(view.begins, view.ends)):
         for side, amount in ((axis, begin), (axis + spatial, end)):
             if amount < 0 and pads[side] > 0:
-                return "the conv pads a cropped input with zeros"
+                raise Refused("the conv pads a cropped input with zeros")
             pads[side] += amount
     if view.border is not None:
         if len(view.border) != len(ring_value) or not _close(view.border, ring_value, outer.dtype):
-            return "the input is padded with values other than what the layer before gives on zeros"
+            raise Refused("the input is padded with values other than what the layer before gives on zeros")
     return ConvForm(view.source, outer.weight, outer.bias, {**outer.geometry, "pads": tuple(pads)},
                     outer.dtype, outer.nodes + view.nodes)
 
 
-def _compose(outer: ConvForm, view: PadView | None, inner: ConvForm) -> ConvForm | str:
-    """outer(view(inner(x))) as one conv on x, or why not: every value the outer conv reads from
-    padding must equal what ``inner`` gives on zero input, its bias."""
+def _compose(outer: ConvForm, view: PadView | None, inner: ConvForm) -> ConvForm:
+    """outer(view(inner(x))) as one conv on x; raises Refused where every value the outer conv
+    reads from padding does not equal what ``inner`` gives on zero input, its bias."""
     if any(outer.geometry["pads"]) and np.any(inner.bias):
-        return "the conv pads with zeros a tensor whose layer has a non-zero bias"
+        raise Refused("the conv pads with zeros a tensor whose layer has a non-zero bias")
     if view is not None:
         outer = _through_view(outer, view, inner.bias)
-        if isinstance(outer, str):
-            return outer
     composed = algebra.compose_pointwise(outer.weight, outer.geometry["group"], inner.weight,
                                          inner.geometry["group"])
     if composed is None:
-        return (f"groups {inner.geometry['group']} then {outer.geometry['group']} do not compose "
-                "into one grouped conv")
+        raise Refused(f"groups {inner.geometry['group']} then {outer.geometry['group']} do not compose "
+                      "into one grouped conv")
     weight, groups = composed
     bias = outer.bias + algebra.input_shift_bias(outer.weight, outer.geometry["group"], inner.bias)
     geometry = {**outer.geometry, "group": groups}

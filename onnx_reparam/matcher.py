@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .errors import Refused
 from .graph import Graph, Node, Tensor
 
 
@@ -23,7 +24,7 @@ class Chain:
 class ChainMatch:
     nodes: list[Node]
     input_index: list[int]  # for each node after the first, which input reads the previous node
-    blocked: str | None  # why an inner value cannot be removed (graph output, other readers)
+    blocked: Refused | None  # why an inner value cannot be removed (graph output, other readers)
 
 
 def _is(node: Node, ops: frozenset[str]) -> bool:
@@ -42,7 +43,7 @@ def find_chains(graph: Graph, chain: Chain, skip: set[int]) -> Iterator[ChainMat
             readers = [n for n in value.outputs if _is(n, step) and id(n) not in skip]
             if not readers:
                 break
-            blocked = blocked or graph.shared_reason(value)
+            blocked = blocked or graph.shared(value)
             nodes.append(readers[0])
             indices.append(next(i for i, t in enumerate(readers[0].inputs) if t is value))
         else:
@@ -67,7 +68,7 @@ class Tree:
 
 def _inner_tree_node(graph: Graph, tensor: Tensor) -> Node | None:
     node = graph.producer(tensor)
-    if node is not None and _is(node, TREE_OPS) and graph.shared_reason(tensor) is None:
+    if node is not None and _is(node, TREE_OPS) and graph.shared(tensor) is None:
         return node
     return None
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import ReparamError, internal_error
+from .errors import Refused, ReparamError, internal_error
 from .graph import Graph
 from .passes import Pass, PassLog, Policy, default_passes
 from .report import PassReport, Rewrite
@@ -45,13 +45,13 @@ def run_passes(graph: Graph, passes: tuple[Pass, ...], policy: Policy | None = N
         changed = False
         for p, report in zip(passes, reports):
             if progress is not None:
-                progress(f"sweep {sweep}: {p.name} ({len(graph.gs.nodes)} nodes)")
+                progress(f"sweep {sweep}: {p.name} ({len(graph.nodes())} nodes)")
             log = PassLog(graph, p.name, policy)
             try:
                 p.run(graph, log)
             except Exception as exc:  # noqa: BLE001 - a defect of ours costs only this pass
                 graph.discard()
-                log.refused("(whole graph)", internal_error(exc))
+                log.refused("(whole graph)", Refused(internal_error(exc), kind="internal error"))
             report.rewrites += log.rewrites
             applied += log.rewrites
             report.refusals = log.refusals

@@ -1,22 +1,44 @@
 """What a run did: counts before/after, each pass's rewrites and refusals, verification, timings."""
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
 
+from .errors import Refused
 from .model_io import tensor_bytes
+
+
+# Who left a pattern as it is, in a refusal's ``kind``.
+KINDS = {
+    "refused": "the pattern cannot be rewritten exactly",
+    "unrunnable": "onnxruntime cannot run what the rewrite writes",
+    "internal error": "a defect of this tool stopped the rewrite",
+    "unverified": "the rewrite did not pass the check and was dropped",
+    "withheld": "the rewrite was left out while isolating a failure, or its rule failed twice",
+}
 
 
 @dataclass
 class Refusal:
-    """A pattern that was found but left as it is: the original node(s), why, and the pattern."""
+    """A pattern that was found but left as it is: the original node(s), why (the same words for
+    every instance), the pattern, what this instance concerns, and who refused it (KINDS)."""
     node: str
     reason: str
     pattern: str = ""
+    detail: str = ""
+    kind: str = "refused"
+
+    @classmethod
+    def of(cls, node: str, refused: Refused, pattern: str = "") -> Refusal:
+        return cls(node, refused.reason, pattern, refused.detail, refused.kind)
+
+    @property
+    def text(self) -> str:
+        """The reason with this instance's detail, as one refusal reads."""
+        return f"{self.reason} ({self.detail})" if self.detail else self.reason
 
 
 @dataclass
@@ -183,7 +205,7 @@ class Report:
         for (pattern, reason), group in _grouped(shown):
             kind = f" ({pattern})" if pattern else ""
             if len(group) == 1:
-                lines.append(f"  left {group[0].node}{kind}: {reason}")
+                lines.append(f"  left {group[0].node}{kind}: {group[0].text}")
             else:
                 nodes = "; ".join(r.node for r in group[:3]) + ("; ..." if len(group) > 3 else "")
                 lines.append(f"  left {len(group)} x{kind}: {reason}: {nodes}")
@@ -205,20 +227,18 @@ def is_reparam(refusal: Refusal) -> bool:
     """Whether a refusal concerns a re-parameterization pattern (BN folds, branch merges, conv
     chains, FC folds) or a rewrite that failed, rather than a plain scale or reshape that happens
     to sit next to a layer (GELU's x / sqrt(2) after a conv)."""
-    if refusal.reason.startswith(("internal error", "its rewrite did not verify", "its rule is withheld")):
+    if refusal.kind != "refused":
         return True
     pattern = refusal.pattern
     return pattern.startswith(("branches", "fc", "Conv chain", "AveragePool")) or "BatchNormalization" in pattern
 
 
 def _grouped(refusals: list[Refusal]) -> list[tuple[tuple[str, str], list[Refusal]]]:
-    """Refusals with the same pattern and reason (tensor names aside) as one group."""
+    """Refusals with the same pattern and reason (their details aside) as one group."""
     groups: dict[tuple[str, str], list[Refusal]] = {}
     for r in refusals:
-        key = (r.pattern, re.sub(r"'[^']*'", "'...'", r.reason.split(" is also read by ")[0]))
-        groups.setdefault(key, []).append(r)
-    return [((pattern, group[0].reason if len(group) == 1 else reason), group)
-            for (pattern, reason), group in groups.items()]
+        groups.setdefault((r.pattern, r.reason), []).append(r)
+    return list(groups.items())
 
 
 def _op_table(before: GraphStats, after: GraphStats) -> list[str]:

@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from .errors import first_line
+from .errors import Refused, first_line
 from .graph import Graph, Node, Tensor
 
 ROUTING_OPS = frozenset({"Pad", "Slice", "ScatterND", "ScatterElements", "Concat", "Transpose",
@@ -40,31 +39,34 @@ class PadView:
     nodes: list[Node]
 
 
-def pad_view(graph: Graph, tensor: Tensor) -> PadView | str | None:
-    """The view ``tensor`` is, why it is not one, or None when no data-movement op produces it."""
+def pad_view(graph: Graph, tensor: Tensor) -> PadView | None:
+    """The view ``tensor`` is, or None when no data-movement op produces it; raises Refused when
+    the ops are not a pad or crop of one tensor."""
     node = graph.producer(tensor)
     if node is None or node.op not in ROUTING_OPS:
         return None
     nodes, source, shaped_by = _subgraph(graph, tensor)
-    if isinstance(nodes, str):
-        return nodes
     if shaped_by:
-        return symbolic_reason(graph, "the pads, indices or shapes of the data-movement ops")
+        raise symbolic_reason(graph, "the pads, indices or shapes of the data-movement ops")
     in_shape, out_shape = _probe_shapes(source, tensor)
     if in_shape is None or out_shape is None or len(in_shape) != len(out_shape) or len(in_shape) < 3:
-        return "padding/cropping ops on a tensor of unknown or different shape"
+        raise Refused("padding/cropping ops on a tensor of unknown or different shape")
     if np.dtype(source.dtype) not in FLOATS:
-        return f"padding/cropping ops on {source.dtype} data"
+        raise Refused(f"padding/cropping ops on {source.dtype} data")
     # The ops copy values whatever their type, so the probe runs in float64, where every element
     # number up to 2**53 is exact (float16 could number only 2048 elements).
     if in_shape[:2] != out_shape[:2]:
-        return "the ops change the batch or channel axis"
+        raise Refused("the ops change the batch or channel axis")
     numbers = np.arange(1, np.prod(in_shape) + 1, dtype=np.float64).reshape(in_shape)
     try:
         plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
     except Exception as exc:  # noqa: BLE001 - onnx's evaluator rejects some valid ops (negative Pad)
-        return f"the padding/cropping ops could not be evaluated ({type(exc).__name__}: {first_line(exc)})"
-    return _as_view(source, in_shape, nodes, plus, minus) or "not a pad or crop of one tensor"
+        raise Refused("the padding/cropping ops could not be evaluated", f"{type(exc).__name__}: {first_line(exc)}") \
+            from exc
+    view = _as_view(source, in_shape, nodes, plus, minus)
+    if view is None:
+        raise Refused("not a pad or crop of one tensor")
+    return view
 
 
 PROBE_BATCH = 2  # samples in the probe of a symbolic batch axis: ops mixing samples would show
@@ -83,26 +85,24 @@ def _probe_shapes(source: Tensor, tensor: Tensor) -> tuple[tuple[int, ...] | Non
 
 def view_source(graph: Graph, tensor: Tensor) -> Tensor | None:
     """The one computed tensor the data-movement ops producing ``tensor`` read, if there is one."""
-    nodes, source, _ = _subgraph(graph, tensor)
-    return None if isinstance(nodes, str) else source
+    try:
+        return _subgraph(graph, tensor)[1]
+    except Refused:
+        return None
 
 
-class SizeDependent(str):
-    """A reason naming symbolic sizes that a rewrite depends on: worth reporting wherever the
-    rewrite was looked for, since fixing the sizes (--static-shape) lets it apply."""
-
-
-def symbolic_reason(graph: Graph, what: str) -> SizeDependent:
+def symbolic_reason(graph: Graph, what: str) -> Refused:
     """Why values computed from tensor shapes stop a rewrite: with every size static, constant
     folding would have computed them, so some size is symbolic; names the inputs' symbolic dims."""
-    dims = [f"{i.name}: {d}" for i in graph.gs.inputs for d in (i.shape or []) if not isinstance(d, int)]
-    return SizeDependent(f"{what} are computed from symbolic input sizes ({', '.join(dims) or 'unknown'}), "
-                         "so the rewrite would hold for one size only: --static-shape fixes the sizes")
+    dims = [f"{i.name}: {d}" for i in graph.inputs for d in (i.shape or []) if not isinstance(d, int)]
+    return Refused(f"{what} are computed from symbolic input sizes ({', '.join(dims) or 'unknown'}), so the rewrite "
+                   "would hold for one size only: --static-shape fixes the sizes", size_dependent=True)
 
 
-def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | None, list[Tensor]]:
+def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node], Tensor, list[Tensor]]:
     """The routing nodes that compute ``tensor`` from one non-constant tensor, in graph order, and
-    the tensors whose shapes (read by Shape/Size) their computed indices, pads or shapes come from."""
+    the tensors whose shapes (read by Shape/Size) their computed indices, pads or shapes come from;
+    raises Refused when they are not that."""
     found: dict[int, Node] = {}
     sources: dict[str, Tensor] = {}
     shaped_by: list[Tensor] = []
@@ -119,9 +119,9 @@ def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | 
             continue
         found[id(node)] = node
         if len(found) > MAX_NODES:
-            return "padding/cropping subgraph too large", None, []
+            raise Refused("padding/cropping subgraph too large")
         if node.op == "CastLike" and node.inputs[0].dtype != node.inputs[1].dtype:
-            return "a CastLike changes the type of the values", None, []
+            raise Refused("a CastLike changes the type of the values")
         data = DATA_INPUTS.get(node.op, (0,))
         for index, operand in enumerate(node.inputs):
             if node.op == "CastLike" and index == 1:
@@ -133,11 +133,11 @@ def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node] | str, Tensor | 
             elif graph.constant(operand) is None:  # an index, pad or shape the graph computes
                 shapes = _shapes_read(graph, operand)
                 if shapes is None:
-                    return f"the {node.op}'s input {index} is computed from data", None, []
+                    raise Refused(f"the {node.op}'s input {index} is computed from data")
                 shaped_by += shapes
     if len(sources) != 1:
-        return f"padding/cropping ops read {len(sources)} computed tensors", None, []
-    order = {id(n): i for i, n in enumerate(graph.gs.nodes)}
+        raise Refused(f"padding/cropping ops read {len(sources)} computed tensors")
+    order = {id(n): i for i, n in enumerate(graph.nodes())}
     return sorted(found.values(), key=lambda n: order[id(n)]), next(iter(sources.values())), shaped_by
 
 
@@ -199,7 +199,7 @@ def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
 
 
 def _opset(graph: Graph) -> int:
-    return graph.gs.opset or onnx.defs.onnx_opset_version()
+    return graph.opset
 
 
 def _as_view(source: Tensor, probed: tuple[int, ...], nodes: list[Node], plus: np.ndarray,

@@ -109,7 +109,7 @@ def ops(model: onnx.ModelProto) -> Counter:
 
 
 def refusals(report: onnx_reparam.Report) -> list[str]:
-    return [r.reason for p in report.passes for r in p.refusals]
+    return [r.text for p in report.passes for r in p.refusals]
 
 
 def rewrite(model: onnx.ModelProto, **options):

@@ -585,8 +585,8 @@ def _inspect_report(case: Case, report, findings: Findings) -> None:
         for r in p.refusals:
             if not r.reason.strip():
                 findings.add(case, "refusal without a reason")
-            elif r.reason.startswith("internal error"):
-                findings.add(case, f"internal error: {r.reason}")
+            elif r.kind == "internal error":
+                findings.add(case, r.text)
 
 
 def fuzz(random_cases: int, mutants: int, first_seed: int = 0) -> Findings:

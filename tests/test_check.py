@@ -230,7 +230,7 @@ def test_a_shape_changing_rewrite_is_bisected_and_dropped(monkeypatch):
     monkeypatch.setattr(fold_affine, "scaled_weight", bigger)
     from test_failsafe import chain_model
     model, report = onnx_reparam.optimize(chain_model())
-    assert report.verification.passed and len(report.dropped) == 1 and "shape" in report.dropped[0].reason
+    assert report.verification.passed and len(report.dropped) == 1 and "shape" in report.dropped[0].detail
 
 
 def wide_chain(layers: int = 12) -> onnx.ModelProto:

@@ -57,7 +57,7 @@ def test_one_bad_rewrite_is_dropped_and_named_and_the_good_ones_are_kept(wrong_f
     assert report.verification.passed and len(report.dropped) == 1
     dropped = report.dropped[0]
     assert dropped.node == f"{norm.name}, {conv.name}" and "fold_affine" in dropped.pattern
-    assert "did not verify" in dropped.reason and "from float64" in dropped.reason
+    assert dropped.kind == "unverified" and "did not verify" in dropped.reason and "from float64" in dropped.detail
     assert f"left {norm.name}, {conv.name} (Conv+BatchNormalization): its rewrite did not verify" in report.summary()
 
 

@@ -46,9 +46,10 @@ def test_identical_refusals_are_one_line_with_a_count():
     report = Report()
     from onnx_reparam.report import PassReport
     report.passes = [PassReport("merge_branches", refusals=[
-        Refusal(f"Add{i}", f"branches of 'x{i}' not merged: strides differ", "branches") for i in range(5)])]
+        Refusal(f"Add{i}", "branches not merged: strides differ", "branches", f"branches of 'x{i}'")
+        for i in range(5)])]
     lines = [line for line in report.summary().splitlines() if "left" in line]
-    assert lines == ["  left 5 x (branches): branches of '...' not merged: strides differ: Add0; Add1; Add2; ..."]
+    assert lines == ["  left 5 x (branches): branches not merged: strides differ: Add0; Add1; Add2; ..."]
 
 
 def test_refusals_of_non_reparam_patterns_only_with_verbose():

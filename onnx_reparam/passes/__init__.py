@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from ..errors import internal_error
+from ..errors import Refused, internal_error
 from ..graph import Graph, Node
 from ..report import Refusal, Rewrite
 
+T = TypeVar("T")
+
 # Given a rewrite about to be applied, why it must not be (None: apply it).
-Policy = Callable[[Rewrite], "str | None"]
+Policy = Callable[[Rewrite], "Refused | None"]
 
 
 @dataclass
@@ -33,27 +36,33 @@ class PassLog:
         stays as it was, and the reason is a refusal)."""
         origins = sorted({o for n in replaced for o in self.graph.origin(n)})
         rewrite = Rewrite(self.name, pattern, origins)
-        withheld = self.graph.unrunnable() or (self.policy(rewrite) if self.policy is not None else None)
+        unrunnable = self.graph.unrunnable()
+        withheld = Refused(unrunnable, kind="unrunnable") if unrunnable else \
+            self.policy(rewrite) if self.policy is not None else None
         if withheld:
             self.graph.discard()
-            self.refusals.append(Refusal(", ".join(origins), withheld, pattern))
+            self.refusals.append(Refusal.of(", ".join(origins), withheld, pattern))
             return False
         rewrite.added = [n.name for n in self.graph.commit(replaced, f"{self.name}: {pattern}")]
         self.rewrites.append(rewrite)
         return True
 
-    def refused(self, node: Node | str, reason: str, pattern: str = "") -> None:
+    def refused(self, node: Node | str, refused: Refused, pattern: str = "") -> None:
         label = self.graph.label(node) if isinstance(node, Node) else node
-        self.refusals.append(Refusal(label, reason, pattern))
+        self.refusals.append(Refusal.of(label, refused, pattern))
 
-    def attempt(self, node: Node, build: Callable, *args):
-        """Runs one match-and-rewrite; an exception in it refuses that rewrite and no other."""
+    def attempt(self, node: Node, build: Callable[..., T], *args: object) -> T | None:
+        """Runs one match-and-rewrite; an exception in it refuses that rewrite and no other: a
+        Refused the match did not catch as what it says, anything else as an internal error."""
         try:
             return build(*args)
+        except Refused as refused:
+            self.graph.discard()
+            self.refused(node, refused)
         except Exception as exc:  # noqa: BLE001 - a defect of ours must cost only its rewrite
             self.graph.discard()
-            self.refused(node, internal_error(exc))
-            return None
+            self.refused(node, Refused(internal_error(exc), kind="internal error"))
+        return None
 
 
 @dataclass(frozen=True)

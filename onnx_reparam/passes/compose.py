@@ -16,8 +16,9 @@ from __future__ import annotations
 import numpy as np
 
 from .. import algebra
+from ..errors import Refused
 from ..graph import Graph, Node, attr
-from ..linear import ChannelAffine, ConvForm, channel_affine, conv_chain, fc_form
+from ..linear import channel_affine, conv_chain, fc_form
 from ..routing import RESHAPES, ROUTING_OPS
 from . import PassLog
 
@@ -41,20 +42,24 @@ def run(graph: Graph, log: PassLog) -> None:
 
 
 def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
-    form, note = conv_chain(graph, node)
+    try:
+        form, note = conv_chain(graph, node)
+    except Refused:
+        return []  # not an exact conv: the rules that would fold or merge it say why
     if note:
         log.refused(node, note, f"{node.op} chain")
-    if not isinstance(form, ConvForm) or len(form.nodes) == 1:
+    if form is None or len(form.nodes) == 1:
         return []
     pattern = "+".join(n.op for n in reversed(form.nodes))
     pads = form.geometry["pads"]
     if min(pads) < 0:
-        log.refused(node, f"composing would need negative pads {list(pads)}", pattern)
+        log.refused(node, Refused(f"composing would need negative pads {list(pads)}"), pattern)
         return []
     before = sum(_macs(graph, n) for n in form.nodes)
     after = _macs(graph, node, form.weight)
     if after > before:
-        log.refused(node, f"composing would add work ({after} multiply-adds per image, {before} now)", pattern)
+        log.refused(node, Refused("composing would add work", f"{after} multiply-adds per image, {before} now"),
+                    pattern)
         return []
     g = form.geometry
     attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]),
@@ -79,7 +84,7 @@ def _channel_matmul(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     flatten = graph.producer(flat)
     readers = node.outputs[0].outputs
     if flatten is None or flatten.op != "Reshape" or len(readers) != 1 or readers[0].op != "Reshape" \
-            or graph.shared_reason(flat) is not None or graph.shared_reason(node.outputs[0]) is not None:
+            or graph.shared(flat) is not None or graph.shared(node.outputs[0]) is not None:
         return []
     unflatten, data = readers[0], flatten.inputs[0]
     shape, flat_shape, out_shape = data.shape, flat.shape, unflatten.outputs[0].shape
@@ -103,7 +108,7 @@ def _compose_reshapes(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     """Reshape(Reshape(x)) is one Reshape of x to the (static) final shape."""
     prior = graph.producer(node.inputs[0])
     shape = Graph.static_shape(node.outputs[0])
-    if prior is None or prior.op not in RESHAPES or shape is None or graph.shared_reason(node.inputs[0]):
+    if prior is None or prior.op not in RESHAPES or shape is None or graph.shared(node.inputs[0]):
         return []
     target = graph.add_constant(f"{node.name}_shape", np.array(shape, np.int64))
     graph.add_node("Reshape", [prior.inputs[0], target], [node.outputs[0]], {}, node.name)
@@ -130,14 +135,14 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     Reshape/Flatten of (N, C, ...) to (N, C * rest) the BN's channel values repeat ``rest`` times
     (a pooled BN before a classifier or RepMLP's global perceptron)."""
     data = node.inputs[0]
-    if graph.shared_reason(data) is not None:
+    if graph.shared(data) is not None:
         return []
     flatten, prior = None, graph.producer(data)
     channels, axis, rank, repeat = None, -1, Graph.rank(data), 1
     if prior is not None and prior.op in ("Reshape", "Flatten"):
         flatten, unflat = prior, prior.inputs[0]
         before, after = Graph.static_shape(unflat), Graph.static_shape(data)
-        if graph.shared_reason(unflat) is not None or not before or not after or len(after) != 2 \
+        if graph.shared(unflat) is not None or not before or not after or len(after) != 2 \
                 or len(before) < 2 or before[0] != after[0]:
             return []
         channels, rank, repeat = before[1], len(before), int(np.prod(before[2:]))
@@ -149,17 +154,19 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         return []
     channels = fc.weight.shape[1] if channels is None else channels
     pattern = f"{prior.op}+{flatten.op + '+' if flatten else ''}{node.op}"
-    affine = channel_affine(graph, prior, channels, axis, rank)
-    if not isinstance(affine, ChannelAffine):
-        if isinstance(affine, str):
-            log.refused(node, f"cannot fold {prior.op} into {node.op}: {affine}", pattern)
+    try:
+        affine = channel_affine(graph, prior, channels, axis, rank)
+    except Refused as refused:
+        log.refused(node, refused.within(f"cannot fold {prior.op} into {node.op}"), pattern)
+        return []
+    if affine is None:
         return []
     scale, shift = np.repeat(affine.scale, repeat), np.repeat(affine.shift, repeat)
     original = fc.matrix
     matrix = algebra.scale_matrix_weight(original, scale, 1)  # (out, in): scales the inputs
     bias = fc.bias + original @ shift
     if node.op == "MatMul" and np.any(bias):
-        log.refused(node, f"folding {prior.op} into MatMul would need a bias Add (no fewer nodes)", pattern)
+        log.refused(node, Refused(f"folding {prior.op} into MatMul would need a bias Add (no fewer nodes)"), pattern)
         return []
     source = prior.inputs[affine.data_index]
     if flatten is not None:

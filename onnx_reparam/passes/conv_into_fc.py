@@ -19,8 +19,9 @@ from math import gcd
 import numpy as np
 
 from .. import algebra
+from ..errors import Refused
 from ..graph import Graph, Node, Tensor
-from ..linear import ConvForm, conv_form, fc_form, inference_bn
+from ..linear import conv_form, fc_form, inference_bn
 from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees
 from ..routing import RESHAPES
 from . import PassLog
@@ -56,11 +57,11 @@ class Branch:
 def trace(graph: Graph, leaf: Leaf) -> Branch | None:
     """The leaf back through reshapes and BNs to a Conv/Gemm/MatMul with a constant weight."""
     tensor, nodes, norms = leaf.tensor, [], []
-    if graph.shared_reason(tensor) is not None:
+    if graph.shared(tensor) is not None:
         return None
     while True:
         node = graph.producer(tensor)
-        if node is None or (nodes and graph.shared_reason(tensor) is not None):
+        if node is None or (nodes and graph.shared(tensor) is not None):
             return None
         if node.op not in RESHAPES and node.op != "BatchNormalization":
             break
@@ -92,20 +93,20 @@ class RowMap:
     bias: np.ndarray
 
 
-def row_map(graph: Graph, branch: Branch) -> RowMap | str:
-    """The branch's map of one row, or why it has none."""
+def row_map(graph: Graph, branch: Branch) -> RowMap:
+    """The branch's map of one row; raises Refused where it has none."""
     node = branch.op
     shape = row_shape(node.inputs[0])
     if node.op == "Conv":
         form = conv_form(graph, node)
-        if not isinstance(form, ConvForm):
-            return form or "a conv with a computed weight or bias"
+        if form is None:
+            raise Refused("a conv with a computed weight or bias")
         # A kernel that reaches beyond the partition is exact too: its outer taps only ever meet
         # the conv's zero padding, which the conv-as-matrix leaves out.
         geometry, spatial, weight = form.geometry, shape[2:], form.weight
         groups, out_channels = geometry["group"], weight.shape[0]
         if branch.shape[0] * branch.shape[1] // groups > MAX_ENTRIES:
-            return f"its {branch.shape[0]}x{branch.shape[1]} matrix is too large to build"
+            raise Refused(f"its {branch.shape[0]}x{branch.shape[1]} matrix is too large to build")
         per = out_channels // groups
 
         def build(g: int, scale: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -113,11 +114,11 @@ def row_map(graph: Graph, branch: Branch) -> RowMap | str:
                                           geometry["pads"], geometry["dilations"], scale, out)
         bias = np.repeat(form.bias, branch.shape[0] // out_channels)
     elif len(shape) != 2:
-        return "a fully connected layer over more than one axis"
+        raise Refused("a fully connected layer over more than one axis")
     else:
         fc = fc_form(graph, node)
         if fc is None:
-            return "a fully connected layer with a computed or non-per-feature bias, or a transposed input"
+            raise Refused("a fully connected layer with a computed or non-per-feature bias, or a transposed input")
         groups, bias = 1, fc.bias
 
         def build(g: int, scale: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -125,11 +126,9 @@ def row_map(graph: Graph, branch: Branch) -> RowMap | str:
     row_scale = np.ones(branch.shape[0])
     for norm in branch.norms:
         affine = inference_bn(graph, norm)
-        if isinstance(affine, str):
-            return affine
         layout = row_shape(norm.inputs[0])
         if layout is None or layout[0] != branch.rows:
-            return "a BatchNormalization over a layout with other rows"
+            raise Refused("a BatchNormalization over a layout with other rows")
         repeat = int(np.prod(layout[2:]))  # BN on (rows, S, h, w): its channel value per h*w
         scale, shift = np.repeat(affine[0], repeat), np.repeat(affine[1], repeat)
         row_scale, bias = row_scale * scale, bias * scale + shift
@@ -153,15 +152,15 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     members, rest = [], []
     for leaf in tree.leaves:
         branch = branches[id(leaf)]
-        found = _mismatch(branch, partner, output) if branch is not partner else None
-        if found is None:
-            found = row_map(graph, branch)
-        if not isinstance(found, str):
-            members.append((branch, found))
+        try:
+            if branch is not partner:
+                _match(branch, partner, output)
+            members.append((branch, row_map(graph, branch)))
             continue
-        rest.append(leaf)
-        if branch is not None and branch.fc_input is None:
-            log.refused(tree.root, f"conv branch not folded into the fully connected layer: {found}", "fc")
+        except Refused as refused:
+            rest.append(leaf)
+            if branch is not None and branch.fc_input is None:
+                log.refused(tree.root, refused.within("conv branch not folded into the fully connected layer"), "fc")
     if len(members) < 2 or not any(b is partner for b, _ in members):
         return False
     groups = 0
@@ -169,8 +168,8 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
         groups = gcd(groups, found.groups)
     partner_groups = next(found.groups for b, found in members if b is partner)
     if groups < partner_groups:
-        log.refused(tree.root, f"folding would take the fully connected layer from {partner_groups} groups "
-                    f"to {groups}", "fc")
+        log.refused(tree.root, Refused(f"folding would take the fully connected layer from {partner_groups} groups "
+                                       f"to {groups}"), "fc")
         return False
     removed = len(tree.nodes) + sum(len(b.nodes) for b, _ in members)
     if 2 + combination_nodes(1 + len(rest), rest) > removed:
@@ -199,22 +198,22 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
                        tree.nodes + [n for b, _ in members for n in b.nodes])
 
 
-def _mismatch(branch: Branch | None, partner: Branch, output: tuple[int, ...] | None) -> str | None:
-    """Why a leaf cannot be summed into the partner FC, or None when it can."""
+def _match(branch: Branch | None, partner: Branch, output: tuple[int, ...] | None) -> None:
+    """Raises Refused when a leaf cannot be summed into the partner FC."""
     if branch is None:
-        return "not a linear map of rows"
+        raise Refused("not a linear map of rows")
     if output is None:
-        return "the sum's shape is unknown"
+        raise Refused("the sum's shape is unknown")
     if branch.source is not partner.source:
-        return f"it reads '{branch.source.name}', the fully connected layer '{partner.source.name}'"
+        raise Refused("it reads another tensor than the fully connected layer",
+                      f"'{branch.source.name}', the fully connected layer '{partner.source.name}'")
     if branch.rows != partner.rows:
-        return f"it sees the data as {branch.rows} rows, the fully connected layer as {partner.rows}"
+        raise Refused(f"it sees the data as {branch.rows} rows, the fully connected layer as {partner.rows}")
     if branch.shape != partner.shape:
-        return (f"it maps {branch.shape[1]} values to {branch.shape[0]} per row, the fully connected "
-                f"layer {partner.shape[1]} to {partner.shape[0]}")
+        raise Refused(f"it maps {branch.shape[1]} values to {branch.shape[0]} per row, the fully connected "
+                      f"layer {partner.shape[1]} to {partner.shape[0]}")
     if row_shape(branch.leaf.tensor) != output or row_shape(partner.leaf.tensor) != output:
-        return "the branches are laid out differently"
-    return None
+        raise Refused("the branches are laid out differently")
 
 
 def _emit(graph: Graph, tree: Tree, partner: Branch, weight: np.ndarray, groups: int, bias: np.ndarray,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import routing
+from ..errors import Refused
 from ..graph import Graph, Node
 from ..routing import ROUTING_OPS
 from . import PassLog
@@ -58,7 +59,7 @@ def _drop(graph: Graph, node: Node, seen: dict[tuple, Node], log: PassLog) -> li
         return []
     if node.op == "Transpose":
         prior = graph.producer(node.inputs[0])
-        if prior is not None and prior.op == "Transpose" and graph.shared_reason(node.inputs[0]) is None:
+        if prior is not None and prior.op == "Transpose" and graph.shared(node.inputs[0]) is None:
             first, second = prior.attrs.get("perm"), node.attrs.get("perm")
             if first is not None and second is not None and len(first) == len(second) \
                     and [first[p] for p in second] == list(range(len(first))):
@@ -92,8 +93,11 @@ def _unchanged(graph: Graph, output) -> routing.PadView | None:
     source = routing.view_source(graph, output)
     if source is None or source.shape is None or output.shape is None or list(source.shape) != list(output.shape):
         return None
-    view = routing.pad_view(graph, output)
-    if isinstance(view, routing.PadView) and view.source is source and view.border is None \
+    try:
+        view = routing.pad_view(graph, output)
+    except Refused:
+        return None  # not a pad or crop: data movement that does something, left without a word
+    if view is not None and view.source is source and view.border is None \
             and not any(view.begins) and not any(view.ends):
         return view
     return None

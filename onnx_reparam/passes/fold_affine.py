@@ -13,15 +13,9 @@ import numpy as np
 
 from .. import algebra
 from ..compare import is_float
+from ..errors import Refused
 from ..graph import Graph, Node, attr, optional_input
-from ..linear import (
-    ChannelAffine,
-    ConvForm,
-    bias_vector,
-    channel_affine,
-    conv_form,
-    misfit,
-)
+from ..linear import bias_vector, channel_affine, conv_form, misfit
 from ..matcher import Chain, ChainMatch, find_chains
 from . import PassLog
 
@@ -45,13 +39,13 @@ class Linear:
     attrs: dict
 
 
-def linear_of(graph: Graph, node: Node) -> Linear | str | None:
-    """The layer's weight and bias if they are constants; why an AveragePool is not a conv; None
-    for anything else."""
+def linear_of(graph: Graph, node: Node) -> Linear | None:
+    """The layer's weight and bias if they are constants, None for anything else; raises Refused
+    where the layer cannot fold (an AveragePool that is not a conv, integer weights)."""
     if node.op == "AveragePool":  # folds as the depthwise conv it is
         form = conv_form(graph, node)
-        if not isinstance(form, ConvForm):
-            return form
+        if form is None:
+            return None
         g = form.geometry
         attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]),
                  "dilations": list(g["dilations"]), "pads": list(g["pads"]), "group": g["group"]}
@@ -60,15 +54,14 @@ def linear_of(graph: Graph, node: Node) -> Linear | str | None:
     return _weighted_layer(graph, node)
 
 
-def _weighted_layer(graph: Graph, node: Node) -> Linear | str | None:
+def _weighted_layer(graph: Graph, node: Node) -> Linear | None:
     weight = graph.constant(node.inputs[1]) if len(node.inputs) > 1 else None
     if weight is None or graph.constant(node.inputs[0]) is not None:
         return None
-    problem = misfit(node, weight) if node.op in ("Conv", "ConvTranspose") else None
-    if problem:
-        return problem
+    if node.op in ("Conv", "ConvTranspose"):
+        misfit(node, weight)
     if not is_float(weight.dtype):
-        return f"a {node.op} on {weight.dtype} data: folding is float arithmetic"
+        raise Refused(f"a {node.op} on {weight.dtype} data: folding is float arithmetic")
     bias_input = optional_input(node, 2)
     bias = graph.constant(bias_input) if bias_input is not None else np.zeros(())
     if bias is None:
@@ -84,9 +77,10 @@ def _weighted_layer(graph: Graph, node: Node) -> Linear | str | None:
         return None
     if node.op == "Gemm":
         channels = weight.shape[0] if attr(node, "transB", 0) else weight.shape[1]
-        bias = algebra.per_channel(bias, channels, -1, 2)
-        if isinstance(bias, str):
-            return None
+        try:
+            bias = algebra.per_channel(bias, channels, -1, 2)
+        except Refused:
+            return None  # C broadcasts over more than the features: not a layer's bias
         alpha, beta = attr(node, "alpha", 1.0), attr(node, "beta", 1.0)
         attrs = {**node.attrs, "alpha": 1.0, "beta": 1.0}
         return Linear(np.asarray(weight, np.float64) * alpha, bias * beta, -1, 2, weight.dtype, node.op, attrs)
@@ -95,13 +89,13 @@ def _weighted_layer(graph: Graph, node: Node) -> Linear | str | None:
 
 
 def affine_of(graph: Graph, node: Node, index: int, layer: Linear,
-              channels: int) -> tuple[np.ndarray, np.ndarray] | str | None:
-    """(scale, shift) of the op reading the layer's output at input ``index``; a reason if it is
-    an affine op that cannot fold; None if it is not this pattern at all."""
+              channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(scale, shift) of the op reading the layer's output at input ``index``; None if it is not
+    this pattern at all; raises Refused if it is an affine op that cannot fold."""
     affine = channel_affine(graph, node, channels, layer.channel_axis, layer.rank)
-    if isinstance(affine, ChannelAffine):
-        return (affine.scale, affine.shift) if affine.data_index == index else None
-    return affine
+    if affine is None or affine.data_index != index:
+        return None
+    return affine.scale, affine.shift
 
 
 def scaled_weight(layer: Linear, weight: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -124,10 +118,13 @@ def run(graph: Graph, log: PassLog) -> None:
 
 def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
     layer_node, *affine_nodes = match.nodes
-    layer = linear_of(graph, layer_node)
-    if isinstance(layer, str) and affine_nodes[0].op == "BatchNormalization":
-        log.refused(layer_node, layer, f"{layer_node.op}+{affine_nodes[0].op}")
-    if not isinstance(layer, Linear):
+    try:
+        layer = linear_of(graph, layer_node)
+    except Refused as refused:  # said for a BN, the pattern a deploy export never keeps
+        if affine_nodes[0].op == "BatchNormalization":
+            log.refused(layer_node, refused, f"{layer_node.op}+{affine_nodes[0].op}")
+        return False
+    if layer is None:
         return False
     channels = layer.bias.shape[0]
     if layer_node.op == "MatMul" and len(affine_nodes) == 1 and affine_nodes[0].op in ("Add", "Sub"):
@@ -135,16 +132,17 @@ def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
     bias_node = affine_nodes[0] if len(affine_nodes) == 2 else None
     scale, shift = 1.0, layer.bias  # scale stays a number until an affine scales per channel
     for node, index in zip(affine_nodes, match.input_index):
-        affine = affine_of(graph, node, index, layer, channels)
-        if affine is None:
+        try:
+            affine = affine_of(graph, node, index, layer, channels)
+        except Refused as refused:
+            log.refused(node, refused, f"{layer_node.op}+{node.op}")
             return False
-        if isinstance(affine, str):
-            log.refused(node, affine, f"{layer_node.op}+{node.op}")
+        if affine is None:
             return False
         scale, shift = scale * affine[0], algebra.fold_bias(shift, *affine)
     pattern = f"{layer_node.op}+" + "+".join(n.op for n in affine_nodes)
     if match.blocked:
-        log.refused(layer_node, f"cannot fold {affine_nodes[-1].op} into {layer_node.op}: {match.blocked}",
+        log.refused(layer_node, match.blocked.within(f"cannot fold {affine_nodes[-1].op} into {layer_node.op}"),
                     pattern)
         return False
     dtype = Graph.layer_dtype(layer_node.inputs[0], layer.dtype)

@@ -16,10 +16,11 @@ from math import gcd
 import numpy as np
 
 from .. import algebra
+from ..errors import Refused
 from ..graph import Graph, Node, Tensor
-from ..linear import ConvForm, conv_chain, fc_form, inference_bn
-from ..routing import ROUTING_OPS, pad_view, view_source
+from ..linear import conv_chain, fc_form, inference_bn
 from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees
+from ..routing import ROUTING_OPS, pad_view, view_source
 from . import PassLog
 
 
@@ -65,7 +66,7 @@ class Group:
     terms: list[Term] = field(default_factory=list)
 
 
-def interpret(graph: Graph, leaf: Leaf) -> tuple[Term | None, tuple[str, str] | None]:
+def interpret(graph: Graph, leaf: Leaf) -> tuple[Term | None, tuple[str, Refused] | None]:
     """The leaf as a term; a constant leaf gives (None, None). A leaf that cannot be taken apart
     (its output also read elsewhere, a conv that is not exact as a merged branch) is the identity
     of its output, with the tensor it is a branch of and the reason."""
@@ -73,46 +74,52 @@ def interpret(graph: Graph, leaf: Leaf) -> tuple[Term | None, tuple[str, str] | 
     if graph.constant(tensor) is not None:
         return None, None
     node = graph.producer(tensor)
-    term = _branch_term(graph, leaf, node) if node is not None else None
     opaque = Term(leaf, tensor, 0.0, None)
-    if isinstance(term, str):
-        return opaque, (node.inputs[0].name, f"{node.op} branch kept apart: {term}")
+    if node is None:
+        return opaque, None
+    try:
+        term = _branch_term(graph, leaf, node)
+    except Refused as refused:
+        return opaque, (node.inputs[0].name, refused.within(f"{node.op} branch kept apart"))
     if term is None:
         return opaque, None
-    shared = graph.shared_reason(tensor)
+    shared = graph.shared(tensor)
     if shared is not None:
-        return opaque, (term.source.name, f"{node.op} branch kept apart: {shared}")
+        return opaque, (term.source.name, shared.within(f"{node.op} branch kept apart"))
     return term, _view_note(graph, node, term.source)
 
 
-def _view_note(graph: Graph, node: Node, source: Tensor) -> tuple[str, str] | None:
+def _view_note(graph: Graph, node: Node, source: Tensor) -> tuple[str, Refused] | None:
     """When a branch reads ``source`` through data-movement ops that are not a pad/crop it can
     see through, the tensor those ops read and why."""
     producer = graph.producer(source)
     if producer is None or producer.op not in ROUTING_OPS:
         return None
-    view = pad_view(graph, source)
     origin = view_source(graph, source)
-    if not isinstance(view, str) or origin is None:
+    if origin is None:
         return None
-    return origin.name, f"{node.op} branch reads '{source.name}' ({producer.op} of '{origin.name}'), kept apart: {view}"
+    try:
+        pad_view(graph, source)
+    except Refused as refused:
+        return origin.name, refused.within(f"{node.op} branch reads a {producer.op} of its input, kept apart",
+                                           f"'{source.name}', {producer.op} of '{origin.name}'")
+    return None
 
 
-def _branch_term(graph: Graph, leaf: Leaf, node: Node) -> Term | str | None:
+def _branch_term(graph: Graph, leaf: Leaf, node: Node) -> Term | None:
+    """The leaf computed by ``node`` as a term, None if it is not a linear map; raises Refused if
+    it is one that cannot be merged exactly."""
     source = node.inputs[0] if node.inputs else None
     if source is None or graph.constant(source) is not None:
         return None
     if node.op in ("Conv", "AveragePool"):
         form, _ = conv_chain(graph, node)
-        if not isinstance(form, ConvForm):
-            return form
+        if form is None:
+            return None
         return Term(leaf, form.source, form.bias, form.dtype, kernel=form.weight,
                     geometry=form.geometry, nodes=form.nodes)
     if node.op == "BatchNormalization":
-        affine = inference_bn(graph, node)
-        if isinstance(affine, str):
-            return affine
-        scale, shift = affine
+        scale, shift = inference_bn(graph, node)
         return Term(leaf, source, shift, graph.constant(node.inputs[1]).dtype, scale=scale, nodes=[node])
     if node.op == "Mul":
         consts = [graph.constant(t) for t in node.inputs]
@@ -144,7 +151,7 @@ def run(graph: Graph, log: PassLog) -> None:
 def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     groups: dict[str, Group] = {}
     constants: list[Leaf] = []
-    kept_apart: list[tuple[str, str]] = []
+    kept_apart: list[tuple[str, Refused]] = []
     for leaf in tree.leaves:
         term, note = interpret(graph, leaf)
         if term is None:
@@ -159,13 +166,12 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     merged: list[Merged] = []
     rest: list[Leaf] = []
     for name, group in groups.items():
-        mergeable = len(group.terms) >= 2 and any(t.nodes for t in group.terms)
-        result = _merge_group(graph, group) if mergeable else None
-        if isinstance(result, Merged):
-            merged.append(result)
-            continue
-        if isinstance(result, str):
-            log.refused(tree.root, f"branches of '{name}' not merged: {result}", "branches")
+        if len(group.terms) >= 2 and any(t.nodes for t in group.terms):
+            try:
+                merged.append(_merge_group(graph, group))
+                continue
+            except Refused as refused:
+                log.refused(tree.root, refused.within("branches not merged", f"branches of '{name}'"), "branches")
         rest.extend(t.leaf for t in group.terms)
     if not merged:
         return False
@@ -173,7 +179,7 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     removed = len(tree.nodes) + sum(len(t.nodes) for m in merged for t in m.group.terms)
     added = sum(m.node_count for m in merged) + combination_nodes(len(merged) + len(rest), rest)
     if added > removed:
-        log.refused(tree.root, "merging would not reduce the number of nodes", "branches")
+        log.refused(tree.root, Refused("merging would not reduce the number of nodes"), "branches")
         return False
     _emit(graph, tree, merged, rest)
     patterns = ("+".join(sorted("+".join(n.op for n in reversed(t.nodes)) or "identity" for t in m.group.terms))
@@ -190,36 +196,30 @@ def _absorb_constants(graph: Graph, first: Merged, constants: list[Leaf]) -> lis
         axis, rank = 1 - first.weight.ndim, first.weight.ndim
     kept = []
     for leaf in constants:
-        value = algebra.per_channel(graph.constant(leaf.tensor), first.weight.shape[0], axis, rank)
-        if isinstance(value, str):
-            kept.append(leaf)
-        else:
-            first.bias += leaf.sign * value
+        try:
+            first.bias += leaf.sign * algebra.per_channel(graph.constant(leaf.tensor), first.weight.shape[0], axis, rank)
+        except Refused:
+            kept.append(leaf)  # not a bias: it stays an addend of the sum
     return kept
 
 
-def _merge_group(graph: Graph, group: Group) -> Merged | str:
-    """The group's terms as one layer, or why they do not merge."""
+def _merge_group(graph: Graph, group: Group) -> Merged:
+    """The group's terms as one layer; raises Refused where they do not merge."""
     if any(t.is_matrix for t in group.terms):
         return _merge_matrices(group)
     convs = [t for t in group.terms if t.is_conv]
     diagonals = [t for t in group.terms if not t.is_conv]
     rank = convs[0].kernel.ndim if convs else graph.rank(group.source)
     if rank is None or rank < 3:
-        return "no spatial axes (input rank unknown or below 3)"
+        raise Refused("no spatial axes (input rank unknown or below 3)")
     if any(t.kernel.ndim != rank for t in convs):
-        return "branch kernels have different ranks"
+        raise Refused("branch kernels have different ranks")
     if Graph.rank(group.source) not in (None, rank):
-        return "input rank differs from the kernels' rank"
+        raise Refused("input rank differs from the kernels' rank")
     spatial = rank - 2
     shape = group.source.shape  # spatial sizes are used where known; batch and channels may be symbolic
-    channels = _channels(group.source, convs, diagonals, rank)
-    if isinstance(channels, str):
-        return channels
-    in_channels, out_channels = channels
+    in_channels, out_channels = _channels(group.source, convs, diagonals, rank)
     scales = _diagonal_scales(diagonals, out_channels, 1 - rank, rank)
-    if isinstance(scales, str):
-        return scales
     unit = {"kernel": (1,) * spatial, "strides": (1,) * spatial, "dilations": (1,) * spatial,
             "pads": (0,) * 2 * spatial}
     cost = sum(t.kernel.size for t in convs) + out_channels * len(diagonals)
@@ -228,7 +228,7 @@ def _merge_group(graph: Graph, group: Group) -> Merged | str:
     strides = {g["strides"] for g in geometries}
     if len(strides) != 1:
         reason = "an identity or diagonal branch needs stride 1" if diagonals else "strides differ"
-        return f"{reason} (strides {sorted(strides)})"
+        raise Refused(f"{reason} (strides {sorted(strides)})")
     stride = strides.pop()
     plans, dilations = [], []
     for axis in range(spatial):
@@ -236,13 +236,14 @@ def _merge_group(graph: Graph, group: Group) -> Merged | str:
         branches = [algebra.AxisBranch(g["kernel"][axis], g["pads"][axis], g["pads"][axis + spatial])
                     for g in geometries]
         length = shape[2 + axis] if shape is not None and len(shape) == rank else None
-        plan = algebra.plan_axis(branches, stride[axis], dilations[-1],
-                                 length if isinstance(length, int) and length >= 0 else None)
         where = Graph.axis_size(group.source, 2 + axis)
-        if isinstance(plan, str):
-            return f"{where}: {plan}"
+        try:
+            plan = algebra.plan_axis(branches, stride[axis], dilations[-1],
+                                     length if isinstance(length, int) and length >= 0 else None)
+        except Refused as refused:
+            raise refused.within(where) from None
         if min(plan.pad_begin, plan.pad_end) < 0:
-            return f"{where}: every branch crops its input (merged pads {plan.pad_begin}, {plan.pad_end})"
+            raise Refused(f"{where}: every branch crops its input (merged pads {plan.pad_begin}, {plan.pad_end})")
         plans.append(plan)
     groups = 0
     for t in convs:
@@ -251,7 +252,8 @@ def _merge_group(graph: Graph, group: Group) -> Merged | str:
     size = tuple(p.kernel for p in plans)
     kernel = np.zeros((out_channels, in_channels // groups) + size)
     if kernel.size > cost:
-        return f"the merged conv would cost more multiply-adds than the branches ({kernel.size} vs {cost} per position)"
+        raise Refused(f"the merged conv would cost more multiply-adds than the branches ({kernel.size} vs {cost} "
+                      "per position)")
     bias = np.zeros(out_channels)
     for i, term in enumerate(convs + diagonals):
         small = algebra.regroup_kernel(term.kernel, term.geometry["group"], groups) if term.is_conv \
@@ -281,41 +283,40 @@ def _common_dilation(convs: list[Term], spatial: int) -> None:
 
 
 def _diagonal_scales(diagonals: list[Term], channels: int, axis: int,
-                     rank: int | None) -> list[np.ndarray | float] | str:
+                     rank: int | None) -> list[np.ndarray | float]:
     """Each identity/diagonal term's scale, a Mul constant checked to be per channel."""
     scales = []
     for t in diagonals:
         if t.scale_const is None:
             scales.append(t.scale)
             continue
-        scale = algebra.per_channel(t.scale_const, channels, axis, rank)
-        if isinstance(scale, str):
-            return f"Mul branch: {scale}"
-        scales.append(scale)
+        try:
+            scales.append(algebra.per_channel(t.scale_const, channels, axis, rank))
+        except Refused as refused:
+            raise refused.within("Mul branch") from None
     return scales
 
 
-def _merge_matrices(group: Group) -> Merged | str:
+def _merge_matrices(group: Group) -> Merged:
     """Fully connected terms (features on the last axis) summed into one (out, in) matrix."""
     matrices = [t for t in group.terms if t.is_matrix]
     diagonals = [t for t in group.terms if not t.is_matrix]
     if any(t.is_conv for t in diagonals):
-        return "convolution and fully connected branches on one tensor"
+        raise Refused("convolution and fully connected branches on one tensor")
     rank = Graph.rank(group.source)
     shapes = {t.kernel.shape for t in matrices}
     if len(shapes) != 1:
-        return f"fully connected weights differ in shape {sorted(shapes)}"
+        raise Refused(f"fully connected weights differ in shape {sorted(shapes)}")
     out_features, in_features = shapes.pop()
     last = group.source.shape[-1] if group.source.shape else None
     if isinstance(last, int) and last != in_features:
-        return f"input has {last} features, the weights {in_features}"
+        raise Refused(f"input has {last} features, the weights {in_features}")
     if diagonals and out_features != in_features:
-        return f"an identity or diagonal branch needs as many outputs as inputs ({out_features} vs {in_features})"
+        raise Refused(f"an identity or diagonal branch needs as many outputs as inputs ({out_features} vs "
+                      f"{in_features})")
     if any(t.nodes and t.nodes[0].op == "BatchNormalization" for t in diagonals) and rank != 2:
-        return "BatchNormalization normalizes axis 1, which is not the feature axis"
+        raise Refused("BatchNormalization normalizes axis 1, which is not the feature axis")
     scales = _diagonal_scales(diagonals, out_features, -1, rank)
-    if isinstance(scales, str):
-        return scales
     weight = np.zeros((out_features, in_features))
     bias = np.zeros(out_features)
     for term in matrices:
@@ -328,8 +329,8 @@ def _merge_matrices(group: Group) -> Merged | str:
 
 
 def _channels(source: Tensor, convs: list[Term], diagonals: list[Term],
-              rank: int) -> tuple[int, int] | str:
-    """(input, output) channel counts agreed on by every term, or why they disagree."""
+              rank: int) -> tuple[int, int]:
+    """(input, output) channel counts agreed on by every term; raises Refused where they disagree."""
     ins = {t.kernel.shape[1] * t.geometry["group"] for t in convs}
     outs = {t.kernel.shape[0] for t in convs}
     if source.shape is not None and isinstance(source.shape[1], int):
@@ -344,9 +345,9 @@ def _channels(source: Tensor, convs: list[Term], diagonals: list[Term],
         ins |= outs
         outs = ins
     if len(ins) > 1 or len(outs) > 1:
-        return f"channel counts differ (in {sorted(ins)}, out {sorted(outs)})"
+        raise Refused(f"channel counts differ (in {sorted(ins)}, out {sorted(outs)})")
     if not outs:
-        return "channel count unknown"
+        raise Refused("channel count unknown")
     out_channels = next(iter(outs))
     return next(iter(ins), out_channels), out_channels
 

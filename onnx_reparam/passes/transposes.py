@@ -42,7 +42,7 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         if graph.constant(tensor) is not None:
             continue
         if producer is None or producer.op != "Transpose" \
-                or graph.shared_reason(tensor, len([t for t in node.inputs if t is tensor])) is not None:
+                or graph.shared(tensor, len([t for t in node.inputs if t is tensor])) is not None:
             return []
         order = producer.attrs.get("perm")
         rank = len(tensor.shape) if tensor.shape is not None else None
@@ -62,7 +62,7 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
         if value is None:
             inputs.append(graph.producer(tensor).inputs[0])
             continue
-        if value.ndim > len(perm) or value.nbytes > LARGE_TENSOR and graph.shared_reason(tensor) is not None:
+        if value.ndim > len(perm) or value.nbytes > LARGE_TENSOR and graph.shared(tensor) is not None:
             return []  # a transposed copy of a large constant others read would grow the model
         full = value.reshape((1,) * (len(perm) - value.ndim) + value.shape)  # numpy broadcasting's alignment
         inputs.append(graph.add_constant(f"{node.name}_{tensor.name}_transposed", np.transpose(full, inverse)))
@@ -106,5 +106,5 @@ def _transposed(graph: Graph, tensor: Tensor, perm: list[int], depth: int) -> bo
     if producer.op == "Transpose":
         return list(producer.attrs.get("perm", [])) == perm
     data = [t for t in producer.inputs if graph.constant(t) is None]
-    return producer.op in BINARY | UNARY and graph.shared_reason(tensor) is None and bool(data) and \
+    return producer.op in BINARY | UNARY and graph.shared(tensor) is None and bool(data) and \
         all(_transposed(graph, t, perm, depth - 1) for t in data)

@@ -19,18 +19,16 @@ import re
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
-from onnx_graphsurgeon.importers.onnx_importer import get_itemsize, get_onnx_tensor_dtype, get_onnx_tensor_shape
 from onnx_graphsurgeon.ir import tensor as gs_tensor
-from onnx_graphsurgeon.util import misc
 
-from .kernels import dtype_code, unrunnable
-from .model_io import (LARGE_TENSOR, append_array, inferred_shapes, inferred_value_info, on_disk, read_array,
-                       shape_disagreement, sparse_array)
+from ..errors import Refused
+from ..kernels import dtype_code, unrunnable
+from ..model_io import LARGE_TENSOR, append_array, inferred_value_info, on_disk, read_array, sparse_array
+from . import folding
+from .values import DEFAULT_DOMAINS, DiskValues, dims, import_model, stored_tensor, weights_as_placeholders
 
 Node = gs.Node
 Tensor = gs.Tensor
-DEFAULT_DOMAINS = ("", "ai.onnx", None)
 _FRESH_SUFFIX = re.compile(r"(_reparam\d+)+$")
 RULE_KEY = "onnx_reparam.rule"
 
@@ -39,7 +37,7 @@ class Graph:
     """A model being rewritten. ``gs`` is the onnx-graphsurgeon graph; the rest is bookkeeping."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.gs, self.shape_conflicts = _import(model)
+        self.gs, self.shape_conflicts = import_model(model)
         for tensor in self.gs.tensors().values():
             values = getattr(tensor, "_values", None)
             if type(values) is gs_tensor.LazyValues and on_disk(values.tensor) is not None:
@@ -62,11 +60,15 @@ class Graph:
         # Tool-made node name -> the original nodes it stands for, and the rule that made it.
         self.origins: dict[str, tuple[str, ...]] = {}
         self.rules: dict[str, str] = {}
+        for node in self.nodes():  # a Constant node's value is a weight like any other: held as one
+            value = self.constant(node.outputs[0]) if node.op == "Constant" and len(node.outputs) == 1 else None
+            if value is not None and node.outputs[0].name not in self.output_names:
+                node.outputs.pop().to_constant(value)
 
     def infer_shapes(self) -> None:
         """Fills in shapes ONNX can infer now that were unknown at import (after constant folding,
         slice bounds and reshape targets are constants)."""
-        with _weights_as_placeholders(self.gs, LARGE_TENSOR), self.spelled_out():
+        with weights_as_placeholders(self.gs, LARGE_TENSOR), self.spelled_out():
             model = gs.export_onnx(self.gs, do_type_check=False)
         del model.graph.value_info[:]
         tensors = self.gs.tensors()
@@ -74,7 +76,7 @@ class Graph:
             tensor = tensors.get(info.name)
             if isinstance(tensor, gs.Variable) and self.static_shape(tensor) is None \
                     and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-                tensor.shape = _dims(info.type.tensor_type.shape)
+                tensor.shape = dims(info.type.tensor_type.shape)
 
     @contextlib.contextmanager
     def spelled_out(self):
@@ -91,6 +93,19 @@ class Graph:
     def nodes(self) -> list[Node]:
         """A snapshot of the nodes, safe to iterate while rewriting."""
         return list(self.gs.nodes)
+
+    @property
+    def inputs(self) -> list[Tensor]:
+        return list(self.gs.inputs)
+
+    @property
+    def outputs(self) -> list[Tensor]:
+        return list(self.gs.outputs)
+
+    @property
+    def opset(self) -> int:
+        """The default domain's opset the model imports."""
+        return int(self.gs.opset or onnx.defs.onnx_opset_version())
 
     def constant(self, tensor: Tensor | None) -> np.ndarray | None:
         """The value of an initializer or Constant node output; None for anything computed or
@@ -116,13 +131,13 @@ class Graph:
     def producer(tensor: Tensor) -> Node | None:
         return tensor.inputs[0] if tensor.inputs else None
 
-    def shared_reason(self, tensor: Tensor, consumers: int = 1) -> str | None:
+    def shared(self, tensor: Tensor, consumers: int = 1) -> Refused | None:
         """Why ``tensor`` cannot disappear in a rewrite (graph output, other readers), or None."""
         if tensor.name in self.output_names:
-            return f"'{tensor.name}' is a graph output"
+            return Refused("an inner value is a graph output", f"'{tensor.name}'")
         if len(tensor.outputs) > consumers:
             others = ", ".join(sorted({self.label(n) for n in tensor.outputs}))
-            return f"'{tensor.name}' is also read by {others}"
+            return Refused("an inner value is also read by other nodes", f"'{tensor.name}' is read by {others}")
         return None
 
     @staticmethod
@@ -143,6 +158,22 @@ class Graph:
         if shape is None or not all(isinstance(d, int) and d >= 0 for d in shape):
             return None
         return tuple(shape)
+
+    def constant_subgraphs(self, limit: int) -> tuple[list[tuple[Tensor, np.ndarray]], list[Node], dict[str, str]]:
+        """The values computed only from constants (folding.py says which) that the rest of the
+        graph reads, evaluated in onnxruntime, and the nodes that compute them; values over
+        ``limit`` bytes are left out, and so are those it could not compute, with why."""
+        nodes, targets = folding.foldable(self.nodes(), lambda t: self.constant(t) is not None, limit,
+                                          self.output_names)
+        if not targets:
+            return [], [], {}
+        values, problems = folding.evaluate(nodes, targets, self.opset, self.gs.import_domains)
+        kept = [(t, values[t.name]) for t in targets if t.name in values and values[t.name].nbytes <= limit]
+        return kept, folding.cone(nodes, [t for t, _ in kept]), problems
+
+    def is_stored(self, tensor: Tensor) -> bool:
+        """An initializer the caller cannot override: a weight as the model stores it."""
+        return isinstance(tensor, gs.Constant) and tensor.name not in self.overridable
 
     def fresh_name(self, base: str) -> str:
         base = _FRESH_SUFFIX.sub("", base)  # a rewrite of a rewrite keeps one suffix
@@ -199,7 +230,7 @@ class Graph:
         """Why a node written down since the last commit cannot be in the model: onnxruntime
         cannot run its op at its element types (kernels.py asks it), unless the input model has
         that op at those types already."""
-        opset = self.gs.opset or onnx.defs.onnx_opset_version()
+        opset = self.opset
         for op, inputs, outputs, attrs, _ in self._pending:
             types = tuple(dtype_code(t.dtype) if t.name else None for t in inputs)
             if (op, frozenset(t for t in types if t is not None)) in self._kinds \
@@ -271,7 +302,7 @@ class Graph:
         still read stay where they are (not copied), dead ones are deleted, new ones added one at
         a time. The graph is not to be used afterwards."""
         collect = self.holds_new_weights()
-        with _weights_as_placeholders(self.gs, 0, restore=False) as values, self.spelled_out():
+        with weights_as_placeholders(self.gs, 0, restore=False) as values, self.spelled_out():
             exported = gs.export_onnx(self.gs, do_type_check=False)  # each array freed once stored
         # Nothing may still point into the model's initializers when they are deleted below.
         self._read.clear()
@@ -317,106 +348,6 @@ class Graph:
             else:
                 node.doc_string = f"{RULE_KEY}: {rule}"
         return model
-
-
-def _import(model: onnx.ModelProto) -> tuple[gs.Graph, list[str]]:
-    """The onnx-graphsurgeon graph of ``model`` and the declared shapes inference contradicts.
-    Shapes come from inference, declared ones only where it has none: a rule must not trust a
-    declaration onnxruntime does not check. They go into the import, then out of the caller's
-    model again."""
-    inferred = inferred_shapes(model)
-    declared = list(model.graph.value_info)
-    conflicts = [d for d in (shape_disagreement(v, inferred[v.name]) for v in
-                             declared + list(model.graph.output) if v.name in inferred) if d]
-    del model.graph.value_info[:]
-    model.graph.value_info.extend([v for v in declared if v.name not in inferred] + list(inferred.values()))
-    try:
-        with quiet_onnx_graphsurgeon():
-            graph = gs.import_onnx(model)
-    finally:
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(declared)
-    tensors = graph.tensors()
-    for output in model.graph.output:
-        if output.name in inferred and output.name in tensors:
-            tensor, trusted = tensors[output.name], inferred[output.name].type.tensor_type
-            tensor.shape = _dims(trusted.shape)
-            if trusted.elem_type:
-                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(trusted.elem_type)
-    return graph, conflicts
-
-
-def _dims(shape: onnx.TensorShapeProto) -> list:
-    """A shape as onnx-graphsurgeon holds it: sizes, dim names, None where unknown."""
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in shape.dim]
-
-
-@contextlib.contextmanager
-def quiet_onnx_graphsurgeon():
-    """onnx-graphsurgeon's warnings (an op it skips, a type numpy lacks) silenced for the while:
-    the report says what matters."""
-    level = gs.logger.G_LOGGER.severity
-    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
-    try:
-        yield
-    finally:
-        gs.logger.G_LOGGER.severity = level
-
-
-@contextlib.contextmanager
-def _weights_as_placeholders(graph: gs.Graph, larger_than: int, restore: bool = True):
-    """While exporting: constants over ``larger_than`` bytes stand in as dims-only tensors, so the
-    export copies no weights. Yields, by name, what each stand-in stands for: the stored tensor or
-    the new array; the graph gets them back afterwards unless ``restore`` is False."""
-    swapped, new_values = [], {}
-    for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, gs_tensor.SparseValues):
-            continue
-        values = tensor._values
-        if isinstance(values, gs_tensor.LazyValues):
-            stored = stored_tensor(values)
-            if values.nbytes <= larger_than:
-                continue
-            placeholder = onnx.TensorProto(name=tensor.name, dims=list(stored.dims), data_type=stored.data_type)
-            new_values[tensor.name] = stored
-        else:
-            array = np.asarray(values)
-            if array.nbytes <= larger_than:
-                continue
-            new_values[tensor.name] = array
-            placeholder = onnx.TensorProto(name=tensor.name, dims=list(array.shape),
-                                           data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
-        swapped.append((tensor, values))
-        tensor._values = gs_tensor.LazyValues(placeholder)
-    try:
-        yield new_values
-    finally:
-        for tensor, values in swapped if restore else ():
-            tensor._values = values
-
-
-class DiskValues(gs_tensor.LazyValues):
-    """The values of an initializer on disk (see model_io). To onnx-graphsurgeon, which exports
-    ``tensor`` when it evaluates constant subgraphs in onnxruntime, ``tensor`` is the initializer
-    read in; ``stored`` is the one on disk, which the export to a model keeps."""
-
-    def __init__(self, stored: onnx.TensorProto):  # LazyValues' would read ``tensor``
-        self.stored = stored
-        self.shape = get_onnx_tensor_shape(stored)
-        self.dtype = get_onnx_tensor_dtype(stored)
-        self.nbytes = misc.volume(self.shape) * get_itemsize(self.dtype)
-
-    @property
-    def tensor(self) -> onnx.TensorProto:
-        return numpy_helper.from_array(self.load(), self.stored.name)
-
-    def load(self) -> np.ndarray:
-        return read_array(self.stored)
-
-
-def stored_tensor(values: gs_tensor.LazyValues) -> onnx.TensorProto:
-    """The initializer behind lazily loaded values, as the model stores it."""
-    return values.stored if isinstance(values, DiskValues) else values.tensor
 
 
 def optional_input(node: Node, index: int) -> Tensor | None:

@@ -19,10 +19,10 @@ import onnx
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "models"))
-import export  # noqa: E402
+import export
 
-import onnx_reparam  # noqa: E402
-from onnx_reparam.verify import Checker  # noqa: E402
+import onnx_reparam
+from onnx_reparam.verify import Checker
 
 SIZES = {1: 4096, 2: 112, 3: 16}  # as benchmarks/reparam.py
 

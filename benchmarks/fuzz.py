@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-import fuzzing  # noqa: E402
+import fuzzing
 
 
 def main() -> int:

@@ -31,10 +31,10 @@ import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "models"))
-import export  # noqa: E402
+import export
 
-import onnx_reparam  # noqa: E402
-from onnx_reparam.verify import make_inputs  # noqa: E402
+import onnx_reparam
+from onnx_reparam.inputs import make_inputs
 
 
 def histogram(model: onnx.ModelProto) -> str:

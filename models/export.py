@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import families  # noqa: E402
-import repmlp  # noqa: E402
-import repvgg  # noqa: E402
+import families
+import repmlp
+import repvgg
 
 NETS = {**families.FAMILIES, **repmlp.NETS}  # name: (constructor(c, classes), input shape)
 ARCHS = {"repvgg_a0": repvgg.repvgg_a0, "repvgg_b1g4": repvgg.repvgg_b1g4,

@@ -18,9 +18,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from families import conv_bn
+from torch import nn
 
 
 class RepMLPBlock(nn.Module):

@@ -97,7 +97,7 @@ class RepVGG(nn.Module):
         return self.linear(torch.flatten(self.gap(x), 1))
 
 
-G4_MAP = {layer: 4 for layer in range(2, 27, 2)}
+G4_MAP = dict.fromkeys(range(2, 27, 2), 4)
 
 
 def repvgg_a0(scale: float = 1.0, num_classes: int = 1000) -> RepVGG:

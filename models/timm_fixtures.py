@@ -36,7 +36,7 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from export import export  # noqa: E402
+from export import export
 
 SIZE = 64
 CLASSES = 1000

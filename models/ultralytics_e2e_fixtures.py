@@ -31,13 +31,13 @@ import torch
 import torchvision.ops  # noqa: F401 - NMSModel imports it inside its forward, which tracing cannot
 import yaml
 from torch import nn
-from ultralytics.utils import ROOT as CFG_ROOT
 from ultralytics.engine.exporter import NMSModel
 from ultralytics.nn.modules.conv import Conv, RepConv
 from ultralytics.nn.tasks import DetectionModel, RTDETRDetectionModel
+from ultralytics.utils import ROOT as CFG_ROOT
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ultralytics_fixtures import randomized  # noqa: E402
+from ultralytics_fixtures import randomized
 
 SIZE = 128
 

@@ -4,6 +4,16 @@ from .errors import ReparamError
 from .model_io import load_model, save_model
 from .report import Report, Verification
 
-__all__ = ["optimize", "inspect", "verify", "bench", "load_model", "save_model", "Report", "Verification",
-           "ReparamError", "VerificationError"]
+__all__ = [
+           "ReparamError",
+           "Report",
+           "Verification",
+           "VerificationError",
+           "bench",
+           "inspect",
+           "load_model",
+           "optimize",
+           "save_model",
+           "verify",
+]
 __version__ = "0.1.0"

@@ -19,11 +19,12 @@ from .bench import BenchResult
 from .bench import bench as latency_ab
 from .errors import Refused, ReparamError
 from .graph import Graph
+from .inputs import graph_inputs, input_sizes, same_inputs, takes_feeds
 from .model_io import load_model, load_weights
 from .passes import Pass, Policy
 from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
-from .verify import Checker, graph_inputs, input_sizes, same_inputs, takes_feeds
+from .verify import Checker
 
 ISOLATION_BUDGET = 10  # checks' worth of runs of rewritten models spent finding failing rewrites
 

@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 
 from .errors import ReparamError, first_line
-from .verify import Runner, _ort, device_name, make_inputs, takes_feeds
+from .inputs import make_inputs, takes_feeds
+from .runtime import Runner, device_name, ort_module
 
 
 @dataclass
@@ -56,7 +57,7 @@ class _Timed:
     """One model ready to run: a session and its inputs (bound on the device for CUDA)."""
 
     def __init__(self, runner: Runner, model: onnx.ModelProto, feeds: dict[str, np.ndarray], threads: int | None):
-        ort = _ort()
+        ort = ort_module()
         try:
             self.session = runner.session(model, optimized=True, threads=threads)
         except Exception as exc:  # noqa: BLE001 - ORT raises several unrelated types
@@ -111,6 +112,6 @@ def bench(a: onnx.ModelProto, b: onnx.ModelProto, *, names: tuple[str, str] = ("
     notes = runner.notes + chosen
     if not runner.provider.startswith("CUDA"):
         notes.append("measured on the CPU")
-    return BenchResult(runner.provider, device_name(runner.provider), _ort().__version__,
+    return BenchResult(runner.provider, device_name(runner.provider), ort_module().__version__,
                        threads or f"onnxruntime's default ({os.cpu_count()} cores)", rounds, warmup,
                        latencies[0], latencies[1], *np.percentile(ratios, [50, 25, 75]), notes=notes)

@@ -21,10 +21,10 @@ import click
 from . import api
 from .bench import MAX_ROUNDS, MAX_THREADS
 from .errors import ReparamError, first_line
+from .inputs import load_inputs, parse_input_shapes
 from .model_io import save_model
 from .passes import default_passes
 from .report import Report
-from .verify import load_inputs, parse_input_shapes
 
 EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
 

@@ -274,7 +274,7 @@ def decision_inputs(model: onnx.ModelProto, tensor_types: Callable[[], dict[str,
         read += [f for i in inputs for f in masks.get(i, []) if f not in read]
         standard = node.domain in ("", "ai.onnx")
         if standard and node.op_type in MASKS and read:
-            masks.update({o: read for o in node.output})
+            masks.update(dict.fromkeys(node.output, read))
             continue
         to = next((a.i for a in node.attribute if a.name == "to"), None)
         if standard and node.op_type in DECISIONS and read and (node.op_type != "Cast" or to not in float_types):

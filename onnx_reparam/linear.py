@@ -290,9 +290,9 @@ def _through_view(outer: ConvForm, view: PadView, ring_value: np.ndarray) -> Con
             if amount < 0 and pads[side] > 0:
                 raise Refused("the conv pads a cropped input with zeros")
             pads[side] += amount
-    if view.border is not None:
-        if len(view.border) != len(ring_value) or not _close(view.border, ring_value, outer.dtype):
-            raise Refused("the input is padded with values other than what the layer before gives on zeros")
+    if view.border is not None and (len(view.border) != len(ring_value)
+                                    or not _close(view.border, ring_value, outer.dtype)):
+        raise Refused("the input is padded with values other than what the layer before gives on zeros")
     return ConvForm(view.source, outer.weight, outer.bias, {**outer.geometry, "pads": tuple(pads)},
                     outer.dtype, outer.nodes + view.nodes)
 

@@ -11,7 +11,6 @@ self-contained model.
 from __future__ import annotations
 
 import itertools
-import mmap
 import os
 import sys
 import tempfile
@@ -19,10 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
 from .errors import ReparamError, first_line
+from .wire import (
+    GRAPH_INITIALIZER,
+    LARGE_TENSOR,
+    MODEL_GRAPH,
+    TENSOR_RAW_DATA,
+    copy_bytes,
+    key,
+    point_at,
+    read_bytes,
+    read_skeleton,
+    varint_bytes,
+    without,
+)
 
 MIN_OPSET = 9  # BatchNormalization lost `spatial`/`consumed_inputs` quirks by opset 9
 # Protobuf cannot serialize 2 GB; keep a margin for everything that is not tensor data.
@@ -30,8 +41,6 @@ PROTOBUF_LIMIT = 2**31 - 2**27
 # Two values per byte: numpy's itemsize does not give their raw size.
 PACKED_TYPES = {getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1")
                 if hasattr(onnx.TensorProto, name)}
-LARGE_TENSOR = 1 << 16  # bytes: larger initializers are left out of checker and shape inference
-COPY_CHUNK = 1 << 24  # bytes: weights are copied from file to file in pieces of this size
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path] | None = None,
@@ -48,7 +57,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path
             raise ReparamError(f"{path}: no such file")
         if not path.is_file():
             raise ReparamError(f"{path}: not a file")
-        model = _read_skeleton(path)
+        model = read_skeleton(path)
         _locate_external(model, path.parent, data_files)
     _check_structure(model)
     _check_tensor_sizes(model)
@@ -58,19 +67,22 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path
     return model
 
 
+
 def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """Reads every initializer still on disk into the model, which is then self-contained."""
     for tensor in model.graph.initializer:
         place = on_disk(tensor)
         if place is not None:
-            _take_in(tensor, _read_bytes(*place))
+            _take_in(tensor, read_bytes(*place))
     return model
+
 
 
 def _take_in(tensor: onnx.TensorProto, data: bytes) -> None:
     tensor.raw_data = data
     del tensor.external_data[:]
     tensor.ClearField("data_location")
+
 
 
 def on_disk(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
@@ -83,16 +95,18 @@ def on_disk(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
     return info["location"], int(info["offset"]), int(info["length"])
 
 
+
 def read_array(tensor: onnx.TensorProto) -> np.ndarray:
     """An initializer's value, read from its file when it is on disk."""
     place = on_disk(tensor)
     if place is None:
         return numpy_helper.to_array(tensor)
     if not _plain(tensor):
-        whole = onnx.TensorProto(dims=tensor.dims, data_type=tensor.data_type, raw_data=_read_bytes(*place))
+        whole = onnx.TensorProto(dims=tensor.dims, data_type=tensor.data_type, raw_data=read_bytes(*place))
         return numpy_helper.to_array(whole)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return np.frombuffer(_read_bytes(*place), dtype=dtype).reshape(tuple(tensor.dims))
+    return np.frombuffer(read_bytes(*place), dtype=dtype).reshape(tuple(tensor.dims))
+
 
 
 def sparse_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
@@ -106,11 +120,13 @@ def sparse_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
     return dense
 
 
+
 def _plain(tensor: onnx.TensorProto) -> bool:
     """Whether numpy takes the tensor's raw bytes as they are (not bfloat16, float8 or 4-bit
     types, which onnx's helpers convert, nor on a big-endian machine)."""
     return tensor.data_type not in PACKED_TYPES and sys.byteorder == "little" and \
         onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).kind in "fiucb"
+
 
 
 def append_array(tensors, name: str, array: np.ndarray) -> None:
@@ -121,6 +137,7 @@ def append_array(tensors, name: str, array: np.ndarray) -> None:
         return
     tensor = tensors.add(name=name, dims=array.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
     tensor.raw_data = np.ascontiguousarray(array).tobytes()
+
 
 
 def disk_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
@@ -139,139 +156,6 @@ def disk_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-def _read_bytes(location: str, offset: int, length: int) -> bytes:
-    return b"".join(_chunks(location, offset, length, max(length, 1)))  # one piece: joined without a copy
-
-
-def _chunks(location: str, offset: int, length: int, size: int = COPY_CHUNK):
-    """The bytes of a range of a file, in pieces of at most ``size`` bytes."""
-    try:
-        with open(location, "rb") as f:
-            f.seek(offset)
-            while length:
-                chunk = f.read(min(length, size))
-                if not chunk:
-                    raise ReparamError(f"{location} is shorter than when it was loaded: was it changed meanwhile?")
-                yield chunk
-                length -= len(chunk)
-    except OSError as exc:
-        raise ReparamError(f"cannot read weights from {location}: {exc.strerror or exc}") from None
-
-
-# The protobuf wire format, as far as the scan needs it (field numbers from onnx.proto).
-_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
-_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
-
-
-def _read_skeleton(path: Path) -> onnx.ModelProto:
-    """The model without the bytes of its large initializers, which stay on disk."""
-    try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
-                raise ReparamError(f"{path}: empty file, not an ONNX model")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                return _skeleton(data, str(path.resolve()))
-    except _WireError as exc:
-        raise ReparamError(f"{path}: not an ONNX model or truncated ({exc})") from None
-    except DecodeError as exc:
-        raise ReparamError(f"{path}: not an ONNX model or truncated ({exc})") from None
-    except OSError as exc:
-        raise ReparamError(f"{path}: cannot read ({exc.strerror})") from None
-
-
-def _skeleton(data: mmap.mmap, location: str) -> onnx.ModelProto:
-    model_parts, graph_parts, initializers = [], [], []
-    for number, wire, start, end, field_start in _fields(data, 0, len(data)):
-        if number != _MODEL_GRAPH or wire != _LENGTH:
-            model_parts.append(data[field_start:end])
-            continue
-        # A message field given twice is merged: its contents concatenated.
-        for number, wire, start2, end2, field_start2 in _fields(data, start, end):
-            if number == _GRAPH_INITIALIZER and wire == _LENGTH:
-                initializers.append(_initializer(data, start2, end2, location))
-            else:
-                graph_parts.append(data[field_start2:end2])
-        graph_parts.append(b"")  # the graph is present even if empty
-    model = onnx.ModelProto.FromString(b"".join(model_parts))
-    if graph_parts:
-        model.graph.ParseFromString(b"".join(graph_parts))
-        model.graph.initializer.extend(initializers)
-    return model
-
-
-def _initializer(data: mmap.mmap, start: int, end: int, location: str) -> onnx.TensorProto:
-    raw, parts = None, []
-    for number, wire, value_start, value_end, field_start in _fields(data, start, end):
-        if number == _TENSOR_RAW_DATA and wire == _LENGTH:
-            raw = (value_start, value_end)  # the last one counts
-        else:
-            parts.append(data[field_start:value_end])
-    if raw is None or raw[1] - raw[0] <= LARGE_TENSOR:
-        return onnx.TensorProto.FromString(data[start:end])
-    tensor = onnx.TensorProto.FromString(b"".join(parts))
-    _point_at(tensor, location, raw[0], raw[1] - raw[0])
-    return tensor
-
-
-def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        tensor.external_data.add(key=key, value=value)
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-
-
-class _WireError(Exception):
-    pass
-
-
-def _varint(data, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _WireError(f"bad varint at byte {pos}")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _fields(data, pos: int, end: int):
-    """(field number, wire type, value start, value end, field start) of each field in data[pos:end]."""
-    while pos < end:
-        field_start = pos
-        key, pos = _varint(data, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == _VARINT:
-            _, value_end = _varint(data, pos, end)
-        elif wire == _LENGTH:
-            length, pos = _varint(data, pos, end)
-            value_end = pos + length
-        elif wire in (_FIXED64, _FIXED32):
-            value_end = pos + (8 if wire == _FIXED64 else 4)
-        else:
-            raise _WireError(f"unexpected wire type {wire} at byte {field_start}")
-        if number == 0 or value_end > end:
-            raise _WireError(f"field {number} at byte {field_start} runs past its message")
-        yield number, wire, pos, value_end, field_start
-        pos = value_end
-
-
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _key(number: int, wire: int = _LENGTH) -> bytes:
-    return _varint_bytes(number << 3 | wire)
-
 
 def _check_structure(model: onnx.ModelProto) -> None:
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
@@ -282,6 +166,7 @@ def _check_structure(model: onnx.ModelProto) -> None:
         found = default[0] if default else "none"
         raise ReparamError(f"unsupported opset {found} for the default domain "
                            f"(supported: {MIN_OPSET} to {latest})")
+
 
 
 def _locate_external(model: onnx.ModelProto, folder: Path, data_files: set[Path] | None) -> None:
@@ -295,13 +180,14 @@ def _locate_external(model: onnx.ModelProto, folder: Path, data_files: set[Path]
         if tensor.data_location == onnx.TensorProto.EXTERNAL and on_disk(tensor) is None:
             location, offset, length = _external_place(tensor, root, data_files)
             if length <= LARGE_TENSOR:
-                _take_in(tensor, _read_bytes(location, offset, length))
+                _take_in(tensor, read_bytes(location, offset, length))
             else:
-                _point_at(tensor, location, offset, length)
+                point_at(tensor, location, offset, length)
     sparse = [part for t in model.graph.sparse_initializer for part in (t.values, t.indices)]
     for tensor in itertools.chain(external_data_helper._get_all_tensors(model), sparse):
         if tensor.data_location == onnx.TensorProto.EXTERNAL and on_disk(tensor) is None:
-            _take_in(tensor, _read_bytes(*_external_place(tensor, root, data_files)))
+            _take_in(tensor, read_bytes(*_external_place(tensor, root, data_files)))
+
 
 
 def _external_place(tensor: onnx.TensorProto, root: Path, data_files: set[Path] | None) -> tuple[str, int, int]:
@@ -322,6 +208,7 @@ def _external_place(tensor: onnx.TensorProto, root: Path, data_files: set[Path] 
     return str(location), offset, length
 
 
+
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:
     """A truncated file or external data file shows up as raw data shorter than the dims say."""
     for tensor in model.graph.initializer:
@@ -334,11 +221,13 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
                                f"{expected}: the file or its external data is truncated")
 
 
+
 def fits_in_protobuf(model: onnx.ModelProto, on_disk_too: bool = True) -> bool:
     """Whether the model serializes as one protobuf (ByteSize itself is slow on big models), with
     the initializers still on disk written in, or (``on_disk_too`` False) as it is."""
     tensors = external_data_helper._get_all_tensors(model)
     return sum(tensor_bytes(t) for t in tensors if on_disk_too or on_disk(t) is None) < PROTOBUF_LIMIT
+
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -347,6 +236,7 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
         return sum(len(s) for s in tensor.string_data)
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
 
 
 def _light(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -367,11 +257,13 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
+
 def _check(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(_light(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ReparamError(f"invalid ONNX model: {first_line(exc)}") from None
+
 
 
 def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -384,6 +276,7 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     known = {v.name for v in model.graph.value_info} | {v.name for v in model.graph.output} | \
         {v.name for v in model.graph.input}
     return [v for v in inferred.graph.value_info if v.name not in known]
+
 
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -404,6 +297,7 @@ def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
             if v.name not in inputs and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
 
 
+
 def shape_disagreement(declared: onnx.ValueInfoProto, inferred: onnx.ValueInfoProto) -> str | None:
     """How a declared type and shape contradict the inferred one, or None."""
     a, b = declared.type.tensor_type, inferred.type.tensor_type
@@ -420,7 +314,6 @@ def shape_disagreement(declared: onnx.ValueInfoProto, inferred: onnx.ValueInfoPr
         shown = ["x".join(map(str, d)) or "a scalar" for d in dims]
         return f"'{declared.name}' is declared {shown[0]}, inferred {shown[1]}"
     return None
-
 
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file
 ALIGN_THRESHOLD, ALIGNMENT = 1 << 20, 1 << 16  # external data this large starts at a multiple of 64 KiB
@@ -474,54 +367,26 @@ def _write(model: onnx.ModelProto, out, data=None, data_name: str | None = None)
             records.append((tensor.SerializeToString(), None, None, None))  # typed fields: small or rare
             continue
         length = place[2] if place else tensor_bytes(tensor)
-        header = _without(tensor, ("raw_data", "external_data", "data_location"))
+        header = without(tensor, ("raw_data", "external_data", "data_location"))
         if data is not None and length >= EXTERNAL_THRESHOLD:
             if length >= ALIGN_THRESHOLD:  # as onnx does: onnxruntime maps such data instead of reading it
                 offset = -(-offset // ALIGNMENT) * ALIGNMENT
-            _point_at(header, data_name, offset, length)
+            point_at(header, data_name, offset, length)
             records.append((header.SerializeToString(), place or tensor, None, offset))
             offset += length
         else:
             records.append((header.SerializeToString(), place or tensor, length, None))
-    rest = _without(model.graph, ("initializer",)).SerializeToString()
-    sizes = [len(header) + (0 if length is None else len(_key(_TENSOR_RAW_DATA)) + len(_varint_bytes(length)) + length)
+    rest = without(model.graph, ("initializer",)).SerializeToString()
+    sizes = [len(header) + (0 if length is None else len(key(TENSOR_RAW_DATA)) + len(varint_bytes(length)) + length)
              for header, _, length, _ in records]
-    graph_size = len(rest) + sum(len(_key(_GRAPH_INITIALIZER)) + len(_varint_bytes(n)) + n for n in sizes)
-    out.write(_without(model, ("graph",)).SerializeToString())
-    out.write(_key(_MODEL_GRAPH) + _varint_bytes(graph_size) + rest)
+    graph_size = len(rest) + sum(len(key(GRAPH_INITIALIZER)) + len(varint_bytes(n)) + n for n in sizes)
+    out.write(without(model, ("graph",)).SerializeToString())
+    out.write(key(MODEL_GRAPH) + varint_bytes(graph_size) + rest)
     for (header, source, length, offset), size in zip(records, sizes):
-        out.write(_key(_GRAPH_INITIALIZER) + _varint_bytes(size) + header)
+        out.write(key(GRAPH_INITIALIZER) + varint_bytes(size) + header)
         if length is not None:  # its bytes follow as raw_data
-            out.write(_key(_TENSOR_RAW_DATA) + _varint_bytes(length))
-            _copy_bytes(source, out)
+            out.write(key(TENSOR_RAW_DATA) + varint_bytes(length))
+            copy_bytes(source, out)
         elif source is not None:
             data.write(bytes(offset - data.tell()))
-            _copy_bytes(source, data)
-
-
-def _without(message, fields: tuple[str, ...]):
-    """A copy of ``message`` without ``fields``, made without reading them (ListFields would copy
-    a tensor's bytes)."""
-    copy = type(message)()
-    for field in message.DESCRIPTOR.fields:
-        if field.name in fields:
-            continue
-        value = getattr(message, field.name)
-        if hasattr(value, "extend"):  # repeated (protobuf's field labels differ across versions)
-            getattr(copy, field.name).extend(value)
-        elif not message.HasField(field.name):
-            continue
-        elif hasattr(value, "CopyFrom"):
-            getattr(copy, field.name).CopyFrom(value)
-        else:
-            setattr(copy, field.name, value)
-    return copy
-
-
-def _copy_bytes(source: onnx.TensorProto | tuple[str, int, int], out) -> None:
-    """Writes a tensor's bytes: its raw_data, or a range of the file it is on disk in."""
-    if isinstance(source, onnx.TensorProto):
-        out.write(source.raw_data)
-        return
-    for chunk in _chunks(*source):
-        out.write(chunk)
+            copy_bytes(source, data)

@@ -10,7 +10,6 @@ import onnx
 from .errors import Refused
 from .model_io import tensor_bytes
 
-
 # Who left a pattern as it is, in a refusal's ``kind``.
 KINDS = {
     "refused": "the pattern cannot be rewritten exactly",

@@ -60,7 +60,7 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | None:
     numbers = np.arange(1, np.prod(in_shape) + 1, dtype=np.float64).reshape(in_shape)
     try:
         plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
-    except Exception as exc:  # noqa: BLE001 - onnx's evaluator rejects some valid ops (negative Pad)
+    except Exception as exc:  # onnx's evaluator rejects some valid ops (negative Pad): said, not hidden
         raise Refused("the padding/cropping ops could not be evaluated", f"{type(exc).__name__}: {first_line(exc)}") \
             from exc
     view = _as_view(source, in_shape, nodes, plus, minus)

@@ -26,7 +26,7 @@ from .errors import first_line
 from .model_io import read_array, sparse_array, tensor_bytes
 
 NARROW_FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16} | {
-    value for name, value in TensorProto.DataType.items() if name.startswith("FLOAT8") or name.startswith("FLOAT4")}
+    value for name, value in TensorProto.DataType.items() if name.startswith(("FLOAT8", "FLOAT4"))}
 WEIGHT_LIMIT = 1 << 30  # bytes of weights: a bigger model's float64 copy would cost twice that again
 RANDOM_OPS = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
 GRID_SAMPLE_MODES = {b"bilinear": b"linear", b"bicubic": b"cubic"}
@@ -384,13 +384,13 @@ class Erf(OpRun):
 ERF_BAND, ERF_TOP, ERF_TERMS = 1 / 32, 6.0, 9  # erf(c + h) by its Taylor series around each band's centre
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _erf_table() -> np.ndarray:
     """Per band of |x| (width ERF_BAND, up to ERF_TOP), the Taylor coefficients of erf around its
     centre c: erf(c), then erf's j-th derivative / j!, which is 2/sqrt(pi) exp(-c^2) (-1)^(j-1)
     H_(j-1)(c) / j! with H the Hermite polynomials. With |h| <= 1/64 the terms after the ninth
     are below double's resolution."""
-    bands = int(round(ERF_TOP / ERF_BAND))
+    bands = round(ERF_TOP / ERF_BAND)
     table = np.zeros((ERF_TERMS + 1, bands))
     for k in range(bands):
         c = (k + 0.5) * ERF_BAND

@@ -16,7 +16,6 @@ from onnx import helper, numpy_helper
 
 import onnx_reparam
 
-
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"  # committed exports
 
 

@@ -30,11 +30,11 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
+from conftest import GraphBuilder
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnx_reparam
-from conftest import GraphBuilder
 from onnx_reparam.model_io import save_model
 from onnx_reparam.verify import Checker
 
@@ -542,8 +542,8 @@ def _evaluator_agrees(case: Case, unverified: onnx.ModelProto, findings: Finding
     except Exception as exc:  # noqa: BLE001 - the evaluator lacks an op: nothing to compare with, said
         findings.unevaluated.append(f"{case.name} ({type(exc).__name__})")
         return
-    for a, b in zip(expected, actual):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    for want, got in zip(expected, actual):
+        a, b = np.asarray(want, np.float64), np.asarray(got, np.float64)
         slack = 0.05 * np.abs(a).max() if a.dtype != np.float64 or case.model.graph.input[0].type.tensor_type.elem_type \
             == onnx.TensorProto.BFLOAT16 else 0.0
         if a.shape != b.shape or np.abs(a - b).max(initial=0) > slack + 1e-9 * np.abs(a).max(initial=0):

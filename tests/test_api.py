@@ -6,10 +6,10 @@ import json
 import numpy as np
 import onnx
 import pytest
-
-import onnx_reparam
 from conftest import GraphBuilder, ops
 from test_cli import block_model
+
+import onnx_reparam
 from onnx_reparam.verify import Checker
 
 

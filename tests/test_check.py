@@ -10,15 +10,16 @@ import math
 import numpy as np
 import onnx
 import pytest
+from conftest import GraphBuilder, ops
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import onnx_reparam
-from conftest import GraphBuilder, ops
 from onnx_reparam import compare, truth
-from onnx_reparam.report import OutputCheck
 from onnx_reparam.passes import fold_affine
-from onnx_reparam.verify import Checker, Runner
+from onnx_reparam.report import OutputCheck
+from onnx_reparam.runtime import Runner
+from onnx_reparam.verify import Checker
 
 
 def with_array(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
@@ -229,7 +230,7 @@ def test_a_shape_changing_rewrite_is_bisected_and_dropped(monkeypatch):
         return np.pad(folded, [(0, 0), (0, 0), (0, 2), (0, 2)]) if weight.shape[0] == 5 else folded
     monkeypatch.setattr(fold_affine, "scaled_weight", bigger)
     from test_failsafe import chain_model
-    model, report = onnx_reparam.optimize(chain_model())
+    _model, report = onnx_reparam.optimize(chain_model())
     assert report.verification.passed and len(report.dropped) == 1 and "shape" in report.dropped[0].detail
 
 
@@ -297,8 +298,8 @@ def test_a_decided_output_is_checked_through_the_floats_it_is_decided_on():
     gemm = next(n for n in optimized.graph.node if n.op_type == "Gemm")
     wrong = with_array(optimized, gemm.input[1], lambda w: w * 1.01)
     result = onnx_reparam.verify(model, wrong)
-    assert not result.passed and not [o for o in result.outputs if o.role == "decided"][0].differ
-    assert [o for o in result.outputs if o.role == "decision input"][0].note.startswith("the output")
+    assert not result.passed and not next(o for o in result.outputs if o.role == "decided").differ
+    assert next(o for o in result.outputs if o.role == "decision input").note.startswith("the output")
 
 
 def test_a_flipped_decision_is_counted_not_failed():
@@ -335,7 +336,7 @@ def test_an_integer_output_that_differs_is_counted_and_named():
 def test_without_a_float64_evaluation_the_check_says_why_and_uses_the_type_bound(monkeypatch):
     monkeypatch.setattr(truth, "WEIGHT_LIMIT", 0)
     model = deep_classifier(classes=10)
-    optimized, report = onnx_reparam.optimize(model)
+    _optimized, report = onnx_reparam.optimize(model)
     assert report.verification.passed
     assert "no float64 evaluation of the input model: its weights" in report.verification.summary()
     assert "rtol 0.0001, atol 1e-06 for float arithmetic" in report.verification.bound
@@ -346,7 +347,7 @@ def test_a_float64_evaluation_over_its_time_budget_is_given_up_and_says_so(monke
     monkeypatch.setattr(verification, "TRUTH_SECONDS", 0.0)
     monkeypatch.setattr(verification, "TRUTH_FACTOR", 0.0)
     model = deep_classifier(classes=10)
-    optimized, report = onnx_reparam.optimize(model)
+    _optimized, report = onnx_reparam.optimize(model)
     assert report.verification.passed and "over its budget" in report.verification.truth
     assert "against the input model" in report.verification.bound
 

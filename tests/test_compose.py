@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import GraphBuilder, misdeclare, ops, refusals, rewrite, unverified_output_is_right
 from test_routing import border_scatter
 
@@ -29,7 +28,7 @@ def dbb_sequential(b: GraphBuilder, x: str, c: int, border: str = "bias", groups
 def test_1x1_then_padded_kxk_is_one_conv():
     b = GraphBuilder()
     x = b.input("x", [1, 4, 6, 6])
-    model, report = rewrite(b.model([dbb_sequential(b, x, 4)]))
+    model, _report = rewrite(b.model([dbb_sequential(b, x, 4)]))
     assert ops(model) == {"Conv": 1}
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert {a.name: list(a.ints) for a in conv.attribute if a.ints}["pads"] == [1, 1, 1, 1]
@@ -210,7 +209,7 @@ def test_bn_before_a_flatten_that_is_not_per_sample_stays(case):
         weight = b.rand(5, 36)
         outputs.append(b.node("Relu", [norm]))
     y = b.node("Gemm", [flat, b.const(weight), b.const(b.rand(5))], transB=1)
-    model, report = rewrite(b.model([y] + outputs), verify=False)
+    model, _report = rewrite(b.model([y] + outputs), verify=False)
     assert ops(model)["BatchNormalization"] == 1 and ops(model)["Gemm"] == 1
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import GraphBuilder, ops, refusals, rewrite
 
 import onnx_reparam
-from conftest import GraphBuilder, ops, refusals, rewrite
 
 
 def reshape(b: GraphBuilder, x: str, *shape) -> str:
@@ -112,7 +112,7 @@ def test_rows_of_a_symbolic_count_fold(fc):
     # each row is mapped alike: the fold holds for any number of rows (torch.export's dynamic
     # batch of RepMLPNet: rows '32*batch')
     b = GraphBuilder()
-    model, report = rewrite(b.model([partition_block(b, rows="R", kernels=(1, 3), fc=fc)]),
+    model, _report = rewrite(b.model([partition_block(b, rows="R", kernels=(1, 3), fc=fc)]),
                             input_shapes={"p": (6, 4, 4, 4)})
     assert ops(model) == ({"Conv": 1} if fc == "conv" else {"Gemm": 1}) | {"Reshape": 2}
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "R"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import GraphBuilder, misdeclare, ops, refusals, rewrite, unverified_output_is_right
 from onnx import helper
 
-from conftest import GraphBuilder, misdeclare, ops, refusals, rewrite, unverified_output_is_right
 from onnx_reparam.graph import Graph
 
 

@@ -8,12 +8,12 @@ import sys
 
 import onnx
 import pytest
-
-import onnx_reparam
 from conftest import FIXTURES, ops
 
+import onnx_reparam
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-import export  # noqa: E402
+import export
 
 pytestmark = pytest.mark.slow  # exports with torch at test time: .ci/run runs these
 

@@ -9,13 +9,13 @@ import sys
 
 import onnx
 import pytest
-
 from conftest import ops
+
 import onnx_reparam
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-import export  # noqa: E402
-import repmlp  # noqa: E402
+import export
+import repmlp
 
 pytestmark = pytest.mark.slow  # exports with torch at test time: .ci/run runs these
 

@@ -7,12 +7,12 @@ import sys
 
 import onnx
 import pytest
-
 from conftest import ops
+
 import onnx_reparam
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "models"))
-import export  # noqa: E402
+import export
 
 pytestmark = pytest.mark.slow  # exports with torch at test time: .ci/run runs these
 
@@ -51,7 +51,7 @@ def test_a0_has_nothing_left_to_refuse(exported):
 
 @pytest.mark.parametrize("exporter", ["ts", "dynamo"])
 def test_dynamic_batch_export_needs_no_input_shape(tmp_path, exporter):
-    train, deploy = export.build("repvgg_a0", 0.125, 10)
+    train, _deploy = export.build("repvgg_a0", 0.125, 10)
     path = export.export(train, tmp_path / "dyn.onnx", exporter, dynamic_batch=True)
     model, report = onnx_reparam.optimize(path)
     assert ops(model)["Conv"] == 22 and report.verification.passed

@@ -8,9 +8,9 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from conftest import FIXTURES, fixture_manifest
 
 import onnx_reparam
-from conftest import FIXTURES, fixture_manifest
 
 MANIFEST = fixture_manifest("timm_manifest.json")
 

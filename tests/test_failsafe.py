@@ -10,13 +10,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from conftest import GraphBuilder, ops, refusals, rewrite
 from onnx import helper, numpy_helper
 
 import onnx_reparam
-from conftest import GraphBuilder, ops, refusals, rewrite
 from onnx_reparam.cli import main
 from onnx_reparam.passes import fold_affine, merge_branches
-from onnx_reparam.verify import runtime_limits
+from onnx_reparam.runtime import runtime_limits
 
 
 def chain_model() -> onnx.ModelProto:
@@ -135,7 +135,7 @@ def test_an_error_in_small_values_of_a_mixed_scale_output_fails():
 
 
 def test_auto_on_a_machine_without_cuda_says_why():
-    from onnx_reparam.verify import cuda_status
+    from onnx_reparam.runtime import cuda_status
     _, report = onnx_reparam.optimize(chain_model(), provider="auto")
     reason = cuda_status()
     if reason is None:
@@ -148,7 +148,7 @@ def test_auto_on_a_machine_without_cuda_says_why():
 
 
 def test_the_cuda_probe_is_a_model_the_installed_runtime_loads():
-    from onnx_reparam.verify import _probe
+    from onnx_reparam.runtime import _probe
     session = ort.InferenceSession(_probe(*runtime_limits()).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": np.ones(1, np.float32)})[0][0] == 1
@@ -184,7 +184,7 @@ def test_2_shape_with_start_and_end_folds_to_its_slice():
     channels = b.node("Shape", [x], start=1, end=2)
     target = b.node("Concat", [b.const(np.array([-1], np.int64)), channels], axis=0)
     model = b.model([b.node("Reshape", [b.conv(x, 4, 4, 1), target])])
-    optimized, report = onnx_reparam.optimize(model, verify=False)
+    optimized, _report = onnx_reparam.optimize(model, verify=False)
     assert "Shape" not in ops(optimized)
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32)}
     expected, actual = (ort.InferenceSession(m.SerializeToString()).run(None, feeds)[0] for m in (model, optimized))
@@ -287,7 +287,7 @@ def test_9_stderr_is_one_line_when_onnxruntime_cannot_load_the_input(tmp_path):
     model.opset_import.append(helper.make_opsetid("custom.x", 1))
     onnx.save(model, tmp_path / "in.onnx")
     result = subprocess.run([sys.executable, "-m", "onnx_reparam.cli", "optimize", str(tmp_path / "in.onnx"),
-                             str(tmp_path / "out.onnx")], capture_output=True, text=True)
+                             str(tmp_path / "out.onnx")], capture_output=True, text=True, check=False)
     assert result.returncode == 2 and one_line(result.stderr), result.stderr
     assert "onnxruntime cannot run the input model" in result.stderr
 

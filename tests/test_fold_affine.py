@@ -7,10 +7,10 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+from conftest import GraphBuilder, ops, refusals, rewrite
 from onnx import numpy_helper
 
 import onnx_reparam
-from conftest import GraphBuilder, ops, refusals, rewrite
 
 GEOMETRIES = list(itertools.product([1, 2, 3], [1, 2], [True, False], [1, 2], [0, 1], [1, 2]))
 
@@ -215,7 +215,7 @@ def test_conv_with_runtime_weight_is_left():
 def test_fp16_conv_bn_is_computed_in_float64_and_cast_back():
     b = GraphBuilder(dtype=np.float16)
     x = b.input("x", [1, 4, 6, 6])
-    model, report = rewrite(b.model([b.bn(b.conv(x, 4, 8, 3, pads=[1, 1, 1, 1]), 8)]))
+    model, _report = rewrite(b.model([b.bn(b.conv(x, 4, 8, 3, pads=[1, 1, 1, 1]), 8)]))
     assert ops(model) == {"Conv": 1}
     assert model.graph.initializer[0].data_type == 10  # FLOAT16
 

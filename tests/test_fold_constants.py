@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
-
 from conftest import GraphBuilder, ops, rewrite
+from onnx import helper
 
 
 def weight_plus_identity(b: GraphBuilder, x: str) -> tuple[str, str]:

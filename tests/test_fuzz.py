@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import GraphBuilder, ops, refusals, rewrite
 
 BROKEN = {

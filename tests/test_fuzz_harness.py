@@ -3,9 +3,9 @@ wrong output even without verification, every refusal with a reason. The large b
 benchmarks/fuzz.py."""
 from __future__ import annotations
 
+import fuzzing
 import pytest
 
-import fuzzing
 from onnx_reparam.passes import fold_affine
 
 

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import onnx
 import pytest
+from conftest import ops
 from onnx import helper, numpy_helper
 
 import onnx_reparam
-from conftest import ops
 
 ROWS, COLS = 4, 2**26 + 2**22  # two weights of 1.14 GB: each fits a protobuf, together they do not
 
@@ -46,7 +46,7 @@ def test_model_over_two_gigabytes_round_trips(tmp_path):
     for options, limit in ((["--no-verify"], 2.5 * size), ([], 3 * size)):
         target, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
         run = subprocess.run([sys.executable, "-m", "onnx_reparam.cli", "optimize", str(source), str(target),
-                              "-q", "--report", str(report_path)] + options, capture_output=True, text=True)
+                              "-q", "--report", str(report_path)] + options, capture_output=True, text=True, check=False)
         assert run.returncode == 0, run.stdout + run.stderr
         report = json.loads(report_path.read_text())
         assert report["peak_memory"] < limit, (options, report["peak_memory"], size)

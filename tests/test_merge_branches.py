@@ -5,9 +5,9 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import GraphBuilder, ops, refusals, rewrite
 
 import onnx_reparam
-from conftest import GraphBuilder, ops, refusals, rewrite
 
 
 def repvgg_block(b: GraphBuilder, x: str, c_in: int, c_out: int, groups=1, stride=1, dilation=1,
@@ -28,7 +28,7 @@ def test_repvgg_block_merges_to_one_conv(groups, stride, dilation, bias, rank):
     b = GraphBuilder()
     x = b.input("x", [2, 8] + [9] * rank)
     y = repvgg_block(b, x, 8, 8, groups, stride, dilation, bias, identity=stride == 1, rank=rank)
-    model, report = rewrite(b.model([b.node("Relu", [y])]))
+    model, _report = rewrite(b.model([b.node("Relu", [y])]))
     assert ops(model) == {"Conv": 1, "Relu": 1}
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     attrs = {a.name: list(a.ints) if a.ints else a.i for a in conv.attribute}
@@ -87,7 +87,7 @@ def test_residual_from_another_tensor_stays_in_the_add():
     x = b.input("x", [1, 4, 6, 6])
     other = b.input("r", [1, 4, 6, 6])
     y = b.node("Add", [repvgg_block(b, x, 4, 4), other])
-    model, report = rewrite(b.model([y]))
+    model, _report = rewrite(b.model([y]))
     assert ops(model) == {"Conv": 1, "Add": 1}
 
 
@@ -152,7 +152,7 @@ def test_asymmetric_kernels_embed_by_the_general_rule():
 def test_fp16_block():
     b = GraphBuilder(dtype=np.float16)
     x = b.input("x", [1, 4, 6, 6])
-    model, report = rewrite(b.model([repvgg_block(b, x, 4, 4)]))
+    model, _report = rewrite(b.model([repvgg_block(b, x, 4, 4)]))
     assert ops(model) == {"Conv": 1}
 
 
@@ -259,7 +259,7 @@ def test_inner_add_read_elsewhere_is_a_leaf():
     x = b.input("x", [1, 4, 6, 6])
     inner = b.node("Add", [b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1]), b.conv(x, 4, 4, 1)])
     outer = b.node("Add", [inner, b.bn(x, 4)])
-    model, report = rewrite(b.model([outer, b.node("Relu", [inner])]))
+    model, _report = rewrite(b.model([outer, b.node("Relu", [inner])]))
     assert ops(model)["Conv"] == 1 and ops(model)["Add"] == 1  # inner merged; outer keeps BN + it
     assert ops(model)["BatchNormalization"] == 1
 
@@ -279,7 +279,7 @@ def test_add_of_unrelated_tensors_is_silent():
     b = GraphBuilder()
     x = b.input("x", [1, 4, 6, 6])
     z = b.input("z", [1, 4, 6, 6])
-    model, report = rewrite(b.model([b.node("Add", [b.conv(x, 4, 4, 1), b.conv(z, 4, 4, 1)])]))
+    _model, report = rewrite(b.model([b.node("Add", [b.conv(x, 4, 4, 1), b.conv(z, 4, 4, 1)])]))
     assert report.rewrites == 0 and not refusals(report)
 
 
@@ -317,7 +317,7 @@ def test_crop_padded_again_by_the_branch_is_refused():
     x = b.input("x", [1, 4, 9, 9])
     cropped = b.node("Slice", [x] + [b.const(np.array(v, np.int64)) for v in ([1], [-1], [2])])
     y = b.node("Add", [b.conv(x, 4, 4, 3, pads=[1, 1, 1, 1]), b.conv(cropped, 4, 4, (1, 3), pads=[1, 1, 1, 1])])
-    model, report = rewrite(b.model([y]), verify=False)
+    model, _report = rewrite(b.model([y]), verify=False)
     assert ops(model)["Conv"] == 2
 
 

@@ -6,9 +6,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from test_cli import block_model, one_line_error, run
 
 import onnx_reparam
-from test_cli import block_model, one_line_error, run
 from onnx_reparam.errors import ReparamError
 from onnx_reparam.model_io import LARGE_TENSOR, load_model, load_weights, on_disk, read_array, save_model
 
@@ -160,19 +160,19 @@ def test_onnxruntime_reads_weights_on_disk_where_they_are(tmp_path, monkeypatch,
     # 1.21 and later: from their file, by a folder given to the session (nothing is copied
     # into the bytes we hand it); before, as OrtValues over memory maps
     import sys
-    verify = sys.modules["onnx_reparam.verify"]
-    monkeypatch.setattr(verify, "_ort_version", lambda: runtime)
+    runtime_module = sys.modules["onnx_reparam.runtime"]
+    monkeypatch.setattr(runtime_module, "_ort_version", lambda: runtime)
     model = big_model()
     onnx.save(model, tmp_path / "in.onnx", save_as_external_data=True, location="in.data")
     lazy = load_model(tmp_path / "in.onnx", lazy=True)
     before = lazy.SerializeToString()
-    source, weights, folder = verify._session_source(lazy, tmp_path)
+    source, weights, folder = runtime_module._session_source(lazy, tmp_path)
     assert lazy.SerializeToString() == before  # locations made relative only in the bytes
     assert len(source) < 4096 and (folder == str(tmp_path.resolve())) == (runtime >= (1, 21))
     assert bool(weights) == (runtime < (1, 21))
     x = {"x": np.ones((1, 64), np.float32)}
-    expected = verify.Runner("cpu").run(big_model(), [x])[0][0]  # onnx.save made `model` external
-    np.testing.assert_array_equal(verify.Runner("cpu").run(lazy, [x])[0][0], expected)
+    expected = runtime_module.Runner("cpu").run(big_model(), [x])[0][0]  # onnx.save made `model` external
+    np.testing.assert_array_equal(runtime_module.Runner("cpu").run(lazy, [x])[0][0], expected)
 
 
 def constants_with_external_data(folder) -> tuple:

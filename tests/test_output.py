@@ -11,12 +11,12 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import GraphBuilder, ops
+from test_cli import block_model, one_line_error
 
 import onnx_reparam
-from conftest import GraphBuilder, ops
 from onnx_reparam.cli import main
 from onnx_reparam.report import Refusal, Report
-from test_cli import block_model, one_line_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 
@@ -139,8 +139,8 @@ def test_library_takes_a_pass_name_or_a_list_and_rejects_wrong_types():
 
 
 def test_optimize_takes_what_the_dynamo_exporter_returns():
-    import torch
     import repvgg
+    import torch
     net = repvgg.randomize_bn(repvgg.RepVGGBlock(4, 4, 1), 0).eval()
     program = torch.onnx.export(net, (torch.randn(1, 4, 8, 8),), dynamo=True, verbose=False)
     from_program, report = onnx_reparam.optimize(program)

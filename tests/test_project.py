@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -37,6 +37,6 @@ def test_python_bound_admits_no_version_the_test_extra_cannot_install():
 def test_the_reparam_benchmark_runs():
     # it broke once unnoticed (an API change upstream of it); the smallest net at benchmark size
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "reparam.py"), "--arch", "fc_heads",
-                          "--exporter", "ts", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+                          "--exporter", "ts", "--rounds", "1"], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert re.search(r"fc_heads +ts +14 -> +5 \( +5\) .* same ops", run.stdout), run.stdout[-2000:]

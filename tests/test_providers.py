@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import re
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import onnx
 import pytest
+import tomllib
 from click.testing import CliRunner
 from packaging.requirements import Requirement
+from test_cli import block_model
 
 import onnx_reparam
-from onnx_reparam.verify import Runner, cuda_status, doubled_install
 from onnx_reparam.cli import main
-from test_cli import block_model
+from onnx_reparam.runtime import Runner, cuda_status, doubled_install
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA = cuda_status()
@@ -65,11 +65,11 @@ def test_two_onnxruntimes_in_two_folders_are_not_a_doubled_install(monkeypatch, 
 def test_cuda_that_cannot_run_the_input_model_falls_back_to_cpu_and_says_why(monkeypatch, tmp_path):
     # Seen on an H200: cuDNN refuses a BatchNormalization (CUDNN_STATUS_BAD_PARAM) that the CPU runs.
     # Here CUDA "loads" but no session can be placed on it, which takes the same path.
-    verify = sys.modules["onnx_reparam.verify"]  # the package exports a function of that name
-    monkeypatch.setattr(verify, "cuda_status", lambda: None)
-    monkeypatch.setattr(verify, "device_name", lambda provider: provider[:4])
+    runtime = sys.modules["onnx_reparam.runtime"]
+    monkeypatch.setattr(runtime, "cuda_status", lambda: None)
+    monkeypatch.setattr(runtime, "device_name", lambda provider: provider[:4])
     if NO_CUDA is None:  # a real GPU: make its sessions fail as cuDNN's refusal did
-        monkeypatch.setattr(verify.Runner, "session", _cuda_refuses(verify.Runner.session))
+        monkeypatch.setattr(runtime.Runner, "session", _cuda_refuses(runtime.Runner.session))
     _, report = onnx_reparam.optimize(block_model())
     check = report.verification
     assert check.passed and check.provider == "CPUExecutionProvider" and check.device.startswith("CPUE")
@@ -144,8 +144,10 @@ def test_without_cuda_the_cause_is_named_and_cuda_requested_is_exit_2(tmp_path):
 
 def test_only_a_library_that_cannot_be_opened_counts_as_missing(monkeypatch):
     import ctypes
+
     import onnxruntime
-    from onnx_reparam.verify import _cuda_library_problem
+
+    from onnx_reparam.runtime import _cuda_library_problem
 
     def fails(message):
         def load(path, mode=0):

@@ -5,8 +5,8 @@ import itertools
 
 import numpy as np
 import pytest
-
 from conftest import GraphBuilder
+
 from onnx_reparam import routing
 from onnx_reparam.errors import Refused
 from onnx_reparam.graph import Graph

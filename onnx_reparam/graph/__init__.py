@@ -23,9 +23,23 @@ from onnx_graphsurgeon.ir import tensor as gs_tensor
 
 from ..errors import Refused
 from ..kernels import dtype_code, unrunnable
-from ..model_io import LARGE_TENSOR, append_array, inferred_value_info, on_disk, read_array, sparse_array
+from ..model_io import (
+    LARGE_TENSOR,
+    append_array,
+    inferred_value_info,
+    on_disk,
+    read_array,
+    sparse_array,
+)
 from . import folding
-from .values import DEFAULT_DOMAINS, DiskValues, dims, import_model, stored_tensor, weights_as_placeholders
+from .values import (
+    DEFAULT_DOMAINS,
+    DiskValues,
+    dims,
+    import_model,
+    stored_tensor,
+    weights_as_placeholders,
+)
 
 Node = gs.Node
 Tensor = gs.Tensor

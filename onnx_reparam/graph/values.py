@@ -8,7 +8,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
-from onnx_graphsurgeon.importers.onnx_importer import get_itemsize, get_onnx_tensor_dtype, get_onnx_tensor_shape
+from onnx_graphsurgeon.importers.onnx_importer import (
+    get_itemsize,
+    get_onnx_tensor_dtype,
+    get_onnx_tensor_shape,
+)
 from onnx_graphsurgeon.ir import tensor as gs_tensor
 from onnx_graphsurgeon.util import misc
 

@@ -73,7 +73,15 @@ class Pass:
 
 
 def default_passes() -> tuple[Pass, ...]:
-    from . import compose, conv_into_fc, drop_noops, fold_affine, fold_constants, merge_branches, transposes
+    from . import (
+        compose,
+        conv_into_fc,
+        drop_noops,
+        fold_affine,
+        fold_constants,
+        merge_branches,
+        transposes,
+    )
     return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, _first_sentence(module.__doc__))
                  for module in (fold_constants, drop_noops, transposes, compose, fold_affine, merge_branches,
                                 conv_into_fc))

@@ -26,7 +26,6 @@ from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees
 from ..routing import RESHAPES
 from . import PassLog
 
-
 MAX_ENTRIES = 1 << 27  # float64 entries of one folded matrix (1 GiB): larger ones are refused
 
 

@@ -12,6 +12,7 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .errors import Refused
 
@@ -23,13 +24,13 @@ def bn_affine(gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.nda
     return scale, np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * scale
 
 
-def scale_conv_weight(weight: np.ndarray, scale: np.ndarray, dtype: np.dtype = np.float64) -> np.ndarray:
+def scale_conv_weight(weight: np.ndarray, scale: np.ndarray, dtype: DTypeLike = np.float64) -> np.ndarray:
     """Conv weight (C_out, C_in/g, k...): output channels are axis 0."""
     return _scaled(weight, np.asarray(scale, np.float64).reshape((-1,) + (1,) * (weight.ndim - 1)), dtype)
 
 
 def scale_conv_transpose_weight(weight: np.ndarray, scale: np.ndarray, groups: int,
-                                dtype: np.dtype = np.float64) -> np.ndarray:
+                                dtype: DTypeLike = np.float64) -> np.ndarray:
     """ConvTranspose weight (C_in, C_out/g, k...): output channel g_idx * C_out/g + j is axis 1 of
     the rows of group g_idx, so the scale is laid out per group."""
     c_in, out_per_group = weight.shape[:2]
@@ -40,12 +41,12 @@ def scale_conv_transpose_weight(weight: np.ndarray, scale: np.ndarray, groups: i
 
 
 def scale_matrix_weight(weight: np.ndarray, scale: np.ndarray, out_axis: int,
-                        dtype: np.dtype = np.float64) -> np.ndarray:
+                        dtype: DTypeLike = np.float64) -> np.ndarray:
     """2-D weight of a Gemm/MatMul whose output features run along ``out_axis``."""
     return _scaled(weight, np.asarray(scale, np.float64).reshape((-1, 1) if out_axis == 0 else (1, -1)), dtype)
 
 
-def _scaled(weight: np.ndarray, scale: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _scaled(weight: np.ndarray, scale: np.ndarray, dtype: DTypeLike) -> np.ndarray:
     """weight * scale computed in float64 and rounded once to ``dtype``, element by element: no
     float64 copy of the whole weight is made."""
     return np.multiply(weight, scale, dtype=np.float64, out=np.empty(np.broadcast_shapes(weight.shape, scale.shape),
@@ -114,7 +115,7 @@ def compose_pointwise(outer: np.ndarray, outer_groups: int, inner: np.ndarray,
     groups, or when one of them is depthwise with one channel per group (then the other's grouping
     stays); None otherwise."""
     outer = np.asarray(outer, np.float64)
-    inner = np.asarray(inner, np.float64).reshape(inner.shape[:2])
+    inner = np.asarray(inner, np.float64).reshape(tuple(inner.shape[:2]))
     middle = inner.shape[0]
     if outer.shape[1] == 1 and outer_groups == middle == outer.shape[0]:  # outer depthwise
         return outer * inner.reshape(inner.shape + (1,) * (outer.ndim - 2)), inner_groups

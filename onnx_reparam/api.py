@@ -34,7 +34,8 @@ class VerificationError(ReparamError):
     to be dropped). Carries the model and the report for inspection."""
 
     def __init__(self, model: onnx.ModelProto, report: Report, message: str | None = None):
-        super().__init__(message or "verification failed: " + report.verification.summary().replace("\n", ";"))
+        check = report.verification.summary().replace("\n", ";") if report.verification else "not checked"
+        super().__init__(message or f"verification failed: {check}")
         self.model, self.report = model, report
 
 
@@ -109,7 +110,7 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     del original  # it became `optimized`
     report.seconds["rewrite"] = time.perf_counter() - start
 
-    if verify and applied:
+    if checker is not None and applied:
         start = time.perf_counter()
         step(f"verifying ({len(optimized.graph.node)} nodes against {report.before.nodes})")
         report.verification = checker.check(optimized)

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .errors import ReparamError, first_line
-from .inputs import make_inputs, takes_feeds
+from .inputs import Shapes, make_inputs, takes_feeds
 from .runtime import Runner, device_name, ort_module
 
 
@@ -86,7 +86,7 @@ MAX_THREADS = 1024  # onnxruntime makes one OS thread per intra-op thread
 
 
 def bench(a: onnx.ModelProto, b: onnx.ModelProto, *, names: tuple[str, str] = ("A", "B"), provider: str = "auto",
-          input_shapes: dict | None = None, seed: int = 0, rounds: int = 50, warmup: int = 5,
+          input_shapes: Shapes | None = None, seed: int = 0, rounds: int = 50, warmup: int = 5,
           threads: int | None = None) -> BenchResult:
     """Times ``a`` and ``b`` on the same seeded inputs, interleaved (see the module docstring)."""
     limits = [("rounds", rounds, 1, MAX_ROUNDS), ("warmup", warmup, 0, MAX_ROUNDS)]
@@ -112,6 +112,7 @@ def bench(a: onnx.ModelProto, b: onnx.ModelProto, *, names: tuple[str, str] = ("
     notes = runner.notes + chosen
     if not runner.provider.startswith("CUDA"):
         notes.append("measured on the CPU")
+    ratio, ratio_q1, ratio_q3 = np.percentile(ratios, [50, 25, 75])
     return BenchResult(runner.provider, device_name(runner.provider), ort_module().__version__,
                        threads or f"onnxruntime's default ({os.cpu_count()} cores)", rounds, warmup,
-                       latencies[0], latencies[1], *np.percentile(ratios, [50, 25, 75]), notes=notes)
+                       latencies[0], latencies[1], float(ratio), float(ratio_q1), float(ratio_q3), notes)

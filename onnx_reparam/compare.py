@@ -48,7 +48,7 @@ FACTOR = 4  # a candidate may be this many times further from truth than the inp
 ROUNDOFF_LEVEL = 4
 DEAD = 2.0 ** -20  # a group's scale is at least this fraction of its output's largest magnitude
 PIECE = 1 << 22  # values of an output compared at a time
-ROUNDOFF = {onnx.TensorProto.DOUBLE: 2.0 ** -52, onnx.TensorProto.FLOAT: 2.0 ** -23,
+ROUNDOFF: dict[int, float] = {onnx.TensorProto.DOUBLE: 2.0 ** -52, onnx.TensorProto.FLOAT: 2.0 ** -23,
             onnx.TensorProto.FLOAT16: 2.0 ** -10, onnx.TensorProto.BFLOAT16: 2.0 ** -7}
 LOOSEST_ROUNDOFF = 2.0 ** -3  # float8 and the like
 
@@ -207,6 +207,7 @@ def against_reference(check: OutputCheck, expected: np.ndarray, actual: np.ndarr
         worst = max(worst, float(error.max(initial=0.0)))
         if bound is not None:
             rtol, atol = bound
+            scale: np.ndarray | float
             if grouped(e.shape):  # this piece's channels
                 scale = scales[first:first + pe.shape[1]].reshape((1, -1) + (1,) * (e.ndim - 2))
                 first += pe.shape[1]

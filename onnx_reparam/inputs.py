@@ -5,6 +5,7 @@ what does not fit.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -15,6 +16,8 @@ from .errors import ReparamError, first_line
 MAX_INPUT_BYTES = 1 << 32  # a generated input larger than this is a mistake in --input-shape
 BATCH_FOR_CHECK = 1  # the size a dynamic batch axis gets when the user gives none
 TYPICAL_SIZE = 224  # an example size for a symbolic dim, in the message asking for one
+
+Shapes = Mapping[str, Sequence[int]]  # sizes by input name, as --input-shape gives them
 
 
 def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
@@ -31,7 +34,7 @@ def parse_input_shapes(specs: tuple[str, ...] | list[str]) -> dict[str, tuple[in
     return shapes
 
 
-def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | None = None,
+def make_inputs(model: onnx.ModelProto, shapes: Shapes | None = None,
                 seed: int = 0, given: dict[str, np.ndarray] | None = None,
                 chosen: list[str] | None = None) -> list[dict[str, np.ndarray]]:
     """The input sets of the check: the user's arrays as they are, or seeded normal ones (two seeds)
@@ -68,7 +71,7 @@ def make_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]] | Non
     return sets
 
 
-def graph_inputs(model: onnx.ModelProto, named: list[str] = ()) -> list[onnx.ValueInfoProto]:
+def graph_inputs(model: onnx.ModelProto, named: Sequence[str] = ()) -> list[onnx.ValueInfoProto]:
     """The model's inputs that are not initializers; each name in ``named`` must be one of them."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
@@ -103,8 +106,10 @@ def takes_feeds(model: onnx.ModelProto, feeds: dict[str, np.ndarray], name: str 
     model's symbolic dims): an error naming the input and both shapes otherwise."""
     for value in graph_inputs(model):
         dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
-        shape = np.shape(feeds.get(value.name))
-        if value.name in feeds and (len(dims) != len(shape) or any(
+        if value.name not in feeds:
+            continue
+        shape = np.shape(feeds[value.name])
+        if (len(dims) != len(shape) or any(
                 d.HasField("dim_value") and d.dim_value != n for d, n in zip(dims, shape))):
             raise ReparamError(f"input '{value.name}' is run at {'x'.join(map(str, shape))}, but {name} takes "
                                f"{_described(value)[1]}: the two models cannot run on the same inputs")
@@ -119,7 +124,7 @@ def _described(value: onnx.ValueInfoProto) -> tuple[int, str]:
     return tensor.elem_type, f"{onnx.TensorProto.DataType.Name(tensor.elem_type).lower()} {dims or 'scalar'}"
 
 
-def input_sizes(inputs: list[onnx.ValueInfoProto], shapes: dict[str, tuple[int, ...]],
+def input_sizes(inputs: list[onnx.ValueInfoProto], shapes: Shapes,
                 chosen: list[str] | None = None) -> dict[str, tuple[int, ...]]:
     """The shape of each tensor input for a run: the one given, else its own with each symbolic
     dim at the size given for that dim name in another input, or a batch axis (axis 0) at

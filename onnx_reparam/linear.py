@@ -27,12 +27,13 @@ def inference_bn(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray]:
     if attr(node, "training_mode", 0) or len([t for t in node.outputs if t.name]) > 1:
         raise Refused("BatchNormalization in training mode")
     params = [graph.constant(t) for t in node.inputs[1:5]]
-    if any(p is None for p in params):
+    if len(params) != 4 or any(p is None for p in params):
         raise Refused("BatchNormalization parameters are not constants")
+    gamma, beta, mean, var = (np.asarray(p) for p in params)
     epsilon = attr(node, "epsilon", 1e-5)
-    if not np.all(np.asarray(params[3], np.float64) + epsilon > 0):
+    if not np.all(np.asarray(var, np.float64) + epsilon > 0):
         raise Refused("BatchNormalization variance + epsilon is not positive everywhere (its output is NaN or inf)")
-    return algebra.bn_affine(*params, epsilon)
+    return algebra.bn_affine(gamma, beta, mean, var, epsilon)
 
 
 @dataclass
@@ -56,11 +57,11 @@ def channel_affine(graph: Graph, node: Node, channels: int, axis: int,
         return ChannelAffine(0, *affine)
     if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
         return None
-    consts = [graph.constant(t) for t in node.inputs]
-    if (consts[0] is None) == (consts[1] is None):
+    first, second = (graph.constant(t) for t in node.inputs)
+    if (first is None) == (second is None):
         return None
-    index = 0 if consts[1] is not None else 1
-    vector = algebra.per_channel(consts[1 - index], channels, axis, rank)
+    index, const = (0, second) if second is not None else (1, first)
+    vector = algebra.per_channel(np.asarray(const), channels, axis, rank)
     ones, zeros = np.ones(channels), np.zeros(channels)
     if node.op == "Mul":
         return ChannelAffine(index, vector, zeros)

@@ -82,7 +82,8 @@ def find_trees(graph: Graph, skip: set[int]) -> Iterator[Tree]:
         out = root.outputs[0]
         if len(out.outputs) == 1 and out.name not in graph.output_names and _is(out.outputs[0], TREE_OPS):
             continue  # an inner node: its root collects it
-        nodes, leaves = [], []
+        nodes: list[Node] = []
+        leaves: list[Leaf] = []
         _collect(graph, root, 1.0, nodes, leaves)
         yield Tree(root, nodes, leaves)
 

@@ -14,6 +14,7 @@ import itertools
 import os
 import sys
 import tempfile
+from collections.abc import Set
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,6 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path
     return model
 
 
-
 def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """Reads every initializer still on disk into the model, which is then self-contained."""
     for tensor in model.graph.initializer:
@@ -77,12 +77,10 @@ def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-
 def _take_in(tensor: onnx.TensorProto, data: bytes) -> None:
     tensor.raw_data = data
     del tensor.external_data[:]
     tensor.ClearField("data_location")
-
 
 
 def on_disk(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
@@ -93,7 +91,6 @@ def on_disk(tensor: onnx.TensorProto) -> tuple[str, int, int] | None:
     if not os.path.isabs(info.get("location", "")):
         return None  # relative: external data nobody located (a ModelProto loaded without it)
     return info["location"], int(info["offset"]), int(info["length"])
-
 
 
 def read_array(tensor: onnx.TensorProto) -> np.ndarray:
@@ -108,7 +105,6 @@ def read_array(tensor: onnx.TensorProto) -> np.ndarray:
     return np.frombuffer(read_bytes(*place), dtype=dtype).reshape(tuple(tensor.dims))
 
 
-
 def sparse_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
     """A sparse initializer's dense value. Its indices are linear (shape [NNZ]) or coordinates
     ([NNZ, rank]); onnx-graphsurgeon 0.6.1 reads linear ones wrongly."""
@@ -120,13 +116,11 @@ def sparse_array(sparse: onnx.SparseTensorProto) -> np.ndarray:
     return dense
 
 
-
 def _plain(tensor: onnx.TensorProto) -> bool:
     """Whether numpy takes the tensor's raw bytes as they are (not bfloat16, float8 or 4-bit
     types, which onnx's helpers convert, nor on a big-endian machine)."""
     return tensor.data_type not in PACKED_TYPES and sys.byteorder == "little" and \
         onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).kind in "fiucb"
-
 
 
 def append_array(tensors, name: str, array: np.ndarray) -> None:
@@ -139,11 +133,10 @@ def append_array(tensors, name: str, array: np.ndarray) -> None:
     tensor.raw_data = np.ascontiguousarray(array).tobytes()
 
 
-
 def disk_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
     """The initializers on disk as read-only memory maps of their files (nothing is read until
     used), by name; None when one has a type numpy cannot map (bfloat16, 4-bit)."""
-    arrays = {}
+    arrays: dict[str, np.ndarray] = {}
     for tensor in model.graph.initializer:
         place = on_disk(tensor)
         if place is None:
@@ -156,7 +149,6 @@ def disk_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-
 def _check_structure(model: onnx.ModelProto) -> None:
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise ReparamError("not an ONNX model, or truncated: no IR version, graph or opset")
@@ -166,7 +158,6 @@ def _check_structure(model: onnx.ModelProto) -> None:
         found = default[0] if default else "none"
         raise ReparamError(f"unsupported opset {found} for the default domain "
                            f"(supported: {MIN_OPSET} to {latest})")
-
 
 
 def _locate_external(model: onnx.ModelProto, folder: Path, data_files: set[Path] | None) -> None:
@@ -189,7 +180,6 @@ def _locate_external(model: onnx.ModelProto, folder: Path, data_files: set[Path]
             _take_in(tensor, read_bytes(*_external_place(tensor, root, data_files)))
 
 
-
 def _external_place(tensor: onnx.TensorProto, root: Path, data_files: set[Path] | None) -> tuple[str, int, int]:
     """(file, offset, length) of a tensor's external data, checked to lie in the model's folder."""
     info = external_data_helper.ExternalDataInfo(tensor)
@@ -208,7 +198,6 @@ def _external_place(tensor: onnx.TensorProto, root: Path, data_files: set[Path] 
     return str(location), offset, length
 
 
-
 def _check_tensor_sizes(model: onnx.ModelProto) -> None:
     """A truncated file or external data file shows up as raw data shorter than the dims say."""
     for tensor in model.graph.initializer:
@@ -221,13 +210,11 @@ def _check_tensor_sizes(model: onnx.ModelProto) -> None:
                                f"{expected}: the file or its external data is truncated")
 
 
-
 def fits_in_protobuf(model: onnx.ModelProto, on_disk_too: bool = True) -> bool:
     """Whether the model serializes as one protobuf (ByteSize itself is slow on big models), with
     the initializers still on disk written in, or (``on_disk_too`` False) as it is."""
     tensors = external_data_helper._get_all_tensors(model)
     return sum(tensor_bytes(t) for t in tensors if on_disk_too or on_disk(t) is None) < PROTOBUF_LIMIT
-
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -236,7 +223,6 @@ def tensor_bytes(tensor: onnx.TensorProto) -> int:
         return sum(len(s) for s in tensor.string_data)
     itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
-
 
 
 def _light(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -257,13 +243,11 @@ def _light(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-
 def _check(model: onnx.ModelProto) -> None:
     try:
         onnx.checker.check_model(_light(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise ReparamError(f"invalid ONNX model: {first_line(exc)}") from None
-
 
 
 def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -276,7 +260,6 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     known = {v.name for v in model.graph.value_info} | {v.name for v in model.graph.output} | \
         {v.name for v in model.graph.input}
     return [v for v in inferred.graph.value_info if v.name not in known]
-
 
 
 def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
@@ -295,7 +278,6 @@ def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     inputs = {v.name for v in model.graph.input}
     return {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
             if v.name not in inputs and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-
 
 
 def shape_disagreement(declared: onnx.ValueInfoProto, inferred: onnx.ValueInfoProto) -> str | None:
@@ -320,7 +302,7 @@ ALIGN_THRESHOLD, ALIGNMENT = 1 << 20, 1 << 16  # external data this large starts
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None,
-               protected: set[Path] = frozenset()) -> None:
+               protected: Set[Path] = frozenset()) -> None:
     """Writes ``model`` to ``path`` atomically (temporary files in the same folder, then renames),
     one initializer at a time: those still on disk are copied from their file, none is held twice.
     The model is not modified.
@@ -358,8 +340,9 @@ def _write(model: onnx.ModelProto, out, data=None, data_name: str | None = None)
     from where they are (a message's fields may come in any order; protobuf's own ByteSize and
     SerializeToString would copy them, slowly). With ``data``, initializers of EXTERNAL_THRESHOLD
     bytes or more go there as external data named ``data_name``."""
-    records = []  # per initializer: its fields but the bytes, where its bytes are, their length if
-    # inline, their offset in ``data`` if not
+    # per initializer: its fields but the bytes, where its bytes are, their length if inline, their
+    # offset in ``data`` if not
+    records: list[tuple[bytes, onnx.TensorProto | tuple[str, int, int] | None, int | None, int | None]] = []
     offset = 0
     for tensor in model.graph.initializer:
         place = on_disk(tensor)
@@ -371,22 +354,24 @@ def _write(model: onnx.ModelProto, out, data=None, data_name: str | None = None)
         if data is not None and length >= EXTERNAL_THRESHOLD:
             if length >= ALIGN_THRESHOLD:  # as onnx does: onnxruntime maps such data instead of reading it
                 offset = -(-offset // ALIGNMENT) * ALIGNMENT
-            point_at(header, data_name, offset, length)
+            point_at(header, data_name or "", offset, length)
             records.append((header.SerializeToString(), place or tensor, None, offset))
             offset += length
         else:
             records.append((header.SerializeToString(), place or tensor, length, None))
     rest = without(model.graph, ("initializer",)).SerializeToString()
-    sizes = [len(header) + (0 if length is None else len(key(TENSOR_RAW_DATA)) + len(varint_bytes(length)) + length)
-             for header, _, length, _ in records]
+    sizes = [len(fields) + (0 if inline is None else len(key(TENSOR_RAW_DATA)) + len(varint_bytes(inline)) + inline)
+             for fields, _, inline, _ in records]
     graph_size = len(rest) + sum(len(key(GRAPH_INITIALIZER)) + len(varint_bytes(n)) + n for n in sizes)
     out.write(without(model, ("graph",)).SerializeToString())
     out.write(key(MODEL_GRAPH) + varint_bytes(graph_size) + rest)
-    for (header, source, length, offset), size in zip(records, sizes):
-        out.write(key(GRAPH_INITIALIZER) + varint_bytes(size) + header)
-        if length is not None:  # its bytes follow as raw_data
-            out.write(key(TENSOR_RAW_DATA) + varint_bytes(length))
+    for (fields, source, inline, at), size in zip(records, sizes):
+        out.write(key(GRAPH_INITIALIZER) + varint_bytes(size) + fields)
+        if source is None:
+            continue
+        if inline is not None:  # its bytes follow as raw_data
+            out.write(key(TENSOR_RAW_DATA) + varint_bytes(inline))
             copy_bytes(source, out)
-        elif source is not None:
-            data.write(bytes(offset - data.tell()))
+        else:
+            data.write(bytes((at or 0) - data.tell()))
             copy_bytes(source, data)

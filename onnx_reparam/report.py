@@ -3,12 +3,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from .errors import Refused
 from .model_io import tensor_bytes
+
+if TYPE_CHECKING:  # bench reads the report's types: imported for annotations only
+    from .bench import BenchResult
 
 # Who left a pattern as it is, in a refusal's ``kind``.
 KINDS = {
@@ -172,7 +176,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # about the model as a whole
     input_files: set = field(default_factory=set)  # the input's external data files (never written)
     peak_memory: int | None = None  # bytes: the process's peak resident memory
-    bench: object | None = None  # bench.BenchResult of IN against OUT, when asked for
+    bench: BenchResult | None = None  # IN against OUT, when asked for
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -253,8 +257,9 @@ def _op_table(before: GraphStats, after: GraphStats) -> list[str]:
 
 
 def _size(count: int) -> str:
+    size = float(count)
     for unit in ("B", "KB", "MB", "GB"):
-        if count < 1024 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
     return ""

@@ -12,6 +12,7 @@ one constant per channel.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from onnx import helper, numpy_helper
@@ -148,7 +149,8 @@ DATA_INPUTS = {"ScatterND": (0, 2), "ScatterElements": (0, 2), "Concat": None}
 def _shapes_read(graph: Graph, tensor: Tensor) -> list[Tensor] | None:
     """The tensors whose shapes ``tensor`` is computed from (through Shape/Size, with constants),
     or None when it depends on some tensor's values."""
-    shaped, stack, seen = [], [tensor], set()
+    shaped: list[Tensor] = []
+    stack, seen = [tensor], set[int]()
     while stack:
         value = stack.pop()
         node = graph.producer(value)
@@ -172,7 +174,7 @@ def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
         inputs = node.inputs[:1] if node.op == "CastLike" else node.inputs
         for t in inputs:
             if t.name and t.name not in computed and t.name not in constants:
-                value = graph.constant(t)
+                value = graph.value(t)
                 if value.dtype == source.dtype:  # data written into the tensor: widened with it
                     value = value.astype(np.float64)
                 constants[t.name] = numpy_helper.from_array(value, t.name)
@@ -187,7 +189,8 @@ def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
         [helper.make_tensor_value_info(output.name, elem, None)], list(constants.values())),
         opset_imports=[helper.make_opsetid("", _opset(graph))])
     try:
-        return np.asarray(ReferenceEvaluator(model).run([output.name], {source.name: values})[0])
+        # a list of outputs: it returns a dict only when asked for intermediate values
+        return np.asarray(cast(list, ReferenceEvaluator(model).run([output.name], {source.name: values}))[0])
     except Exception:  # noqa: BLE001 - onnx's evaluator rejects some valid ops (negative Pad): ask ORT
         import onnxruntime as ort
         options = ort.SessionOptions()

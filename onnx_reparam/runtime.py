@@ -163,7 +163,7 @@ def doubled_install() -> str | None:
     files, and removing either breaks the other. In two folders the first on sys.path is used and
     either may go."""
     try:
-        folders = {Path(metadata.distribution(name).locate_file("")).resolve()
+        folders = {Path(str(metadata.distribution(name).locate_file(""))).resolve()
                    for name in ("onnxruntime", "onnxruntime-gpu")}
     except metadata.PackageNotFoundError:
         return None

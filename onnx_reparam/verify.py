@@ -22,14 +22,14 @@ import onnx
 
 from . import compare, truth
 from .errors import ReparamError, first_line, one_line
-from .inputs import make_inputs
+from .inputs import Shapes, make_inputs
 from .model_io import inferred_value_info, tensor_bytes
 from .report import OutputCheck, Verification
 from .runtime import Runner, check_runtime_can_read, ort_module
 
 # (rtol, atol) by float type, where there is no float64 evaluation: an element passes when
 # |a - b| <= atol + rtol * (scale of its channel).
-TOLERANCES = {
+TOLERANCES: dict[int, tuple[float, float]] = {
     onnx.TensorProto.DOUBLE: (1e-9, 1e-12),
     onnx.TensorProto.FLOAT: (1e-4, 1e-6),
     onnx.TensorProto.FLOAT16: (1e-2, 1e-3),
@@ -66,7 +66,7 @@ class Checker:
     candidate are a failed check. ``runs`` counts the model runs, by model."""
 
     def __init__(self, reference: onnx.ModelProto, *, provider: str = "auto",
-                 input_shapes: dict[str, tuple[int, ...]] | None = None,
+                 input_shapes: Shapes | None = None,
                  inputs: dict[str, np.ndarray] | None = None, seed: int = 0,
                  rtol: float | None = None, atol: float | None = None):
         for name, value in (("rtol", rtol), ("atol", atol)):
@@ -86,6 +86,7 @@ class Checker:
         # level drops a graph output that is a depthwise conv of 6 channels summed with another):
         # a candidate must load with the default optimizations a user's session has, where the
         # input model does (and is small enough for a second, optimized session).
+        unloaded: str | None = None
         if sum(map(tensor_bytes, reference.graph.initializer)) > DEPLOY_LOAD_LIMIT:
             unloaded = f"weights over {DEPLOY_LOAD_LIMIT >> 20} MiB"
         else:
@@ -97,10 +98,12 @@ class Checker:
         given = rtol is not None or atol is not None
         default_rtol, default_atol = TOLERANCES.get(self.precision, LOOSEST)
         self.bound = (default_rtol if rtol is None else rtol, default_atol if atol is None else atol)
-        self.truth, self.rounded, self.truth_note = None, None, ""
+        self.truth: list[list[np.ndarray | None]] | None = None
+        self.rounded: list[np.ndarray | None] | None = None
+        self.truth_note = ""
         self.reference: onnx.ModelProto | None = None
         self.unheld: list[str] = []  # float outputs without a float64 value although there is an evaluation
-        self.baselines: list[compare.Baseline | None] | None = None
+        self.baselines: list[compare.Baseline | None] = []  # by evaluate(), one per output
         self._pending: onnx.ModelProto | None = None if given else reference  # evaluated by evaluate()
         if given:
             self.truth_note = "no float64 evaluation: rtol/atol were given"
@@ -109,7 +112,7 @@ class Checker:
     def evaluate(self) -> Checker:
         """Makes the float64 evaluation and the input model's distances from it, once: when the
         first candidate is checked (a run that rewrites nothing needs neither)."""
-        if self.baselines is None:
+        if not self.baselines:
             reference, self._pending = self._pending, None
             if reference is not None:
                 self._evaluate_truth(reference)
@@ -184,7 +187,7 @@ class Checker:
         although there is a float64 evaluation are named in the truth note."""
         roundoff = compare.ROUNDOFF.get(self.precision, compare.LOOSEST_ROUNDOFF)
         bases: list[compare.Baseline | None] = []
-        unheld = []
+        unheld: list[str] = []
         for i, name in enumerate(self.output_names + self.extra):
             references = [outputs[i] for outputs in self.expected]
             if self.truth is None or name in self.decided or not compare.is_float(np.asarray(references[0]).dtype):
@@ -192,8 +195,8 @@ class Checker:
                 continue
             truths = [values[i] for values in self.truth]
             rounded = self.rounded[i] if self.rounded is not None else None
-            base = compare.baseline(truths, references, roundoff, rounded) \
-                if all(t is not None for t in truths) else None
+            complete = [t for t in truths if t is not None]
+            base = compare.baseline(complete, references, roundoff, rounded) if len(complete) == len(truths) else None
             if base is None:
                 unheld.append(name)
             bases.append(base)
@@ -219,10 +222,9 @@ class Checker:
         truth_note = self.truth_note + (f"; compared with the input model, without a float64 value of their "
                                         f"own (a type or shape the widening does not reach): {', '.join(self.unheld)}"
                                         if self.unheld else "")
-        header = dict(note=self.note, truth=truth_note)
         if names != self.output_names:
             return Verification(self.runner.provider, [], error=f"the outputs differ: {self.output_names} vs {names}",
-                                **header)
+                                note=self.note, truth=truth_note)
         chosen = list(range(len(self.feed_sets))) if sets is None else sets
         produced = _tensor_names(candidate)
         missing = [name for name in self.extra if name not in produced]  # a rewrite took it away
@@ -239,23 +241,24 @@ class Checker:
                 del outputs
         except Exception as exc:  # noqa: BLE001 - the rewritten model is ours: a failed check
             return Verification(self.runner.provider, [], error=f"onnxruntime cannot run {name}: "
-                                f"{one_line(exc)}", **header)
+                                f"{one_line(exc)}", note=self.note, truth=truth_note)
         problem = self._load_problem(candidate) if self.deployable else None
         if problem:
             return Verification(self.runner.provider, [], error=f"onnxruntime with its default optimizations cannot "
-                                f"load {name} (a defect of its optimizer the rewrite runs into): {problem}", **header)
+                                f"load {name} (a defect of its optimizer the rewrite runs into): {problem}",
+                                note=self.note, truth=truth_note)
         judged = [judge.verdict() for judge in judges]
         checks = [check for check, _ in judged]
         failing = sorted({i for _, sets_failed in judged for i in sets_failed})
         if missing and self.decided:
-            header["truth"] += (f"; {', '.join(sorted(self.decided))} held to the input model: the rewrite removed "
+            truth_note += (f"; {', '.join(sorted(self.decided))} held to the input model: the rewrite removed "
                                 f"'{missing[0]}', a float tensor their decisions read")
         if failing and self._evaluate_rounded():  # is the failure the fused weights' rounding?
             self.baselines = self._baselines()
             return self.check(candidate, sets, name)
         return Verification(self.runner.provider, checks, inputs=len(chosen), bound=self._describe(),
                             device=f"{self.runner.device}; onnxruntime {ort_module().__version__}",
-                            failing_sets=failing, **header)
+                            failing_sets=failing, note=self.note, truth=truth_note)
 
 
 class _Judge:
@@ -277,8 +280,9 @@ class _Judge:
         fine, differ = check.passed, check.differ
         compare.against_reference(check, expected, actual,
                                   None if base is not None or check.role == "decided" else checker.bound)
-        if base is not None and np.shape(actual) == np.shape(expected) and check.note is None:
-            distance = compare.against_truth(base, i, checker.truth[i][self.index], actual)
+        truth = checker.truth[i][self.index] if checker.truth is not None else None
+        if base is not None and truth is not None and np.shape(actual) == np.shape(expected) and check.note is None:
+            distance = compare.against_truth(base, i, truth, actual)
             self.ours = distance if self.ours is None else np.maximum(self.ours, distance)
             fine = fine and not np.any(distance > base.bounds())
         if fine != check.passed or differ != check.differ or not fine:
@@ -290,7 +294,7 @@ class _Judge:
         if check.role == "decided":
             check.passed, check.note = True, "not held to the input model; the floats it is computed from are"
             return check, []
-        if self.ours is not None:
+        if self.ours is not None and self.base is not None:
             compare.verdict_from_truth(check, self.base, self.ours)
         compare.finish(check)
         return check, self.failing if not check.passed else []

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from onnx_reparam import algebra
 from onnx_reparam.errors import Refused
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 F = torch.nn.functional
 
 

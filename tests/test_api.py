@@ -12,6 +12,8 @@ from test_cli import block_model
 import onnx_reparam
 from onnx_reparam.verify import Checker
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def test_optimize_returns_model_and_report_and_leaves_the_input_alone():
     model = block_model()

@@ -21,6 +21,8 @@ from onnx_reparam.report import OutputCheck
 from onnx_reparam.runtime import Runner
 from onnx_reparam.verify import Checker
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def with_array(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
     """A copy of the model with initializer ``name`` replaced by change(its value)."""

@@ -18,6 +18,8 @@ from onnx_reparam.cli import main
 from onnx_reparam.errors import ReparamError
 from onnx_reparam.runtime import cuda_status
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def block_model(shape=(1, 4, 6, 6)) -> onnx.ModelProto:
     b = GraphBuilder()

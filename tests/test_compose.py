@@ -7,6 +7,8 @@ import pytest
 from conftest import GraphBuilder, misdeclare, ops, refusals, rewrite, unverified_output_is_right
 from test_routing import border_scatter
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def pad(b: GraphBuilder, x: str, amount: int) -> str:
     return b.node("Pad", [x, b.const(np.array([0, 0, amount, amount] * 2, np.int64))])

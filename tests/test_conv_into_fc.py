@@ -8,6 +8,8 @@ from conftest import GraphBuilder, ops, refusals, rewrite
 
 import onnx_reparam
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def reshape(b: GraphBuilder, x: str, *shape) -> str:
     """A symbolic first size is written 0 (kept from the input: shape inference keeps its name)."""

@@ -9,6 +9,8 @@ from onnx import helper
 
 from onnx_reparam.graph import Graph
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def test_paddle_style_sum_through_identity_merges_all_three_branches():
     # a + b + c written as Add -> Identity -> Add (ACNet 3x3 + 1x3 + 3x1)

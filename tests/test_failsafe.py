@@ -18,6 +18,8 @@ from onnx_reparam.cli import main
 from onnx_reparam.passes import fold_affine, merge_branches
 from onnx_reparam.runtime import runtime_limits
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def chain_model() -> onnx.ModelProto:
     """Three Conv+BN layers of 4, 5 and 4 channels: three independent folds."""

@@ -12,6 +12,8 @@ from onnx import numpy_helper
 
 import onnx_reparam
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 GEOMETRIES = list(itertools.product([1, 2, 3], [1, 2], [True, False], [1, 2], [0, 1], [1, 2]))
 
 

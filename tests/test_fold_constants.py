@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from conftest import GraphBuilder, ops, rewrite
 from onnx import helper
+
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
 
 
 def weight_plus_identity(b: GraphBuilder, x: str) -> tuple[str, str]:

@@ -9,6 +9,8 @@ from conftest import GraphBuilder, ops, refusals, rewrite
 
 import onnx_reparam
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def repvgg_block(b: GraphBuilder, x: str, c_in: int, c_out: int, groups=1, stride=1, dilation=1,
                  bias=False, identity=True, rank=2) -> str:

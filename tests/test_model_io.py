@@ -12,6 +12,8 @@ import onnx_reparam
 from onnx_reparam.errors import ReparamError
 from onnx_reparam.model_io import LARGE_TENSOR, load_model, load_weights, on_disk, read_array, save_model
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def big_model(rows: int = 64, cols: int = 512) -> onnx.ModelProto:
     """A MatMul whose weight is over LARGE_TENSOR bytes, a Mul by a small constant, and metadata

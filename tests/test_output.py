@@ -18,6 +18,8 @@ import onnx_reparam
 from onnx_reparam.cli import main
 from onnx_reparam.report import Refusal, Report
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
 
 

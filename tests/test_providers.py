@@ -19,6 +19,8 @@ import onnx_reparam
 from onnx_reparam.cli import main
 from onnx_reparam.runtime import Runner, cuda_status, doubled_install
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA = cuda_status()
 gpu = pytest.mark.skipif(NO_CUDA is not None, reason=f"needs CUDA: {NO_CUDA}")

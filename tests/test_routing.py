@@ -11,6 +11,8 @@ from onnx_reparam import routing
 from onnx_reparam.errors import Refused
 from onnx_reparam.graph import Graph
 
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
+
 
 def view_of(b: GraphBuilder, output: str):
     graph = Graph(b.model([output]))

@@ -2,7 +2,10 @@
 cancel and NHWC-written bias adds, BN scales and branch sums fold as NCHW ones do."""
 from __future__ import annotations
 
+import pytest
 from conftest import GraphBuilder, ops, rewrite
+
+pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
 
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 

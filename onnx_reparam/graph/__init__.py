@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
+from typing import TypeAlias
 
 import numpy as np
 import onnx
@@ -41,8 +42,8 @@ from .values import (
     weights_as_placeholders,
 )
 
-Node = gs.Node
-Tensor = gs.Tensor
+Node: TypeAlias = gs.Node
+Tensor: TypeAlias = gs.Tensor
 _FRESH_SUFFIX = re.compile(r"(_reparam\d+)+$")
 RULE_KEY = "onnx_reparam.rule"
 
@@ -54,7 +55,8 @@ class Graph:
         self.gs, self.shape_conflicts = import_model(model)
         for tensor in self.gs.tensors().values():
             values = getattr(tensor, "_values", None)
-            if type(values) is gs_tensor.LazyValues and on_disk(values.tensor) is not None:
+            if isinstance(values, gs_tensor.LazyValues) and type(values) is gs_tensor.LazyValues \
+                    and on_disk(values.tensor) is not None:
                 tensor._values = DiskValues(values.tensor)
             elif isinstance(tensor, gs.Variable) and isinstance(tensor.dtype, int):  # a type onnx-graphsurgeon lacks
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.dtype)  # bfloat16: ml_dtypes'
@@ -140,6 +142,13 @@ class Graph:
             return None
         value = next(iter(node.attrs.values()))
         return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+
+    def value(self, tensor: Tensor) -> np.ndarray:
+        """The value of a tensor the caller has found to be a constant."""
+        value = self.constant(tensor)
+        if value is None:
+            raise ValueError(f"'{tensor.name}' is not a constant")
+        return value
 
     @staticmethod
     def producer(tensor: Tensor) -> Node | None:

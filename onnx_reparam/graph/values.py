@@ -69,7 +69,8 @@ def weights_as_placeholders(graph: gs.Graph, larger_than: int, restore: bool = T
     """While exporting: constants over ``larger_than`` bytes stand in as dims-only tensors, so the
     export copies no weights. Yields, by name, what each stand-in stands for: the stored tensor or
     the new array; the graph gets them back afterwards unless ``restore`` is False."""
-    swapped, new_values = [], {}
+    swapped: list[tuple[gs.Constant, object]] = []
+    new_values: dict[str, onnx.TensorProto | np.ndarray] = {}
     for tensor in graph.tensors().values():
         if not isinstance(tensor, gs.Constant) or isinstance(tensor._values, gs_tensor.SparseValues):
             continue

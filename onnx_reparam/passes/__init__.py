@@ -48,7 +48,7 @@ class PassLog:
         return True
 
     def refused(self, node: Node | str, refused: Refused, pattern: str = "") -> None:
-        label = self.graph.label(node) if isinstance(node, Node) else node
+        label = node if isinstance(node, str) else self.graph.label(node)
         self.refusals.append(Refusal.of(label, refused, pattern))
 
     def attempt(self, node: Node, build: Callable[..., T], *args: object) -> T | None:
@@ -82,7 +82,7 @@ def default_passes() -> tuple[Pass, ...]:
         merge_branches,
         transposes,
     )
-    return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, _first_sentence(module.__doc__))
+    return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, _first_sentence(module.__doc__ or ""))
                  for module in (fold_constants, drop_noops, transposes, compose, fold_affine, merge_branches,
                                 conv_into_fc))
 

@@ -62,7 +62,7 @@ def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
                     pattern)
         return []
     g = form.geometry
-    attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]),
+    attrs: dict[str, object] = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]),
              "dilations": list(g["dilations"]), "pads": list(pads)}
     if node.op == "AveragePool" and all(n.op in ROUTING_OPS for n in form.nodes[1:]):
         # only padding/reshaping was absorbed: it stays a pool (padding counted, as it was)
@@ -83,7 +83,7 @@ def _channel_matmul(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     weight, flat = graph.constant(node.inputs[0]), node.inputs[1]
     flatten = graph.producer(flat)
     readers = node.outputs[0].outputs
-    if flatten is None or flatten.op != "Reshape" or len(readers) != 1 or readers[0].op != "Reshape" \
+    if weight is None or flatten is None or flatten.op != "Reshape" or len(readers) != 1 or readers[0].op != "Reshape" \
             or graph.shared(flat) is not None or graph.shared(node.outputs[0]) is not None:
         return []
     unflatten, data = readers[0], flatten.inputs[0]
@@ -122,7 +122,7 @@ def _macs(graph: Graph, node: Node, weight: np.ndarray | None = None) -> int:
     elements = int(np.prod([d for d in out_shape[1:] if isinstance(d, int)] or [1]))
     if weight is None:
         if node.op == "Conv":
-            weight = graph.constant(node.inputs[1])
+            weight = graph.value(node.inputs[1])  # a conv of the chain: its weight is constant
         elif node.op == "AveragePool":
             return elements * int(np.prod(attr(node, "kernel_shape", [1])))
         else:

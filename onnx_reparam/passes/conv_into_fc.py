@@ -55,7 +55,9 @@ class Branch:
 
 def trace(graph: Graph, leaf: Leaf) -> Branch | None:
     """The leaf back through reshapes and BNs to a Conv/Gemm/MatMul with a constant weight."""
-    tensor, nodes, norms = leaf.tensor, [], []
+    tensor = leaf.tensor
+    nodes: list[Node] = []
+    norms: list[Node] = []
     if graph.shared(tensor) is not None:
         return None
     while True:
@@ -75,8 +77,8 @@ def trace(graph: Graph, leaf: Leaf) -> Branch | None:
     if in_shape is None or out_shape is None or len(in_shape) < 2 or in_shape[0] != out_shape[0]:
         return None
     source = data
-    while graph.producer(source) is not None and graph.producer(source).op in RESHAPES:
-        source = graph.producer(source).inputs[0]
+    while (producer := graph.producer(source)) is not None and producer.op in RESHAPES:
+        source = producer.inputs[0]
     is_fc = node.op != "Conv" or all(d == 1 for d in in_shape[2:])
     shape = (int(np.prod(out_shape[1:])), int(np.prod(in_shape[1:])))
     return Branch(leaf, source, in_shape[0], node, norms, nodes + [node], data if is_fc else None, shape)
@@ -96,6 +98,8 @@ def row_map(graph: Graph, branch: Branch) -> RowMap:
     """The branch's map of one row; raises Refused where it has none."""
     node = branch.op
     shape = row_shape(node.inputs[0])
+    if shape is None:
+        raise Refused("its input's shape is unknown")
     if node.op == "Conv":
         form = conv_form(graph, node)
         if form is None:
@@ -144,23 +148,24 @@ def run(graph: Graph, log: PassLog) -> None:
 def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     branches = {id(leaf): trace(graph, leaf) for leaf in tree.leaves}
     partners = [b for b in branches.values() if b is not None and b.fc_input is not None]
-    if not partners:
+    fc_input = partners[0].fc_input if partners else None
+    if fc_input is None:
         return False
     partner = partners[0]
     output = row_shape(tree.root.outputs[0])
-    members, rest = [], []
+    members: list[tuple[Branch, RowMap]] = []
+    rest: list[Leaf] = []
     for leaf in tree.leaves:
         branch = branches[id(leaf)]
         try:
-            if branch is not partner:
-                _match(branch, partner, output)
-            members.append((branch, row_map(graph, branch)))
+            member = partner if branch is partner else _member(branch, partner, output)
+            members.append((member, row_map(graph, member)))
             continue
         except Refused as refused:
             rest.append(leaf)
             if branch is not None and branch.fc_input is None:
                 log.refused(tree.root, refused.within("conv branch not folded into the fully connected layer"), "fc")
-    if len(members) < 2 or not any(b is partner for b, _ in members):
+    if output is None or len(members) < 2 or not any(b is partner for b, _ in members):
         return False
     groups = 0
     for _, found in members:
@@ -176,7 +181,7 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     # One block of the result at a time, in a reused float64 scratch: the partner's rows first,
     # then every other branch's added in place; each block is rounded once into the weight.
     members.sort(key=lambda member: member[0] is not partner)
-    dtype = graph.layer_dtype(partner.fc_input, graph.constant(partner.op.inputs[1]).dtype)
+    dtype = graph.layer_dtype(fc_input, graph.value(partner.op.inputs[1]).dtype)
     out_rows, in_cols = partner.shape
     weight = np.empty((out_rows, in_cols // groups), dtype)
     block = np.empty((out_rows // groups, in_cols // groups))
@@ -191,14 +196,14 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
                             block[at * rows:(at + 1) * rows, at * cols:(at + 1) * cols])
         weight[j * block.shape[0]:(j + 1) * block.shape[0]] = block
     del block
-    bias = sum(branch.leaf.sign * found.bias for branch, found in members)
-    _emit(graph, tree, partner, weight, groups, bias, output, rest)
+    bias = np.sum([branch.leaf.sign * found.bias for branch, found in members], axis=0)
+    _emit(graph, tree, partner.op.op, fc_input, weight, groups, bias, output, rest)
     return log.rewrote("fc(" + "+".join(sorted(b.op.op for b, _ in members)) + ")",
                        tree.nodes + [n for b, _ in members for n in b.nodes])
 
 
-def _match(branch: Branch | None, partner: Branch, output: tuple[int, ...] | None) -> None:
-    """Raises Refused when a leaf cannot be summed into the partner FC."""
+def _member(branch: Branch | None, partner: Branch, output: tuple[int, ...] | None) -> Branch:
+    """The leaf's branch, to be summed into the partner FC; raises Refused where it cannot be."""
     if branch is None:
         raise Refused("not a linear map of rows")
     if output is None:
@@ -213,22 +218,24 @@ def _match(branch: Branch | None, partner: Branch, output: tuple[int, ...] | Non
                       f"layer {partner.shape[1]} to {partner.shape[0]}")
     if row_shape(branch.leaf.tensor) != output or row_shape(partner.leaf.tensor) != output:
         raise Refused("the branches are laid out differently")
+    return branch
 
 
-def _emit(graph: Graph, tree: Tree, partner: Branch, weight: np.ndarray, groups: int, bias: np.ndarray,
+def _emit(graph: Graph, tree: Tree, op: str, fc_input: Tensor, weight: np.ndarray, groups: int, bias: np.ndarray,
           output_shape: tuple[int, ...], rest: list[Leaf]) -> None:
-    """Writes the summed map as the partner's kind of op: a grouped 1x1 Conv (``weight`` is
-    (out, in per group)) or a Gemm, then one Reshape to the sum's shape (and the leaves left)."""
+    """Writes the summed map as the partner's kind of op (``op`` of ``fc_input``): a grouped 1x1
+    Conv (``weight`` is (out, in per group)) or a Gemm, then one Reshape to the sum's shape (and
+    the leaves left)."""
     name, output = tree.root.name, tree.root.outputs[0]
     exact_shape = not any(graph.constant(leaf.tensor) is not None for leaf in rest)
     target = output if not rest else graph.add_variable(f"{name}_fc", output, exact_shape)
     rows = graph.add_variable(f"{name}_rows", output, same_shape=False)
-    if partner.op.op == "Conv":
-        spatial = len(partner.fc_input.shape) - 2
+    if op == "Conv":
+        spatial = len(fc_input.shape) - 2
         weight = weight.reshape(weight.shape + (1,) * spatial)
-        graph.emit_layer("Conv", partner.fc_input, weight, bias, rows, {"group": groups}, name)
+        graph.emit_layer("Conv", fc_input, weight, bias, rows, {"group": groups}, name)
     else:
-        graph.emit_layer("Gemm", partner.fc_input, weight, bias, rows, {"transB": 1}, name)
+        graph.emit_layer("Gemm", fc_input, weight, bias, rows, {"transB": 1}, name)
     shape = graph.add_constant(f"{name}_shape", np.array([d if isinstance(d, int) else -1 for d in output_shape],
                                                          np.int64))
     graph.add_node("Reshape", [rows, shape], [target], {}, name)

@@ -109,9 +109,9 @@ def _whole(graph: Graph, node: Node) -> bool:
     if len(node.inputs) < 3:
         return False
     params = [graph.constant(t) if t.name else None for t in node.inputs[1:]]
-    if any(p is None for p in params[:2]) or any(p is None and t.name for p, t in zip(params[2:], node.inputs[3:])):
-        return False
     starts, ends = params[0], params[1]
+    if starts is None or ends is None or any(p is None and t.name for p, t in zip(params[2:], node.inputs[3:])):
+        return False
     shape = node.inputs[0].shape
     axes = params[2] if len(params) > 2 and params[2] is not None else np.arange(len(starts))
     steps = params[3] if len(params) > 3 and params[3] is not None else np.ones(len(starts), np.int64)

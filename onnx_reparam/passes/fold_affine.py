@@ -130,7 +130,7 @@ def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
     if layer_node.op == "MatMul" and len(affine_nodes) == 1 and affine_nodes[0].op in ("Add", "Sub"):
         return False  # that Add is the MatMul's bias; the three-node pattern folds what follows it
     bias_node = affine_nodes[0] if len(affine_nodes) == 2 else None
-    scale, shift = 1.0, layer.bias  # scale stays a number until an affine scales per channel
+    scale, shift = np.ones(channels), layer.bias
     for node, index in zip(affine_nodes, match.input_index):
         try:
             affine = affine_of(graph, node, index, layer, channels)

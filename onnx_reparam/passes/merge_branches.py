@@ -31,19 +31,20 @@ class Term:
     source: Tensor
     bias: np.ndarray | float
     dtype: np.dtype | None
-    kernel: np.ndarray | None = None  # conv weight, or (out, in) matrix of a Gemm/MatMul
-    geometry: dict | None = None  # conv attributes (explicit pads); None for a matrix
+    # conv weight, or (out, in) matrix of a Gemm/MatMul; empty for a diagonal term
+    kernel: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    geometry: dict = field(default_factory=dict)  # conv attributes (explicit pads); empty for a matrix
     scale: np.ndarray | float = 1.0  # diagonal scale (1.0: the identity); unused for convs
     scale_const: np.ndarray | None = None  # Mul's constant, checked once the rank is known
     nodes: list[Node] = field(default_factory=list)  # what computes the leaf from ``source``
 
     @property
     def is_conv(self) -> bool:
-        return self.kernel is not None and self.geometry is not None
+        return bool(self.kernel.size) and bool(self.geometry)
 
     @property
     def is_matrix(self) -> bool:
-        return self.kernel is not None and self.geometry is None
+        return bool(self.kernel.size) and not self.geometry
 
 
 @dataclass
@@ -120,14 +121,13 @@ def _branch_term(graph: Graph, leaf: Leaf, node: Node) -> Term | None:
                     geometry=form.geometry, nodes=form.nodes)
     if node.op == "BatchNormalization":
         scale, shift = inference_bn(graph, node)
-        return Term(leaf, source, shift, graph.constant(node.inputs[1]).dtype, scale=scale, nodes=[node])
+        return Term(leaf, source, shift, graph.value(node.inputs[1]).dtype, scale=scale, nodes=[node])
     if node.op == "Mul":
-        consts = [graph.constant(t) for t in node.inputs]
-        if sum(c is not None for c in consts) != 1:
+        first, second = (graph.constant(t) for t in node.inputs)
+        if (first is None) == (second is None):
             return None
-        index = 0 if consts[1] is not None else 1
-        const = consts[1 - index]
-        return Term(leaf, node.inputs[index], 0.0, const.dtype, scale_const=const, nodes=[node])
+        index, const = (0, second) if second is not None else (1, first)
+        return Term(leaf, node.inputs[index], 0.0, np.asarray(const).dtype, scale_const=const, nodes=[node])
     if node.op in ("Gemm", "MatMul"):
         return _matrix_term(graph, leaf, node, source)
     return None
@@ -160,9 +160,9 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
         groups.setdefault(term.source.name, Group(term.source)).terms.append(term)
         if note:
             kept_apart.append(note)
-    for source, note in kept_apart:
+    for source, why in kept_apart:
         if source in groups:  # it had partners in this sum (a plain residual has none)
-            log.refused(tree.root, note, "branches")
+            log.refused(tree.root, why, "branches")
     merged: list[Merged] = []
     rest: list[Leaf] = []
     for name, group in groups.items():
@@ -197,7 +197,7 @@ def _absorb_constants(graph: Graph, first: Merged, constants: list[Leaf]) -> lis
     kept = []
     for leaf in constants:
         try:
-            first.bias += leaf.sign * algebra.per_channel(graph.constant(leaf.tensor), first.weight.shape[0], axis, rank)
+            first.bias += leaf.sign * algebra.per_channel(graph.value(leaf.tensor), first.weight.shape[0], axis, rank)
         except Refused:
             kept.append(leaf)  # not a bias: it stays an addend of the sum
     return kept
@@ -337,7 +337,7 @@ def _channels(source: Tensor, convs: list[Term], diagonals: list[Term],
         ins.add(source.shape[1])
     for t in diagonals:
         if np.ndim(t.scale):
-            outs.add(len(t.scale))
+            outs.add(int(np.size(t.scale)))
         const = t.scale_const
         if const is not None and const.ndim >= rank - 1 and const.shape[const.ndim + 1 - rank] > 1:
             outs.add(const.shape[const.ndim + 1 - rank])  # a size-1 axis is a broadcast, not a count

@@ -59,9 +59,12 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     inputs = []
     for tensor in node.inputs:
         value = graph.constant(tensor)
-        if value is None:
-            inputs.append(graph.producer(tensor).inputs[0])
+        producer = graph.producer(tensor)
+        if value is None and producer is not None:  # the Transposes found above
+            inputs.append(producer.inputs[0])
             continue
+        if value is None:
+            return []
         if value.ndim > len(perm) or value.nbytes > LARGE_TENSOR and graph.shared(tensor) is not None:
             return []  # a transposed copy of a large constant others read would grow the model
         full = value.reshape((1,) * (len(perm) - value.ndim) + value.shape)  # numpy broadcasting's alignment

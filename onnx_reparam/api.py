@@ -11,16 +11,17 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .bench import BenchResult
 from .bench import bench as latency_ab
-from .errors import Refused, ReparamError
+from .errors import Refused, ReparamError, option
 from .graph import Graph
 from .inputs import graph_inputs, input_sizes, same_inputs, takes_feeds
-from .model_io import load_model, load_weights
+from .model_io import files_size, load_model, load_weights
 from .passes import Pass, Policy
 from .pipeline import run_passes, select_passes
 from .report import GraphStats, PassReport, Refusal, Report, Rewrite, Verification
@@ -77,13 +78,13 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
         if fixed:
             fixed_inputs = fix_input_sizes(loaded, input_shapes)
             if fixed_inputs and not any(n.startswith("inputs fixed") for n in report.notes):
-                report.notes.append(f"inputs fixed to static sizes (--static-shape): {fixed_inputs}")
+                report.notes.append(f"inputs fixed to static sizes by {option('static_shape=True')}: {fixed_inputs}")
         overridable = weights_as_inputs(loaded)
         if overridable and weights_as_constants:
             _drop_inputs(loaded, overridable)
         elif overridable and not report.notes:
             report.notes.append(f"{len(overridable)} weights are also graph inputs (a caller may override them), "
-                                "so nothing reading them is folded; --weights-as-constants treats them as constants")
+                                f"so nothing reading them is folded; {option('weights_as_constants=True')} treats them as constants")
         return loaded
 
     start = time.perf_counter()
@@ -91,6 +92,8 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     original = load()
     report.seconds["load"] = time.perf_counter() - start
     report.before = GraphStats.of(original)
+    if isinstance(source, (str, os.PathLike)):
+        report.before.file_bytes = files_size(Path(source), report.input_files)
 
     def reference_run() -> Checker:
         start = time.perf_counter()
@@ -110,6 +113,7 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     del original  # it became `optimized`
     report.seconds["rewrite"] = time.perf_counter() - start
 
+    report.unverified = bool(applied) and checker is None
     if checker is not None and applied:
         start = time.perf_counter()
         step(f"verifying ({len(optimized.graph.node)} nodes against {report.before.nodes})")
@@ -319,7 +323,9 @@ def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, model: onnx.
 def inspect(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str] = (),
             weights_as_constants: bool = False) -> Report:
     """Dry run: what would be rewritten and what would be left, and why."""
-    return optimize(model, only=only, skip=skip, verify=False, weights_as_constants=weights_as_constants)[1]
+    report = optimize(model, only=only, skip=skip, verify=False, weights_as_constants=weights_as_constants)[1]
+    report.unverified = False  # nothing is written: there is nothing to verify
+    return report
 
 
 def bench(a, b, **options) -> BenchResult:

@@ -16,7 +16,7 @@ import onnx
 
 from .errors import ReparamError, first_line
 from .inputs import Shapes, make_inputs, takes_feeds
-from .runtime import Runner, device_name, ort_module
+from .runtime import Runner, device_name, gpu_present, ort_module
 
 
 @dataclass
@@ -25,6 +25,8 @@ class Latency:
     median_ms: float
     q1_ms: float
     q3_ms: float
+    min_ms: float
+    max_ms: float
 
 
 @dataclass
@@ -41,14 +43,24 @@ class BenchResult:
     ratio_q1: float
     ratio_q3: float
     notes: list[str] = field(default_factory=list)
+    cuda: str = ""  # why CUDA was not used ("" when it was, or was not asked for)
+    gpu: bool = False  # an NVIDIA GPU or driver is here: ``cuda`` is news, printed without -v
+    inputs: list[str] = field(default_factory=list)  # what the models ran on, one line per input
 
-    def summary(self) -> str:
+    def summary(self, verbose: bool = False) -> str:
+        """Medians and B/A; under ``verbose``, also the inputs, each model's fastest and slowest
+        round, and why CUDA was not used on a machine without a GPU."""
         lines = [f"latency on {self.provider} ({self.device}; onnxruntime {self.onnxruntime}; "
                  f"threads: {self.threads}; {self.rounds} interleaved rounds after {self.warmup} warm-up)"]
         for label, lat in (("A", self.a), ("B", self.b)):
             lines.append(f"  {label} {lat.name}: median {lat.median_ms:.3f} ms "
-                         f"(IQR {lat.q1_ms:.3f}-{lat.q3_ms:.3f})")
+                         f"(IQR {lat.q1_ms:.3f}-{lat.q3_ms:.3f})"
+                         + (f"; fastest {lat.min_ms:.3f}, slowest {lat.max_ms:.3f}" if verbose else ""))
         lines.append(f"  B/A {self.ratio:.3f} (IQR {self.ratio_q1:.3f}-{self.ratio_q3:.3f})")
+        if verbose:
+            lines += [f"  input {line}" for line in self.inputs]
+        if self.cuda and (self.gpu or verbose):
+            lines.append(f"  {self.cuda}")
         lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -108,11 +120,13 @@ def bench(a: onnx.ModelProto, b: onnx.ModelProto, *, names: tuple[str, str] = ("
             times[r, i] = timed[i].run()
     ms = times * 1e3
     ratios = times[:, 1] / times[:, 0]
-    latencies = [Latency(name, *np.percentile(ms[:, i], [50, 25, 75])) for i, name in enumerate(names)]
+    latencies = [Latency(name, *map(float, np.percentile(ms[:, i], [50, 25, 75, 0, 100]))) for i, name in enumerate(names)]
     notes = runner.notes + chosen
     if not runner.provider.startswith("CUDA"):
         notes.append("measured on the CPU")
     ratio, ratio_q1, ratio_q3 = np.percentile(ratios, [50, 25, 75])
     return BenchResult(runner.provider, device_name(runner.provider), ort_module().__version__,
                        threads or f"onnxruntime's default ({os.cpu_count()} cores)", rounds, warmup,
-                       latencies[0], latencies[1], float(ratio), float(ratio_q1), float(ratio_q3), notes)
+                       latencies[0], latencies[1], float(ratio), float(ratio_q1), float(ratio_q3), notes,
+                       runner.cuda, gpu_present(), [f"{name}: {value.dtype} {'x'.join(map(str, value.shape))}"
+                                                    for name, value in feeds.items()])

@@ -22,7 +22,7 @@ from . import api
 from .bench import MAX_ROUNDS, MAX_THREADS
 from .errors import ReparamError, first_line
 from .inputs import load_inputs, parse_input_shapes
-from .model_io import save_model
+from .model_io import files_size, save_model
 from .passes import default_passes
 from .report import Report
 
@@ -60,16 +60,16 @@ def _run_options(f):
                      show_default=True, help="onnxruntime execution provider.")(f)
     f = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:1,3,224,224",
                      help="Shape of an input with dynamic dims, as 1,3,224,224 or 1x3x224x224 (repeatable).")(f)
-    f = click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+    f = click.option("--seed", type=_Bounded(0, 2**63 - 1), metavar="N", default=0, show_default=True,
                      help="Seed of the random inputs.")(f)
     return f
 
 
 def _check_options(f):
     f = _run_options(f)
-    f = click.option("--rtol", type=click.FloatRange(0, 1e300),
+    f = click.option("--rtol", type=_NonNegative(), metavar="X",
                      help="Relative tolerance: compare with the input model instead of its float64 evaluation.")(f)
-    f = click.option("--atol", type=click.FloatRange(0, 1e300),
+    f = click.option("--atol", type=_NonNegative(), metavar="X",
                      help="Absolute tolerance: compare with the input model instead of its float64 evaluation.")(f)
     f = click.option("--inputs", "inputs_file", type=click.Path(),
                      help=".npz file with input arrays, by input name.")(f)
@@ -78,19 +78,43 @@ def _check_options(f):
 
 def _pass_options(f):
     names = click.Choice([p.name for p in default_passes()])
-    f = click.option("--skip", multiple=True, type=names, help="Do not run this pass (repeatable).")(f)
-    f = click.option("--only", multiple=True, type=names, help="Run only this pass (repeatable).")(f)
+    f = click.option("--skip", multiple=True, type=names, metavar="PASS",
+                     help="Do not run this pass (repeatable; the passes command lists them).")(f)
+    f = click.option("--only", multiple=True, type=names, metavar="PASS",
+                     help="Run only this pass (repeatable).")(f)
     f = click.option("--weights-as-constants", is_flag=True,
                      help="Treat weights that are also graph inputs (keep_initializers_as_inputs) as "
                           "constants, and drop them from the inputs.")(f)
     return f
 
 
-def _output_options(f):
-    f = click.option("-q", "--quiet", is_flag=True, help="Print only errors.")(f)
-    f = click.option("-v", "--verbose", is_flag=True,
-                     help="Also list passes that rewrote nothing and every pattern left as it is.")(f)
-    return f
+def _output_options(verbose: str):
+    def options(f):
+        f = click.option("-q", "--quiet", is_flag=True, help="Print only errors.")(f)
+        return click.option("-v", "--verbose", is_flag=True, help=verbose)(f)
+    return options
+
+
+REWRITE_DETAIL = ("Also list passes that rewrote nothing, every pattern left as it is, what each output was "
+                  "compared on, and why CUDA was not used.")
+RUN_DETAIL = "Also list the inputs, each model's fastest and slowest round, and why CUDA was not used."
+
+
+class _Bounded(click.IntRange):
+    """An int whose bounds refuse a mistake (a billion rounds), not a setting --help lists."""
+
+    def _describe_range(self) -> str:
+        return ""
+
+
+class _NonNegative(click.FloatRange):
+    """A finite float >= 0, its range left out of --help."""
+
+    def __init__(self) -> None:
+        super().__init__(0, 1e300)
+
+    def _describe_range(self) -> str:
+        return ""
 
 
 class _Progress:
@@ -156,7 +180,7 @@ def main():
     """Rewrite training-structure ONNX models into their deploy structure, and prove it exact."""
 
 
-@main.command()
+@main.command(short_help="Rewrite IN into its deploy structure, verify it, write OUT.")
 @click.argument("input_path", metavar="IN", type=click.Path())
 @click.argument("output_path", metavar="OUT", type=click.Path())
 @_pass_options
@@ -170,7 +194,7 @@ def main():
                    "rewrites that hold for one size only apply.")
 @click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @click.option("--bench", "run_bench", is_flag=True, help="Then time IN against OUT (see `bench`).")
-@_output_options
+@_output_options(REWRITE_DETAIL)
 @_one_line_errors
 def optimize(input_path, output_path, skip, only, weights_as_constants, provider, rtol, atol, input_shapes,
              inputs_file, seed, no_verify, force, strict, static_shape, report_path, run_bench, quiet, verbose):
@@ -205,6 +229,9 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
         save_model(model, target, external_data=bool(protected) or None, protected=protected)
         progress.clear()
         report.seconds["save"] = time.perf_counter() - start
+        if report.after is not None:
+            data = target.parent / (target.name + ".data")
+            report.after.file_bytes = files_size(target, [data] if data.exists() else [])
         if run_bench:
             report.bench = api.bench(source, model, names=(str(source), str(target)), provider=provider,
                                      input_shapes=parse_input_shapes(input_shapes), seed=seed)
@@ -214,24 +241,26 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
         if failed:
             click.echo(f"{target} {'written anyway (--force)' if force else 'not written'}")
         else:
-            click.echo(f"wrote {target}")
+            click.echo(f"wrote {target}" + (" (not verified)" if report.unverified else ""))
     if failed:
         if quiet:
             click.echo("error: verification failed", err=True)
         sys.exit(EXIT_MISMATCH)
 
 
-@main.command()
+@main.command(short_help="Dry run: what would be rewritten, what not, and why.")
 @click.argument("input_paths", metavar="IN...", nargs=-1, required=True, type=click.Path())
 @_pass_options
 @click.option("--check", is_flag=True, help="Exit 1 if anything would be rewritten (for CI and pre-commit).")
 @click.option("--report", "report_path", type=click.Path(), help="Write a JSON report (one IN only).")
-@_output_options
+@_output_options(REWRITE_DETAIL)
 @_one_line_errors
 def inspect(input_paths, skip, only, weights_as_constants, check, report_path, quiet, verbose):
     """Dry run: what would be rewritten in each IN, what would be left and why."""
     if report_path and len(input_paths) > 1:
         raise ReparamError("--report takes one IN")
+    if report_path:
+        _writable(Path(report_path), "report")
     rewritable = []
     for path in input_paths:
         report = api.inspect(path, only=only, skip=skip, weights_as_constants=weights_as_constants)
@@ -248,12 +277,12 @@ def inspect(input_paths, skip, only, weights_as_constants, check, report_path, q
         sys.exit(EXIT_MISMATCH)
 
 
-@main.command()
+@main.command(short_help="Check that A and B compute the same outputs.")
 @click.argument("reference", metavar="A", type=click.Path())
 @click.argument("candidate", metavar="B", type=click.Path())
 @_check_options
 @click.option("--report", "report_path", type=click.Path(), help="Write the verification as JSON.")
-@_output_options
+@_output_options("Also say what each output was compared on, and why CUDA was not used.")
 @_one_line_errors
 def verify(reference, candidate, provider, rtol, atol, input_shapes, inputs_file, seed, report_path, quiet,
            verbose):
@@ -267,22 +296,25 @@ def verify(reference, candidate, provider, rtol, atol, input_shapes, inputs_file
     if report_path:
         _write_report(Report(verification=result), report_path)
     if not quiet:
-        click.echo(result.summary())
+        click.echo(result.summary(verbose))
     if not result.passed:
         if quiet:
             click.echo("error: verification " + ("inconclusive" if result.inconclusive else "failed"), err=True)
         sys.exit(EXIT_MISMATCH)
 
 
-@main.command()
+@main.command(short_help="Time B against A on the same inputs.")
 @click.argument("model_a", metavar="A", type=click.Path())
 @click.argument("model_b", metavar="B", type=click.Path())
 @_run_options
-@click.option("--rounds", type=click.IntRange(1, MAX_ROUNDS), default=50, show_default=True, help="Timed rounds.")
-@click.option("--warmup", type=click.IntRange(0, MAX_ROUNDS), default=5, show_default=True, help="Untimed rounds first.")
-@click.option("--threads", type=click.IntRange(1, MAX_THREADS), help="onnxruntime intra-op threads (default: its own).")
+@click.option("--rounds", type=_Bounded(1, MAX_ROUNDS), metavar="N", default=50, show_default=True,
+              help="Timed rounds.")
+@click.option("--warmup", type=_Bounded(0, MAX_ROUNDS), metavar="N", default=5, show_default=True,
+              help="Untimed rounds first.")
+@click.option("--threads", type=_Bounded(1, MAX_THREADS), metavar="N",
+              help="onnxruntime intra-op threads (default: its own).")
 @click.option("--json", "json_path", type=click.Path(), help="Write the result as JSON (for CI).")
-@_output_options
+@_output_options(RUN_DETAIL)
 @_one_line_errors
 def bench(model_a, model_b, provider, input_shapes, rounds, warmup, threads, seed, json_path, quiet, verbose):
     """Latency of B against A on the same inputs: interleaved rounds, medians, B/A."""
@@ -297,7 +329,7 @@ def bench(model_a, model_b, provider, input_shapes, rounds, warmup, threads, see
         except OSError as exc:
             raise ReparamError(f"cannot write {json_path}: {exc.strerror}") from None
     if not quiet:
-        click.echo(result.summary())
+        click.echo(result.summary(verbose))
 
 
 @main.command("passes")

@@ -3,6 +3,17 @@ exit, and Refused, a pattern found but not rewritable exactly, which the pass ap
 turns into a refusal in the report."""
 from __future__ import annotations
 
+# The library's arguments and the command line's flags that set them: a message read by both
+# names both.
+OPTIONS = {"input_shapes": "--input-shape", "inputs": "--inputs", "provider": "--provider",
+           "static_shape=True": "--static-shape", "verify=False": "--no-verify",
+           "weights_as_constants=True": "--weights-as-constants"}
+
+
+def option(name: str) -> str:
+    """An option as the library and the command line spell it: ``input_shapes (--input-shape)``."""
+    return f"{name} ({OPTIONS[name]})"
+
 
 class ReparamError(Exception):
     """A problem with the user's input or environment, stated in one line."""

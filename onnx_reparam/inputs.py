@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from . import compare
-from .errors import ReparamError, first_line
+from .errors import ReparamError, first_line, option
 
 MAX_INPUT_BYTES = 1 << 32  # a generated input larger than this is a mistake in --input-shape
 BATCH_FOR_CHECK = 1  # the size a dynamic batch axis gets when the user gives none
@@ -53,14 +53,14 @@ def make_inputs(model: onnx.ModelProto, shapes: Shapes | None = None,
     kinds = {}
     for value in inputs:
         if not value.type.HasField("tensor_type"):
-            raise ReparamError(f"input '{value.name}' is not a tensor; give its value with --inputs")
+            raise ReparamError(f"input '{value.name}' is not a tensor; give its value with {option('inputs')}")
     chosen_shapes = input_sizes(inputs, shapes, chosen)
     for value in inputs:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         shape = chosen_shapes[value.name]
         if int(np.prod(shape, dtype=np.float64)) * dtype.itemsize > MAX_INPUT_BYTES:
             raise ReparamError(f"input '{value.name}' of shape {'x'.join(map(str, shape))} would take more "
-                               f"than {MAX_INPUT_BYTES >> 30} GiB; give a smaller --input-shape")
+                               f"than {MAX_INPUT_BYTES >> 30} GiB; give a smaller {option('input_shapes')}")
         kinds[value.name] = (dtype, shape)
     sets = []
     for offset in (0, 1):
@@ -168,7 +168,7 @@ def _own_shape(value: onnx.ValueInfoProto, sizes: dict, bind, chosen: list[str] 
                 bind(dim.dim_param, BATCH_FOR_CHECK, value.name)
             if chosen is not None:
                 chosen.append(f"input '{value.name}': dynamic batch '{dim.dim_param or '?'}' set to "
-                              f"{BATCH_FOR_CHECK} for the check (--input-shape to choose)")
+                              f"{BATCH_FOR_CHECK} for the check ({option('input_shapes')} to choose)")
         else:
             unsized.append(f"'{dim.dim_param}' (axis {axis})" if dim.dim_param else f"axis {axis}")
             shape.append(TYPICAL_SIZE)
@@ -176,7 +176,8 @@ def _own_shape(value: onnx.ValueInfoProto, sizes: dict, bind, chosen: list[str] 
         example = ",".join(map(str, shape))
         what = "a symbolic dim" if len(unsized) == 1 else "symbolic dims"
         raise ReparamError(f"input '{value.name}' has {what} {' and '.join(unsized)} with no size to run it at: "
-                           f"give the sizes your data has, e.g. --input-shape {value.name}:{example}")
+                           f"give the sizes your data has, e.g. input_shapes={{'{value.name}': ({example.replace(',', ', ')})}} "
+                           f"(--input-shape {value.name}:{example})")
     return tuple(shape)
 
 
@@ -186,11 +187,11 @@ def check_input_shape(value: onnx.ValueInfoProto, shape: tuple[int, ...]) -> Non
         return
     dims = value.type.tensor_type.shape.dim
     if len(dims) != len(shape):
-        raise ReparamError(f"input '{value.name}' has {len(dims)} dims, --input-shape gives {len(shape)}")
+        raise ReparamError(f"input '{value.name}' has {len(dims)} dims, {option('input_shapes')} gives {len(shape)}")
     for axis, (dim, size) in enumerate(zip(dims, shape)):
         if dim.HasField("dim_value") and dim.dim_value != size:
             raise ReparamError(f"input '{value.name}' has size {dim.dim_value} on axis {axis}, "
-                               f"--input-shape gives {size}")
+                               f"{option('input_shapes')} gives {size}")
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

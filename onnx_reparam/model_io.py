@@ -14,7 +14,7 @@ import itertools
 import os
 import sys
 import tempfile
-from collections.abc import Set
+from collections.abc import Iterable, Set
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,14 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, data_files: set[Path
     if not lazy:
         load_weights(model)
     return model
+
+
+def files_size(path: Path, data_files: Iterable[Path] = ()) -> int | None:
+    """Bytes of a model file and its external data files; None where one cannot be read."""
+    try:
+        return sum(os.path.getsize(p) for p in {Path(path).resolve(), *data_files})
+    except OSError:
+        return None
 
 
 def load_weights(model: onnx.ModelProto) -> onnx.ModelProto:

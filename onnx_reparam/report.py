@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from .errors import Refused
+from .errors import Refused, option
 from .model_io import tensor_bytes
 
 if TYPE_CHECKING:  # bench reads the report's types: imported for annotations only
@@ -72,6 +72,11 @@ class GraphStats:
     parameters: int
     ops: dict[str, int]
     weight_bytes: int = 0
+    ir_version: int = 0
+    opset: int = 0  # of the default domain
+    inputs: list[str] = field(default_factory=list)  # "name: type [dims]", initializers left out
+    outputs: list[str] = field(default_factory=list)
+    file_bytes: int | None = None  # the model file and its external data, where the model is a file
 
     @classmethod
     def of(cls, model: onnx.ModelProto) -> GraphStats:
@@ -82,7 +87,31 @@ class GraphStats:
             a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
         params = sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors)
         ops = Counter(n.op_type for n in model.graph.node)
-        return cls(len(model.graph.node), params, dict(sorted(ops.items())), sum(map(tensor_bytes, tensors)))
+        weights = {t.name for t in graph.initializer}
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        return cls(len(model.graph.node), params, dict(sorted(ops.items())), sum(map(tensor_bytes, tensors)),
+                   model.ir_version, opset, [_value(v) for v in graph.input if v.name not in weights],
+                   [_value(v) for v in graph.output])
+
+    def envelope(self) -> str:
+        """IR, opset, inputs and outputs, in one line."""
+        return (f"IR {self.ir_version}, opset {self.opset}; inputs {', '.join(self.inputs) or 'none'}; "
+                f"outputs {', '.join(self.outputs)}")
+
+
+def _value(value: onnx.ValueInfoProto) -> str:
+    """An input or output as ``name: float32 [N, 3, 224, 224]``."""
+    if not value.type.HasField("tensor_type"):
+        return f"{value.name}: not a tensor"
+    tensor = value.type.tensor_type
+    try:
+        kind = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    except (KeyError, TypeError, ValueError):
+        kind = onnx.TensorProto.DataType.Name(tensor.elem_type).lower() if tensor.elem_type else "?"
+    if not tensor.HasField("shape"):
+        return f"{value.name}: {kind}"
+    dims = [str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?") for d in tensor.shape.dim]
+    return f"{value.name}: {kind} [{', '.join(dims)}]"
 
 
 NOTHING_COMPARED = "nothing compared (empty or non-finite output)"
@@ -110,7 +139,9 @@ class Verification:
     provider: str
     outputs: list[OutputCheck]
     error: str | None = None  # the candidate could not be run at all
-    note: str | None = None  # e.g. why CUDA was not used
+    notes: list[str] = field(default_factory=list)  # e.g. the size a dynamic batch was given
+    cuda: str = ""  # why CUDA was not used ("" when it was, or was not asked for)
+    gpu: bool = False  # an NVIDIA GPU or driver is here: ``cuda`` is news, printed without -v
     inputs: int = 0  # input sets compared
     bound: str = ""  # what the outputs were held to
     device: str = ""  # the device and onnxruntime version that ran the check
@@ -127,7 +158,9 @@ class Verification:
         return not self.passed and self.error is None and all(o.passed or o.note == NOTHING_COMPARED
                                                               for o in self.outputs)
 
-    def summary(self) -> str:
+    def summary(self, verbose: bool = False) -> str:
+        """The verdict and one line per output; under ``verbose``, also why CUDA was not used on
+        a machine without a GPU, and what each output was compared on."""
         verdict = "PASSED" if self.passed else "INCONCLUSIVE" if self.inconclusive else "FAILED"
         lines = [f"verification {verdict} on {self.provider}"
                  + (f" ({self.inputs} input sets; {self.bound})" if self.inputs else "")]
@@ -135,12 +168,15 @@ class Verification:
             lines.append(f"  {self.truth}")
         if self.device:
             lines.append(f"  {self.device}")
-        if self.note:
-            lines.append(f"  {self.note}")
+        if self.cuda and (self.gpu or verbose):
+            lines.append(f"  {self.cuda}")
+        lines += [f"  {note}" for note in self.notes]
         if self.error:
             lines.append(f"  {self.error}")
         for o in self.outputs:
             lines.append(f"  {o.name}: {_output_line(o)}")
+            if verbose:
+                lines.append(f"    {_output_detail(o)}")
         return "\n".join(lines)
 
     def worst(self) -> str:
@@ -148,6 +184,14 @@ class Verification:
         if self.error:
             return self.error
         return "; ".join(f"{o.name}: {o.note}" for o in self.outputs if not o.passed)
+
+
+def _output_detail(o: OutputCheck) -> str:
+    """What an output was compared on, for -v."""
+    kind = "integer values" if o.integer else "finite values"
+    errors = "" if o.integer else f"; max abs err {o.max_abs_error:.3g}, max rel err {o.max_rel_error:.3g} " \
+                                  "against the input model"
+    return f"{o.compared:,} {kind} compared ({o.role}){errors}"
 
 
 def _output_line(o: OutputCheck) -> str:
@@ -160,10 +204,11 @@ def _output_line(o: OutputCheck) -> str:
     if o.integer:
         return f"{o.compared - o.differ} of {o.compared} values as the input model's{kind} {mark}"
     if o.ours is not None:
-        return (f"ours {o.ours:.2g} from float64, the input model {o.theirs:.2g} (bound {o.tolerance:.2g}); "
-                f"max rel err {o.max_rel_error:.2g} against the input model{kind} {mark}")
-    return (f"max abs err {o.max_abs_error:.3g}, max rel err {o.max_rel_error:.3g} "
-            f"(bound {o.tolerance:.3g}){kind} {mark}")
+        return (f"ours {o.ours:.2g} from float64, the input model {o.theirs:.2g} (bound {o.tolerance:.2g}; "
+                f"relative to each channel's largest value); max rel err {o.max_rel_error:.2g} against the "
+                f"input model{kind} {mark}")
+    return (f"max abs err {o.max_abs_error:.3g} (bound {o.tolerance:.3g}: atol + rtol x the largest value), "
+            f"max rel err {o.max_rel_error:.3g}{kind} {mark}")
 
 
 @dataclass
@@ -176,6 +221,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # about the model as a whole
     input_files: set = field(default_factory=set)  # the input's external data files (never written)
     peak_memory: int | None = None  # bytes: the process's peak resident memory
+    unverified: bool = False  # rewritten, and not checked because the caller said so
     bench: BenchResult | None = None  # IN against OUT, when asked for
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -196,6 +242,10 @@ class Report:
         rewrote, what was left and why (grouped; only re-parameterization patterns unless
         ``verbose``), the check and the time per stage."""
         lines = []
+        if self.before:
+            lines.append(f"IN  {self.before.envelope()}")
+        if self.after and self.before and self.after.envelope() != self.before.envelope():
+            lines.append(f"OUT {self.after.envelope()}")
         if self.before and self.after:
             lines += _op_table(self.before, self.after)
         for p in self.passes:
@@ -217,12 +267,15 @@ class Report:
         lines += [f"note: {note}" for note in self.notes]
         if not self.rewrites:
             lines.append("nothing rewritten: the model is unchanged")
+        elif self.unverified:
+            lines.append(f"NOT VERIFIED: the check was skipped ({option('verify=False')}): the rewritten model "
+                         "was not run")
         if self.verification is not None:
-            lines.append(self.verification.summary())
+            lines.append(self.verification.summary(verbose))
         if self.seconds:
             lines.append("time " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         if self.bench is not None:
-            lines.append(self.bench.summary())
+            lines.append(self.bench.summary(verbose))
         return "\n".join(lines)
 
 
@@ -253,6 +306,8 @@ def _op_table(before: GraphStats, after: GraphStats) -> list[str]:
     lines.append(f"{'nodes':{width}}  {before.nodes:>10,}  {after.nodes:>10,}")
     lines.append(f"{'parameters':{width}}  {before.parameters:>10,}  {after.parameters:>10,}")
     lines.append(f"{'weights':{width}}  {_size(before.weight_bytes):>10}  {_size(after.weight_bytes):>10}")
+    if before.file_bytes is not None and after.file_bytes is not None:
+        lines.append(f"{'file':{width}}  {_size(before.file_bytes):>10}  {_size(after.file_bytes):>10}")
     return lines
 
 

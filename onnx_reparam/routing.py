@@ -18,7 +18,7 @@ import numpy as np
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from .errors import Refused, first_line
+from .errors import Refused, first_line, option
 from .graph import Graph, Node, Tensor
 
 ROUTING_OPS = frozenset({"Pad", "Slice", "ScatterND", "ScatterElements", "Concat", "Transpose",
@@ -97,7 +97,7 @@ def symbolic_reason(graph: Graph, what: str) -> Refused:
     folding would have computed them, so some size is symbolic; names the inputs' symbolic dims."""
     dims = [f"{i.name}: {d}" for i in graph.inputs for d in (i.shape or []) if not isinstance(d, int)]
     return Refused(f"{what} are computed from symbolic input sizes ({', '.join(dims) or 'unknown'}), so the rewrite "
-                   "would hold for one size only: --static-shape fixes the sizes", size_dependent=True)
+                   f"would hold for one size only: {option('static_shape=True')} fixes the sizes", size_dependent=True)
 
 
 def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node], Tensor, list[Tensor]]:

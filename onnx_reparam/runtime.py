@@ -14,6 +14,7 @@ import platform
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -21,9 +22,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import ReparamError, first_line
+from .errors import ReparamError, first_line, option
 from .model_io import disk_arrays, fits_in_protobuf, on_disk, save_model
 
+# Where onnxruntime-gpu has wheels (platform -> machine), as pyproject.toml's markers choose it.
+GPU_WHEELS = {"linux": "x86_64", "win32": "amd64"}
 
 def ort_module():
     try:
@@ -85,7 +88,7 @@ def check_runtime_can_read(model: onnx.ModelProto) -> None:
         raise ReparamError(
             f"the model is IR {model.ir_version} / opset {opset}; the installed onnxruntime "
             f"{ort_module().__version__} reads up to IR {ir_limit} / opset {opset_limit}: convert it "
-            f"(onnx.version_converter), upgrade onnxruntime, or skip the check with --no-verify")
+            f"(onnx.version_converter), upgrade onnxruntime, or skip the check with {option('verify=False')}")
 
 
 @functools.cache
@@ -94,7 +97,9 @@ def cuda_status() -> str | None:
     ``cuda_status.cache_clear()``."""
     ort = ort_module()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return f"this onnxruntime {ort.__version__} has no CUDA execution provider (install onnxruntime-gpu)"
+        way = "install onnxruntime-gpu" if GPU_WHEELS.get(sys.platform) == platform.machine().lower() else \
+            f"onnxruntime-gpu has no wheel for {sys.platform} {platform.machine()}"
+        return f"this onnxruntime {ort.__version__} has no CUDA execution provider ({way})"
     if hasattr(ort, "preload_dlls"):
         # CUDA/cuDNN from pip wheels are found only this way; what is missing, the check below says
         with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):  # it prints each one it misses
@@ -173,9 +178,17 @@ def doubled_install() -> str | None:
             "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (or onnxruntime)")
 
 
+def gpu_present() -> bool:
+    """Whether this machine has an NVIDIA GPU or its driver (where CUDA not being used is news);
+    asked of the driver's files, not of onnxruntime."""
+    return any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidia0")) \
+        or shutil.which("nvidia-smi") is not None
+
+
 class Runner:
-    """Creates ORT sessions on one execution provider, chosen once. ``notes`` says what the user
-    should know about it (why CUDA was not used, a doubled install)."""
+    """Creates ORT sessions on one execution provider, chosen once. ``cuda`` says why CUDA is not
+    used ("" when it is, or was not asked for); ``notes`` what else the user should know about it
+    (a doubled install)."""
 
     def __init__(self, provider: str = "auto"):
         if provider not in ("auto", "cuda", "cpu"):
@@ -183,9 +196,8 @@ class Runner:
         self.notes = [note for note in (doubled_install(),) if note]
         reason = cuda_status() if provider != "cpu" else None
         if reason and provider == "cuda":
-            raise ReparamError(f"--provider cuda: {reason}; use --provider cpu or auto")
-        if reason:
-            self.notes.insert(0, f"CUDA not used: {reason}")
+            raise ReparamError(f"CUDA asked for (provider 'cuda', --provider cuda): {reason}; ask for cpu or auto")
+        self.cuda = f"CUDA not used: {reason}" if reason else ""
         use_cuda = provider != "cpu" and reason is None
         self.requested = provider
         self.provider = "CUDAExecutionProvider" if use_cuda else "CPUExecutionProvider"
@@ -196,8 +208,8 @@ class Runner:
         under auto, go on with the CPU and say why; with --provider cuda, that is the error."""
         reason = f"onnxruntime's CUDA provider cannot run the input model: {problem}"
         if self.requested == "cuda":
-            raise ReparamError(f"--provider cuda: {reason}; use --provider cpu or auto")
-        self.notes.insert(0, f"CUDA not used: {reason}")
+            raise ReparamError(f"CUDA asked for (provider 'cuda', --provider cuda): {reason}; ask for cpu or auto")
+        self.cuda = f"CUDA not used: {reason}"
         self.provider = "CPUExecutionProvider"
         self.device = device_name(self.provider)
 

@@ -25,7 +25,7 @@ from .errors import ReparamError, first_line, one_line
 from .inputs import Shapes, make_inputs
 from .model_io import inferred_value_info, tensor_bytes
 from .report import OutputCheck, Verification
-from .runtime import Runner, check_runtime_can_read, ort_module
+from .runtime import Runner, check_runtime_can_read, gpu_present, ort_module
 
 # (rtol, atol) by float type, where there is no float64 evaluation: an element passes when
 # |a - b| <= atol + rtol * (scale of its channel).
@@ -107,7 +107,7 @@ class Checker:
         self._pending: onnx.ModelProto | None = None if given else reference  # evaluated by evaluate()
         if given:
             self.truth_note = "no float64 evaluation: rtol/atol were given"
-        self.note = "; ".join(self.runner.notes + self.chosen) or None
+        self.notes = self.runner.notes + self.chosen
 
     def evaluate(self) -> Checker:
         """Makes the float64 evaluation and the input model's distances from it, once: when the
@@ -203,6 +203,10 @@ class Checker:
         self.unheld = unheld
         return bases
 
+    def _about(self, truth_note: str) -> dict:
+        """What every verification says besides its verdict."""
+        return {"notes": list(self.notes), "cuda": self.runner.cuda, "gpu": gpu_present(), "truth": truth_note}
+
     def _describe(self) -> str:
         if any(b is not None for b in self.baselines):
             return (f"each output held to a float64 evaluation of the input model: at most {compare.FACTOR}x "
@@ -224,7 +228,7 @@ class Checker:
                                         if self.unheld else "")
         if names != self.output_names:
             return Verification(self.runner.provider, [], error=f"the outputs differ: {self.output_names} vs {names}",
-                                note=self.note, truth=truth_note)
+                                **self._about(truth_note))
         chosen = list(range(len(self.feed_sets))) if sets is None else sets
         produced = _tensor_names(candidate)
         missing = [name for name in self.extra if name not in produced]  # a rewrite took it away
@@ -241,12 +245,12 @@ class Checker:
                 del outputs
         except Exception as exc:  # noqa: BLE001 - the rewritten model is ours: a failed check
             return Verification(self.runner.provider, [], error=f"onnxruntime cannot run {name}: "
-                                f"{one_line(exc)}", note=self.note, truth=truth_note)
+                                f"{one_line(exc)}", **self._about(truth_note))
         problem = self._load_problem(candidate) if self.deployable else None
         if problem:
             return Verification(self.runner.provider, [], error=f"onnxruntime with its default optimizations cannot "
                                 f"load {name} (a defect of its optimizer the rewrite runs into): {problem}",
-                                note=self.note, truth=truth_note)
+                                **self._about(truth_note))
         judged = [judge.verdict() for judge in judges]
         checks = [check for check, _ in judged]
         failing = sorted({i for _, sets_failed in judged for i in sets_failed})
@@ -258,7 +262,7 @@ class Checker:
             return self.check(candidate, sets, name)
         return Verification(self.runner.provider, checks, inputs=len(chosen), bound=self._describe(),
                             device=f"{self.runner.device}; onnxruntime {ort_module().__version__}",
-                            failing_sets=failing, note=self.note, truth=truth_note)
+                            failing_sets=failing, **self._about(truth_note))
 
 
 class _Judge:

@@ -91,13 +91,13 @@ def test_static_shape_fixes_the_inputs_symbolic_dims_and_says_so():
     model = b.model([b.node("Relu", [b.bn(b.conv(x, 4, 4, 3, pads=[1] * 4), 4)])])
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "N"
     with pytest.raises(onnx_reparam.ReparamError, match=r"symbolic dim 'H' \(axis 2\) with no size to run it at: give the sizes your data has, "
-                       r"e.g. --input-shape x:1,4,224,6"):
+                       r"e.g. input_shapes=\{'x': \(1, 4, 224, 6\)\} \(--input-shape x:1,4,224,6\)"):
         onnx_reparam.optimize(model, static_shape=True)
     fixed, report = onnx_reparam.optimize(model, static_shape=True, input_shapes={"x": (2, 4, 5, 6)})
     assert report.verification.passed and ops(fixed) == {"Conv": 1, "Relu": 1}
     assert [d.dim_value for d in fixed.graph.input[0].type.tensor_type.shape.dim] == [2, 4, 5, 6]
     assert fixed.graph.output[0].type.tensor_type.shape.dim[0].dim_value == 2  # the same name, the same size
-    assert "inputs fixed to static sizes (--static-shape): x 2x4x5x6" in report.notes
+    assert "inputs fixed to static sizes by static_shape=True (--static-shape): x 2x4x5x6" in report.notes
     with pytest.raises(onnx_reparam.ReparamError, match="the model has no input 'y'"):  # not ignored unchecked
         onnx_reparam.optimize(model, static_shape=True, verify=False, input_shapes={"y": (2, 4, 5, 6)})
     kept, _ = onnx_reparam.optimize(model, input_shapes={"x": (2, 4, 5, 6)})

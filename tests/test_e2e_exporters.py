@@ -62,7 +62,7 @@ def test_a_dynamic_batch_export_folds_like_the_static_one_or_says_which_size_sto
     static, report = onnx_reparam.optimize(path, static_shape=True)
     assert report.verification.passed and _as_folded(static, reference_counts[arch]), report.summary()
     assert [d.dim_value for d in static.graph.input[0].type.tensor_type.shape.dim] == [1, *shape[1:]]
-    assert any(n == f"inputs fixed to static sizes (--static-shape): x 1x{'x'.join(map(str, shape[1:]))}"
+    assert any(n == f"inputs fixed to static sizes by static_shape=True (--static-shape): x 1x{'x'.join(map(str, shape[1:]))}"
                for n in report.notes)
 
 

@@ -144,8 +144,8 @@ def test_auto_on_a_machine_without_cuda_says_why():
         assert report.verification.provider == "CUDAExecutionProvider"
     else:
         assert report.verification.provider == "CPUExecutionProvider"
-        assert report.verification.note == f"CUDA not used: {reason}"
-        with pytest.raises(onnx_reparam.ReparamError, match="--provider cuda: "):
+        assert report.verification.cuda == f"CUDA not used: {reason}" and not report.verification.notes
+        with pytest.raises(onnx_reparam.ReparamError, match=r"^CUDA asked for \(provider 'cuda', --provider cuda\): "):
             onnx_reparam.optimize(chain_model(), provider="cuda")
 
 
@@ -235,7 +235,7 @@ def test_5_a_negative_pad_then_zero_padding_is_not_the_uncropped_input():
 @pytest.mark.parametrize("args,message", [
     (["--seed", "-1"], "--seed"),
     (["--input-shape", "x:100000000,4,6,6"], "would take more than"),
-    (["--input-shape", "x:1,4,6,7"], "has size 6 on axis 3, --input-shape gives 7"),
+    (["--input-shape", "x:1,4,6,7"], "has size 6 on axis 3, input_shapes (--input-shape) gives 7"),
     (["--input-shape", "x:1X4X6X6"], "bad --input-shape"),
     (["--input-shape", "x:+1,4,6,6"], "bad --input-shape"),
     (["--input-shape", "x:1_0,4,6,6"], "bad --input-shape"),

@@ -3,6 +3,7 @@ not, an install that fits each platform, and `bench`. Tests marked `gpu` run whe
 from __future__ import annotations
 
 import json
+import platform
 import re
 import sys
 from importlib import metadata
@@ -17,7 +18,7 @@ from test_cli import block_model
 
 import onnx_reparam
 from onnx_reparam.cli import main
-from onnx_reparam.runtime import Runner, cuda_status, doubled_install
+from onnx_reparam.runtime import Runner, cuda_status, doubled_install, gpu_present
 
 pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
 
@@ -75,13 +76,14 @@ def test_cuda_that_cannot_run_the_input_model_falls_back_to_cpu_and_says_why(mon
     _, report = onnx_reparam.optimize(block_model())
     check = report.verification
     assert check.passed and check.provider == "CPUExecutionProvider" and check.device.startswith("CPUE")
-    assert check.note.startswith("CUDA not used: onnxruntime's CUDA provider cannot run the input model: ")
+    assert check.cuda.startswith("CUDA not used: onnxruntime's CUDA provider cannot run the input model: ")
     onnx.save(block_model(), tmp_path / "a.onnx")
     result = CliRunner().invoke(main, ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"),
                                        "--provider", "cuda"])
     assert result.exit_code == 2 and result.output.startswith(
-        "error: --provider cuda: onnxruntime's CUDA provider cannot run the input model: ")
-    assert result.output.endswith("; use --provider cpu or auto\n") and not (tmp_path / "b.onnx").exists()
+        "error: CUDA asked for (provider 'cuda', --provider cuda): onnxruntime's CUDA provider cannot run the "
+        "input model: ")
+    assert result.output.endswith("; ask for cpu or auto\n") and not (tmp_path / "b.onnx").exists()
 
 
 def _cuda_refuses(session):
@@ -135,13 +137,36 @@ def test_without_cuda_the_cause_is_named_and_cuda_requested_is_exit_2(tmp_path):
         # onnxruntime-gpu without its CUDA libraries (or without a GPU): the library it misses, or that
         assert re.search(r"lib\w+\.so[.\d]*: cannot open|no usable GPU|does not load", NO_CUDA), NO_CUDA
     else:
-        assert "has no CUDA execution provider (install onnxruntime-gpu)" in NO_CUDA
+        assert "has no CUDA execution provider (" in NO_CUDA
     onnx.save(block_model(), tmp_path / "a.onnx")
     result = CliRunner().invoke(main, ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"),
                                        "--provider", "cuda"])
-    assert result.exit_code == 2 and result.output == f"error: --provider cuda: {NO_CUDA}; use --provider cpu or auto\n"
+    assert result.exit_code == 2 and result.output == \
+        f"error: CUDA asked for (provider 'cuda', --provider cuda): {NO_CUDA}; ask for cpu or auto\n"
     result = CliRunner().invoke(main, ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")])
+    # news only where there is a GPU; always under -v and in the JSON report
+    assert result.exit_code == 0 and (f"CUDA not used: {NO_CUDA}" in result.output) == gpu_present()
+    result = CliRunner().invoke(main, ["optimize", str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx"), "-v",
+                                       "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 0 and f"CUDA not used: {NO_CUDA}" in result.output
+    assert json.loads((tmp_path / "r.json").read_text())["verification"]["cuda"] == f"CUDA not used: {NO_CUDA}"
+
+
+def test_without_a_gpu_wheel_the_cpu_build_is_not_told_to_install_one(monkeypatch):
+    # the CPU onnxruntime is what pip installs on macOS, Linux aarch64 and Windows arm64
+    import onnxruntime
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    cuda_status.cache_clear()
+    try:
+        monkeypatch.setattr(sys, "platform", "darwin")
+        monkeypatch.setattr(platform, "machine", lambda: "arm64")
+        assert cuda_status().endswith("has no CUDA execution provider (onnxruntime-gpu has no wheel for darwin arm64)")
+        cuda_status.cache_clear()
+        monkeypatch.setattr(sys, "platform", "linux")
+        monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+        assert cuda_status().endswith("has no CUDA execution provider (install onnxruntime-gpu)")
+    finally:
+        cuda_status.cache_clear()
 
 
 def test_only_a_library_that_cannot_be_opened_counts_as_missing(monkeypatch):

@@ -129,7 +129,7 @@ def test_a_border_written_at_indices_computed_from_a_symbolic_batch_names_it():
     with pytest.raises(Refused) as refused:
         routing.pad_view(graph, graph.outputs[0])
     assert refused.value.size_dependent and "symbolic input sizes (x: N)" in refused.value.reason
-    assert refused.value.reason.endswith("--static-shape fixes the sizes")
+    assert refused.value.reason.endswith("static_shape=True (--static-shape) fixes the sizes")
 
 
 def test_ops_that_change_a_symbolic_batch_are_not_probed():

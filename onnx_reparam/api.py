@@ -71,20 +71,27 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
                      input_shapes=input_shapes, inputs=inputs)
     report = Report()
     source = _as_model_source(model)
+    said: set[str] = set()  # notes on the input, made at its first load
+
+    def note_once(key: str, note: str) -> None:
+        if key not in said:
+            said.add(key)
+            report.notes.append(note)
 
     def load(fixed: bool = static_shape) -> onnx.ModelProto:
         """A fresh model of our own: the rewrite turns the one it is given into its result."""
         loaded = load_model(source, report.input_files, lazy=True)
         if fixed:
             fixed_inputs = fix_input_sizes(loaded, input_shapes)
-            if fixed_inputs and not any(n.startswith("inputs fixed") for n in report.notes):
-                report.notes.append(f"inputs fixed to static sizes by {option('static_shape=True')}: {fixed_inputs}")
+            if fixed_inputs:
+                note_once("fixed", f"inputs fixed to static sizes by {option('static_shape=True')}: {fixed_inputs}")
         overridable = weights_as_inputs(loaded)
         if overridable and weights_as_constants:
             _drop_inputs(loaded, overridable)
-        elif overridable and not report.notes:
-            report.notes.append(f"{len(overridable)} weights are also graph inputs (a caller may override them), "
-                                f"so nothing reading them is folded; {option('weights_as_constants=True')} treats them as constants")
+        elif overridable:
+            note_once("overridable", f"{len(overridable)} weights are also graph inputs (a caller may override "
+                      f"them), so nothing reading them is folded; {option('weights_as_constants=True')} treats "
+                      "them as constants")
         return loaded
 
     start = time.perf_counter()

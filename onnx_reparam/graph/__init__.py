@@ -249,7 +249,7 @@ class Graph:
         """Writes down that every reader of ``old`` is to read ``new`` (``old`` is then dead)."""
         self._rewires.append((old, new))
 
-    def unrunnable(self) -> str | None:
+    def unrunnable(self) -> Refused | None:
         """Why a node written down since the last commit cannot be in the model: onnxruntime
         cannot run its op at its element types (kernels.py asks it), unless the input model has
         that op at those types already."""
@@ -264,7 +264,7 @@ class Graph:
             plain = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in attrs.items()))
             problem = unrunnable(op, opset, types, ranks, produced, plain)
             if problem:
-                return problem
+                return Refused(problem, kind="unrunnable")
         return None
 
     def discard(self) -> None:

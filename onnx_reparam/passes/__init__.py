@@ -36,9 +36,7 @@ class PassLog:
         stays as it was, and the reason is a refusal)."""
         origins = sorted({o for n in replaced for o in self.graph.origin(n)})
         rewrite = Rewrite(self.name, pattern, origins)
-        unrunnable = self.graph.unrunnable()
-        withheld = Refused(unrunnable, kind="unrunnable") if unrunnable else \
-            self.policy(rewrite) if self.policy is not None else None
+        withheld = self.graph.unrunnable() or (self.policy(rewrite) if self.policy is not None else None)
         if withheld:
             self.graph.discard()
             self.refusals.append(Refusal.of(", ".join(origins), withheld, pattern))

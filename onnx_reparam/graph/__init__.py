@@ -1,4 +1,6 @@
-"""The graph layer: an onnx-graphsurgeon graph plus the questions every pass asks of it.
+"""The graph layer: an onnx-graphsurgeon graph plus the questions every pass asks of it. This
+package is the only code that imports onnx-graphsurgeon (tested with 0.6.1, the range
+pyproject.toml allows); passes and readers ask a Graph, and hold its Nodes and Tensors.
 
 Rules match op types of the default domain only, and that is decided here, once: a node of any
 other domain (``my.custom:Reshape``) carries its domain in its op type while the graph is being

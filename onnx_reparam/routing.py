@@ -71,6 +71,46 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | None:
 
 
 PROBE_BATCH = 2  # samples in the probe of a symbolic batch axis: ops mixing samples would show
+MAX_PROBED = 1 << 22  # elements: a larger tensor's data movement is not run to read its layout
+
+
+@dataclass
+class Copies:
+    """``tensor`` is made of ``source``'s elements, moved: element p of ``tensor`` (probed at
+    shape ``index.shape``) is element ``index[p]`` of ``source`` (flat, probed at ``in_shape``)."""
+    source: Tensor
+    nodes: list[Node]
+    in_shape: tuple[int, ...]
+    index: np.ndarray
+
+
+def copies(graph: Graph, tensor: Tensor) -> Copies | None:
+    """Where each element of ``tensor`` comes from, when data-movement ops make it of one
+    computed tensor's elements alone (reshapes, transposes, slices: no padding); None when no
+    data-movement op produces it; raises Refused when the ops write values of their own or their
+    layout cannot be read."""
+    node = graph.producer(tensor)
+    if node is None or node.op not in ROUTING_OPS:
+        return None
+    nodes, source, shaped_by = _subgraph(graph, tensor)
+    if shaped_by:
+        raise symbolic_reason(graph, "the shapes of the data-movement ops")
+    in_shape, out_shape = Graph.static_shape(source), Graph.static_shape(tensor)
+    if in_shape is None or out_shape is None:
+        raise Refused("data-movement ops on a tensor of unknown or symbolic shape")
+    if np.dtype(source.dtype) not in FLOATS:
+        raise Refused(f"data-movement ops on {source.dtype} data")
+    if max(np.prod(in_shape), np.prod(out_shape)) > MAX_PROBED:
+        raise Refused(f"data-movement ops on over {MAX_PROBED} elements: their layout is not probed")
+    numbers = np.arange(1, np.prod(in_shape) + 1, dtype=np.float64).reshape(in_shape)
+    try:
+        plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
+    except Exception as exc:  # onnx's evaluator rejects some valid ops: said, not hidden
+        raise Refused("the data-movement ops could not be evaluated", f"{type(exc).__name__}: {first_line(exc)}") \
+            from exc
+    if plus.shape != tuple(out_shape) or not np.all((plus == -minus) & (plus != 0)):
+        raise Refused("the data-movement ops write values of their own (a padding)")
+    return Copies(source, nodes, tuple(in_shape), np.abs(plus).astype(np.int64) - 1)
 
 
 def _probe_shapes(source: Tensor, tensor: Tensor) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:

@@ -275,3 +275,58 @@ def test_bfloat16_layers_fold_without_an_internal_error():
     x = {"x": rng.standard_normal((1, 4, 5, 5)).astype(ml_dtypes.bfloat16)}
     expected, actual = (ReferenceEvaluator(m).run(None, x)[0].astype(np.float32) for m in (model, optimized))
     np.testing.assert_allclose(actual, expected, atol=0.05 * np.abs(expected).max())  # bfloat16: 8 bits
+
+
+def _levit_linear_bn(b: GraphBuilder, x: str, c_in: int, c_out: int, tokens: int) -> str:
+    """LeViT's LinearNorm as TorchScript exports it: MatMul, Flatten(axis=2), BN, Reshape back."""
+    flat = b.node("Flatten", [b.node("MatMul", [x, b.const(b.rand(c_in, c_out))])], axis=2)
+    return b.node("Reshape", [b.bn(flat, c_out), b.const(np.array([1, tokens, c_out], np.int64))])
+
+
+def test_bn_after_a_matmul_through_flatten_and_reshape_folds_into_its_weights():
+    b = GraphBuilder()
+    x = b.input("x", [1, 6, 5])
+    model, report = rewrite(b.model([b.node("Relu", [_levit_linear_bn(b, x, 5, 4, 6)])]))
+    assert ops(model) == {"MatMul": 1, "Add": 1, "Relu": 1}  # the Flatten/Reshape pair then goes too
+    assert report.verification.passed and not refusals(report)
+
+
+def test_a_per_channel_mul_after_a_transpose_of_a_conv_folds_along_the_moved_axis():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 5, 5])
+    nhwc = b.node("Transpose", [b.conv(x, 3, 4, 3, pads=[1] * 4)], perm=[0, 2, 3, 1])
+    scaled = b.node("Mul", [nhwc, b.const(b.rand(4) + 0.5)])
+    model, _ = rewrite(b.model([b.node("Relu", [scaled])]))
+    assert ops(model) == {"Conv": 1, "Transpose": 1, "Relu": 1}
+
+
+def test_data_movement_that_spreads_a_channel_over_several_is_refused():
+    # a conv channel's 2x2 map becomes rows of two channels of the BN: no one scale per conv channel
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 2, 2])
+    moved = b.node("Reshape", [b.conv(x, 3, 4, 1), b.const(np.array([1, 8, 2, 1], np.int64))])
+    model, report = rewrite(b.model([b.node("Relu", [b.bn(moved, 8)])]))
+    assert ops(model)["BatchNormalization"] == 1
+    assert any("spreads a channel of the Conv over several channels of the BatchNormalization" in r
+               for r in refusals(report))
+
+
+def test_a_padding_between_layer_and_bn_is_not_folded_through():
+    # the padded zeros would come out of the BN as its shift; folded, they would stay zeros
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    padded = b.node("Pad", [b.conv(x, 3, 4, 1), b.const(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))])
+    moved = b.node("Transpose", [padded], perm=[0, 1, 3, 2])
+    model, report = rewrite(b.model([b.bn(moved, 4)]))
+    assert ops(model)["BatchNormalization"] == 1
+    assert any("write values of their own" in r for r in refusals(report))
+
+
+def test_a_moved_layer_output_read_elsewhere_keeps_its_bn_and_says_why():
+    b = GraphBuilder()
+    x = b.input("x", [1, 6, 5])
+    flat = b.node("Flatten", [b.node("MatMul", [x, b.const(b.rand(5, 4))])], axis=2)
+    model, report = rewrite(b.model([b.bn(flat, 4), flat]))
+    assert ops(model)["BatchNormalization"] == 1
+    assert any("cannot fold BatchNormalization into MatMul through data movement: an inner value is a graph "
+               "output" in r for r in refusals(report))

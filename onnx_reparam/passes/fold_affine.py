@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import algebra
+from .. import algebra, routing
 from ..compare import is_float
 from ..errors import Refused
-from ..graph import Graph, Node, attr, optional_input
+from ..graph import Graph, Node, Tensor, attr, optional_input
 from ..linear import bias_vector, channel_affine, conv_form, misfit
 from ..matcher import Chain, ChainMatch, find_chains
 from . import PassLog
@@ -114,6 +114,9 @@ def run(graph: Graph, log: PassLog) -> None:
         for match in find_chains(graph, pattern, done):
             if log.attempt(match.nodes[0], _fold, graph, match, log):
                 done.update(id(n) for n in match.nodes)
+    for node in graph.nodes():
+        if id(node) not in done and node.op in AFFINE:
+            log.attempt(node, _fold_through_layout, graph, node, log)
 
 
 def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
@@ -151,3 +154,91 @@ def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
     graph.emit_layer(layer.op, layer_node.inputs[0], weight, shift if needs_bias else None,
                      affine_nodes[-1].outputs[0], layer.attrs, layer_node.name, dtype)
     return log.rewrote(pattern, match.nodes)
+
+
+def _fold_through_layout(graph: Graph, node: Node, log: PassLog) -> bool:
+    """An affine op reading a layer's output through data movement (LeViT's MatMul, Flatten,
+    BatchNormalization, Reshape): folded into the layer when each of the layer's output channels
+    lands in one channel of the affine (routing.copies runs the data movement on numbered
+    elements); the data movement then reads the new layer and writes the affine's output."""
+    found = _affine_on(graph, node)
+    if found is None:
+        return False
+    data_index, data = found
+    source = routing.view_source(graph, data)
+    layer_node = graph.producer(source) if source is not None else None
+    if source is None or layer_node is None or layer_node.op not in LINEAR:
+        return False
+    layer = linear_of(graph, layer_node)  # a Refused is said by attempt, as this rewrite's
+    if layer is None:
+        return False
+    view = routing.copies(graph, data)
+    if view is None or view.source is not source:
+        return False
+    pattern = "+".join([layer_node.op] + [n.op for n in view.nodes] + [node.op])
+    inside = {id(n) for n in view.nodes} | {id(node)}
+    for tensor in [source] + [t for n in view.nodes for t in n.outputs]:
+        if tensor.name in graph.output_names or any(id(r) not in inside for r in tensor.outputs):
+            shared = graph.shared(tensor) or Refused("an inner value is also read by other nodes")
+            log.refused(node, shared.within(f"cannot fold {node.op} into {layer_node.op} through data movement"),
+                        pattern)
+            return False
+    rank, layer_axis = len(view.in_shape), layer.channel_axis
+    if not -rank <= layer_axis < 0:
+        return False
+    out_shape = view.index.shape
+    axis = _channel_axis(graph, node, data_index, out_shape)
+    if axis is None:
+        return False
+    affine = channel_affine(graph, node, out_shape[axis], axis - len(out_shape), len(out_shape))
+    if affine is None or affine.data_index != data_index:
+        return False
+    channels = layer.bias.shape[0]
+    layer_channel = np.unravel_index(view.index.ravel(), view.in_shape)[rank + layer_axis]
+    affine_channel = np.broadcast_to(np.arange(out_shape[axis]).reshape(
+        (-1,) + (1,) * (len(out_shape) - axis - 1)), out_shape).ravel()
+    pairs = np.unique(np.stack([layer_channel, affine_channel], axis=1), axis=0)
+    if view.in_shape[layer_axis] != channels or len(np.unique(pairs[:, 0])) != len(pairs):
+        log.refused(node, Refused(f"the data movement spreads a channel of the {layer_node.op} over several "
+                                  f"channels of the {node.op}"), pattern)
+        return False
+    scale, shift = np.ones(channels), np.zeros(channels)
+    scale[pairs[:, 0]], shift[pairs[:, 0]] = affine.scale[pairs[:, 1]], affine.shift[pairs[:, 1]]
+    dtype = Graph.layer_dtype(layer_node.inputs[0], layer.dtype)
+    weight = scaled_weight(layer, layer.weight, scale, dtype)
+    bias = algebra.fold_bias(layer.bias, scale, shift)
+    op, attrs = layer.op, layer.attrs
+    if op == "MatMul" and np.any(bias) and Graph.rank(layer_node.inputs[0]) == 2:
+        op, attrs = "Gemm", {}  # one node with its bias, which conv_into_fc reads as an FC as well
+    graph.emit_layer(op, layer_node.inputs[0], weight, bias if op != "MatMul" or np.any(bias) else None, source,
+                     attrs, layer_node.name, dtype)
+    last = view.nodes[-1]  # the ops in graph order: the last writes ``data``
+    graph.add_node(last.op, list(last.inputs), [node.outputs[0]], dict(last.attrs), last.name)
+    return log.rewrote(pattern, [layer_node, *view.nodes, node])
+
+
+def _affine_on(graph: Graph, node: Node) -> tuple[int, Tensor] | None:
+    """Which input of an affine op is its data, and that tensor, when data movement produces it."""
+    if node.op == "BatchNormalization":
+        index = 0
+    elif len(node.inputs) == 2 and (graph.constant(node.inputs[0]) is None) != (graph.constant(node.inputs[1]) is None):
+        index = 0 if graph.constant(node.inputs[1]) is not None else 1
+    else:
+        return None
+    data = node.inputs[index]
+    producer = graph.producer(data)
+    if producer is None or producer.op not in routing.ROUTING_OPS or producer.op == "Constant":
+        return None
+    return index, data
+
+
+def _channel_axis(graph: Graph, node: Node, data_index: int, shape: tuple[int, ...]) -> int | None:
+    """The axis of ``shape`` an affine op varies along: BatchNormalization's axis 1; for a
+    constant, the one axis it varies along (the last where it does not vary at all)."""
+    if node.op == "BatchNormalization":
+        return 1 if len(shape) >= 2 else None
+    const = graph.value(node.inputs[1 - data_index])
+    if const.ndim > len(shape):
+        return None
+    varying = [len(shape) - const.ndim + i for i, size in enumerate(const.shape) if size > 1]
+    return varying[0] if len(varying) == 1 else len(shape) - 1 if not varying else None

@@ -197,11 +197,22 @@ def explicit_geometry(geometry: dict, source: Tensor) -> dict:
     return {**geometry, "pads": tuple(p[0] for p in pairs) + tuple(p[1] for p in pairs), "auto_pad": "NOTSET"}
 
 
+def before_layer(graph: Graph, node: Node) -> bool:
+    """Whether ``node`` is an affine map that folds into a layer reading it: an inference
+    BatchNormalization, or Mul/Add/Sub/Div by a constant of more than one value (YOLOv7's
+    ImplicitA). A scalar constant stays: before a layer it is usually part of a formula onnxruntime
+    fuses (GELU's x * 0.5), which folding would break for no node a deploy export saves."""
+    if node.op == "BatchNormalization":
+        return True
+    if node.op not in ("Mul", "Add", "Sub", "Div") or len(node.inputs) != 2:
+        return False
+    consts = [graph.constant(t) for t in node.inputs]
+    return sum(c is not None for c in consts) == 1 and any(c is not None and c.size > 1 for c in consts)
+
+
 def pointwise_form(graph: Graph, tensor: Tensor) -> ConvForm | None:
     """The producer of ``tensor`` as a pointwise conv (1x1 Conv with stride 1 and no padding, or an
-    inference BatchNormalization), when ``tensor`` is read by one node only. Mul/Add constants are
-    not taken: before a layer they are usually part of a formula ORT fuses (GELU's x * 0.5), and
-    folding them would break that fusion for no node saved in a deploy export."""
+    affine map ``before_layer`` takes), when ``tensor`` is read by one node only."""
     node = graph.producer(tensor)
     if node is None or graph.shared(tensor) is not None or tensor.shape is None:
         return None
@@ -211,7 +222,7 @@ def pointwise_form(graph: Graph, tensor: Tensor) -> ConvForm | None:
         if form is not None:
             return form if _pointwise(form.geometry) and node.op == "Conv" else None
         channels = tensor.shape[1] if rank >= 3 else None
-        if not isinstance(channels, int) or node.op != "BatchNormalization":
+        if not isinstance(channels, int) or not before_layer(graph, node):
             return None
         affine = channel_affine(graph, node, channels, 1 - rank, rank)
     except Refused:

@@ -113,17 +113,22 @@ def test_crop_before_a_standalone_conv_stays(conv_pads, merged):
     ("bn", 1, 0, True),
     ("bn", 3, 0, True),  # no padding: every tap reads data
     ("bn", 3, 1, False),  # the shift would meet the zero padding
-    ("mul", 1, 0, False),  # Mul/Add constants before a layer are left to ORT's fusions (GELU)
+    ("mul", 1, 0, True),  # a per-channel scale
+    ("mul", 3, 1, True),  # a scale meets the zero padding as zero: exact
+    ("add", 1, 0, True),  # YOLOv7's ImplicitA: x + a before a 1x1 head conv
+    ("add", 3, 1, False),  # the padded zeros would have to be a
+    ("scalar", 1, 0, False),  # GELU's x * 0.5: left to onnxruntime's fusion
 ])
 def test_affine_before_conv(op, kernel, pads, merged):
     b = GraphBuilder()
     x = b.input("x", [1, 4, 6, 6])
-    y = b.bn(x, 4) if op == "bn" else b.node("Mul", [x, b.const(b.rand(4, 1, 1) + 2)])
+    y = b.bn(x, 4) if op == "bn" else b.node("Add", [x, b.const(b.rand(1, 4, 1, 1))]) if op == "add" else \
+        b.node("Mul", [x, b.const(b.rand(4, 1, 1) + 2 if op == "mul" else np.array(0.5, b.dtype))])
     model, report = rewrite(b.model([b.conv(y, 4, 6, kernel, pads=[pads] * 4)]))
     if merged:
         assert ops(model) == {"Conv": 1}
-    elif op == "bn":
-        assert ops(model) == {"Conv": 1, "BatchNormalization": 1}
+    elif op in ("bn", "add"):
+        assert ops(model) == {"Conv": 1, "BatchNormalization" if op == "bn" else "Add": 1}
         assert any("non-zero bias" in r for r in refusals(report))
     else:
         assert ops(model) == {"Conv": 1, "Mul": 1} and not report.rewrites
@@ -145,6 +150,18 @@ def test_bn_before_matmul_would_need_an_add():
     model, report = rewrite(b.model([b.node("MatMul", [b.bn(x, 5), b.const(b.rand(5, 4))])]))
     assert ops(model) == {"MatMul": 1, "BatchNormalization": 1}
     assert any("would need a bias Add" in r for r in refusals(report))
+
+
+@pytest.mark.parametrize("op,layer,merged", [("Mul", "MatMul", True), ("Mul", "Gemm", True),
+                                              ("Add", "Gemm", True), ("Add", "MatMul", False)])
+def test_per_feature_constant_before_an_fc(op, layer, merged):
+    # an Add before a MatMul would need a bias Add of its own: no fewer nodes, so it stays (and says so)
+    b = GraphBuilder()
+    x = b.input("x", [3, 5])
+    y = b.node(layer, [b.node(op, [x, b.const(b.rand(5) + 1)]), b.const(b.rand(5, 4))])
+    model, report = rewrite(b.model([y]))
+    assert ops(model) == ({layer: 1} if merged else {layer: 1, op: 1})
+    assert merged or any("would need a bias Add" in r for r in refusals(report))
 
 
 def test_bn_over_the_wrong_axis_before_matmul_is_refused():

@@ -1,9 +1,10 @@
-"""Detectors with their decisions inside the graph, built by ultralytics from its own YAML files
-(models/ultralytics_e2e_fixtures.py): a YOLOv6 with RepVGG blocks and NonMaxSuppression in the
+"""Detectors built by their own code. With their decisions inside the graph, built by ultralytics
+from its own YAML files (models/ultralytics_e2e_fixtures.py): a YOLOv6 with RepVGG blocks and NonMaxSuppression in the
 graph (ultralytics' export-time NMSModel), and a small RT-DETR (RepC3 neck, TopK query selection,
 deformable attention). Every exact rewrite is kept, the Conv count of ultralytics' own fuse() is
 reached with no BatchNormalization left, and the detections are checked through the floats the
-decisions read, held to the float64 evaluation."""
+decisions read, held to the float64 evaluation. And yolov7-tiny from WongKinYiu/yolov7, whose head
+folds as its own ``fuse()`` folds it."""
 from __future__ import annotations
 
 from collections import Counter
@@ -27,3 +28,17 @@ def test_a_detector_with_decisions_inside_is_rewritten_and_checked_through_its_f
     assert roles["decided"] == 1 and roles["decision input"] >= 1
     assert all(o.ours is not None for o in report.verification.outputs if o.role == "decision input")
     assert "no float64 evaluation" not in report.verification.summary()
+
+
+YOLOV7 = fixture_manifest("yolov7_manifest.json")
+
+
+@pytest.mark.parametrize("name", sorted(YOLOV7))
+def test_yolov7_implicit_constants_fold_as_its_own_fuse_folds_them(name):
+    # yolov7-tiny from WongKinYiu/yolov7's code (models/yolov7_fixtures.py): ImplicitA, a per-channel
+    # constant added before each 1x1 head conv, and ImplicitM, multiplied after it, go into the conv
+    model, report = onnx_reparam.optimize(FIXTURES / name)
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add", "Mul")} == YOLOV7[name]["deploy"]
+    assert report.verification.passed and not report.dropped
+    assert Counter(r.pattern for p in report.passes for r in p.rewrites)["Add+Conv"] == 3

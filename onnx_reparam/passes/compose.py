@@ -18,7 +18,7 @@ import numpy as np
 from .. import algebra
 from ..errors import Refused
 from ..graph import Graph, Node, attr
-from ..linear import channel_affine, conv_chain, fc_form
+from ..linear import before_layer, channel_affine, conv_chain, fc_form
 from ..routing import RESHAPES, ROUTING_OPS
 from . import PassLog
 
@@ -147,7 +147,7 @@ def _compose_matrix(graph: Graph, node: Node, log: PassLog) -> list[Node]:
             return []
         channels, rank, repeat = before[1], len(before), int(np.prod(before[2:]))
         axis, prior = 1 - rank, graph.producer(unflat)
-    if prior is None or prior.op != "BatchNormalization":  # Mul/Add stay for ORT's fusions (GELU)
+    if prior is None or not before_layer(graph, prior):
         return []
     fc = fc_form(graph, node)  # read only now: the weight may be large
     if fc is None:

@@ -13,14 +13,15 @@ For every case it records what a user must never see: an exception that is not a
 or that onnxruntime does not load (where the input passes and loads), an output that differs from
 the input's (with ``--no-verify``, so the check cannot hide it), an output that refers to the
 input's files, a custom-domain node taken for a standard one, a model onnxruntime refuses not
-rejected as bad input before any rewrite, a refusal without a reason, and an internal error turned
-into a refusal. The tests run a small budget (test_fuzz_harness.py); ``python benchmarks/fuzz.py``
+rejected as bad input before any rewrite, a refusal without a reason, an internal error turned
+into a refusal, and an affine op left beside a layer without a reason (``silent_leftovers``). The tests run a small budget (test_fuzz_harness.py); ``python benchmarks/fuzz.py``
 a large one.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -431,6 +432,8 @@ def run_case(case: Case, findings: Findings) -> None:
                 model, verified = onnx_reparam.optimize(path, input_shapes=case.input_shapes, provider="cpu",
                                                         static_shape=case.static_shape)
                 findings.dropped += len(verified.dropped)
+                for leftover in silent_leftovers(model, verified):
+                    findings.add(case, f"left without a reason: {leftover}")
                 if _loads_optimized(path) and not _passes(lambda m: _session(m, optimized=True), model):
                     findings.add(case, "verified output onnxruntime's default optimizations do not load")
             except onnx_reparam.VerificationError as exc:
@@ -587,6 +590,78 @@ def _inspect_report(case: Case, report, findings: Findings) -> None:
                 findings.add(case, "refusal without a reason")
             elif r.kind == "internal error":
                 findings.add(case, r.text)
+
+
+LAYERS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+LAYOUT = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice", "Expand"})
+
+
+def silent_leftovers(model: onnx.ModelProto, report) -> list[str]:
+    """The invariant: every BatchNormalization, and every Add/Mul/Sub/Div of a per-channel constant
+    that reads from or feeds a layer with a constant weight (directly or through layout ops), left
+    in ``model`` (optimize's output) is folded, or a refusal in ``report`` names it, the layer or a
+    node between them. Returns those left without a word."""
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    named = {part for p in report.passes for r in p.refusals for part in r.node.split(", ")}
+
+    def original(name: str) -> str:  # a node the tool made is named after the one it replaced
+        return re.sub(r"(_reparam\d+)+$", "", name)
+
+    def layer(node) -> bool:
+        return node.op_type in LAYERS and len(node.input) > 1 and node.input[1] in constants
+
+    def affine(node) -> bool:
+        if node.op_type == "BatchNormalization":
+            return True
+        if node.op_type not in ("Add", "Mul", "Sub", "Div") or len(node.input) != 2:
+            return False
+        values = [constants.get(name) for name in node.input]
+        if sum(v is not None for v in values) != 1:
+            return False
+        value = next(v for v in values if v is not None)
+        return value.size > 1 and sum(d > 1 for d in value.shape) == 1
+
+    def back(name: str) -> list:
+        """The nodes from ``name`` back through layout ops to the first other node."""
+        path = []
+        while (node := producer.get(name)) is not None:
+            path.append(node)
+            if node.op_type not in LAYOUT:
+                break
+            name = node.input[0]
+        return path
+
+    def forward(name: str) -> list:
+        path = []
+        while len(readers.get(name, [])) == 1:
+            node = readers[name][0]
+            path.append(node)
+            if node.op_type not in LAYOUT:
+                break
+            name = node.output[0]
+        return path
+
+    silent = []
+    for node in graph.node:
+        if not affine(node):
+            continue
+        data = next(name for name in node.input if name not in constants)
+        before, after = back(data), forward(node.output[0])
+        touches = (before and layer(before[-1])) or (after and layer(after[-1]))
+        bias = node.op_type in ("Add", "Sub") and before and before[0].op_type == "MatMul"  # an FC's own
+        nearby = {original(n.name) for n in [node, *before, *after, *readers.get(node.output[0], [])]}
+        if touches and not bias and not nearby & named:
+            silent.append(f"{node.op_type} '{node.name}'")
+    return silent
 
 
 def fuzz(random_cases: int, mutants: int, first_seed: int = 0) -> Findings:

@@ -1,11 +1,13 @@
 """The fuzz harness (fuzzing.py) on a small budget: no traceback, no changed input, no invalid or
-wrong output even without verification, every refusal with a reason. The large budget runs from
-benchmarks/fuzz.py."""
+wrong output even without verification, every refusal with a reason, no affine op left beside a
+layer without one. The large budget runs from benchmarks/fuzz.py."""
 from __future__ import annotations
 
 import fuzzing
 import pytest
+from conftest import GraphBuilder
 
+import onnx_reparam
 from onnx_reparam.passes import fold_affine
 
 
@@ -31,3 +33,23 @@ def test_the_harness_finds_a_planted_defect(monkeypatch):
     findings = fuzzing.fuzz(random_cases=10, mutants=0)
     assert any("wrong output with --no-verify" in p for p in findings.problems)
     assert findings.dropped > 0  # the verified runs dropped the wrong folds and kept the rest
+
+
+def test_the_invariant_finds_an_affine_left_beside_a_layer_without_a_word(monkeypatch):
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 6, 6])
+    model = b.model([b.node("Relu", [b.bn(b.conv(x, 3, 4, 3), 4)])])
+    folded, report = onnx_reparam.optimize(model)
+    assert fuzzing.silent_leftovers(folded, report) == []
+    monkeypatch.setattr(fold_affine, "run", lambda graph, log: None)  # a rule that silently does nothing
+    left, report = onnx_reparam.optimize(model)
+    bn = next(n.name for n in model.graph.node if n.op_type == "BatchNormalization")
+    assert fuzzing.silent_leftovers(left, report) == [f"BatchNormalization '{bn}'"]
+
+
+@pytest.mark.parametrize("name", ["repvgg_a0_tiny_train.onnx", "fixtures/timm_repvit_m0_9_half.onnx",
+                                  "fixtures/yolov7_tiny_train_dynamic.onnx", "fixtures/rtdetr_tiny.onnx",
+                                  "fixtures/tf2onnx_repvgg_acnet_unoptimized.onnx"])
+def test_exports_leave_nothing_beside_a_layer_without_a_reason(name):
+    model, report = onnx_reparam.optimize(fuzzing.SHIPPED.parent / name, verify=False)
+    assert fuzzing.silent_leftovers(model, report) == []

@@ -121,13 +121,17 @@ def run(graph: Graph, log: PassLog) -> None:
 
 def _fold(graph: Graph, match: ChainMatch, log: PassLog) -> bool:
     layer_node, *affine_nodes = match.nodes
+    pattern = f"{layer_node.op}+{affine_nodes[0].op}"
     try:
         layer = linear_of(graph, layer_node)
-    except Refused as refused:  # said for a BN, the pattern a deploy export never keeps
-        if affine_nodes[0].op == "BatchNormalization":
-            log.refused(layer_node, refused, f"{layer_node.op}+{affine_nodes[0].op}")
+    except Refused as refused:
+        log.refused(layer_node, refused, pattern)
         return False
     if layer is None:
+        parameters = [t for t in layer_node.inputs[1:3] if t.name]
+        if layer_node.op != "AveragePool" and any(graph.constant(t) is None for t in parameters):
+            log.refused(layer_node, Refused(f"the {layer_node.op}'s weight or bias is computed, or a graph input a "
+                                            "caller may override"), pattern)
         return False
     channels = layer.bias.shape[0]
     if layer_node.op == "MatMul" and len(affine_nodes) == 1 and affine_nodes[0].op in ("Add", "Sub"):

@@ -99,6 +99,18 @@ def _collect(graph: Graph, node: Node, sign: float, nodes: list[Node], leaves: l
             leaves.append(Leaf(tensor, child_sign))
 
 
+def partial_sum(graph: Graph, name: str, leaves: list[Leaf], output: Tensor) -> Tensor:
+    """A tensor for the sum of ``leaves`` alone, part of the sum written to ``output``: of the
+    output's type, and of the shape the leaves share where each has that static shape (other
+    addends, computed or constant, may broadcast the whole sum beyond it), else of unknown shape."""
+    shapes = {tuple(leaf.tensor.shape) if leaf.tensor.shape is not None else None for leaf in leaves}
+    tensor = graph.add_variable(name, output, same_shape=False)
+    shape = shapes.pop() if len(shapes) == 1 else None
+    if shape is not None:
+        tensor.shape = list(shape)
+    return tensor
+
+
 def combination_nodes(addends: int, rest: list[Leaf]) -> int:
     """Nodes emit_sum writes for ``addends`` tensors of which ``rest`` carry their signs (the
     others are positive)."""

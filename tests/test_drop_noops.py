@@ -188,3 +188,21 @@ def test_data_movement_that_changes_the_data_stays(kind):
         outputs.append(b.node("Cast", [b.nodes[-2].output[1]], to=onnx.TensorProto.FLOAT))  # its mask, read
     model, _ = rewrite(b.model(outputs))
     assert ops(model)[op] == 1
+
+
+def test_an_identity_naming_a_graph_output_goes_and_the_name_stays():
+    # paddle2onnx's fetch_name_0, tf2onnx's Identity_graph_outputs
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    named = b.node("Identity", [b.node("Relu", [x])])
+    model, _ = rewrite(b.model([named]))
+    assert ops(model) == {"Relu": 1} and model.graph.output[0].name == named
+    assert model.graph.node[0].output[0] == named
+
+
+def test_an_identity_of_a_value_read_elsewhere_stays():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    relu = b.node("Relu", [x])
+    model, _ = rewrite(b.model([b.node("Identity", [relu]), b.node("Sigmoid", [relu])]))
+    assert ops(model) == {"Relu": 1, "Identity": 1, "Sigmoid": 1}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import onnx
 import pytest
 from conftest import GraphBuilder, ops, refusals, rewrite
 
@@ -392,3 +393,19 @@ def test_a_refusal_for_an_unknown_spatial_size_names_the_axis_and_its_symbol():
     report = onnx_reparam.inspect(b.model([y]))
     assert any(r.startswith("branches not merged: axis 2 (symbolic size 'H'): end pads")
                for r in refusals(report)), refusals(report)
+
+
+def test_a_computed_addend_that_broadcasts_the_sum_leaves_the_merged_branch_its_own_shape():
+    # found by the fuzz harness: an If's (2, C, 1, 1) value added to (1, C, H, W) branches; the
+    # merged branch was declared (2, C, H, W) and the output failed check_model's shape inference
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 5, 5])
+    cond = b.const(np.array(True))
+    value = b.const(b.rand(2, 4, 1, 1))
+    branch = onnx.helper.make_graph([onnx.helper.make_node("Identity", [value], ["picked"])], "then", [],
+                                    [onnx.helper.make_tensor_value_info("picked", onnx.TensorProto.FLOAT, [2, 4, 1, 1])])
+    computed = b.node("If", [cond], then_branch=branch, else_branch=branch)
+    y = b.node("Add", [b.node("Add", [b.conv(x, 4, 4, 3, pads=[1] * 4), b.conv(x, 4, 4, 1)]), computed])
+    model, _ = rewrite(b.model([y]), verify=False)
+    onnx.checker.check_model(model, full_check=True)
+    assert ops(model)["Conv"] == 1

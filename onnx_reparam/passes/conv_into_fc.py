@@ -22,7 +22,7 @@ from .. import algebra
 from ..errors import Refused
 from ..graph import Graph, Node, Tensor
 from ..linear import conv_form, fc_form, inference_bn
-from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees
+from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees, partial_sum
 from ..routing import RESHAPES
 from . import PassLog
 
@@ -197,7 +197,7 @@ def _fold_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
         weight[j * block.shape[0]:(j + 1) * block.shape[0]] = block
     del block
     bias = np.sum([branch.leaf.sign * found.bias for branch, found in members], axis=0)
-    _emit(graph, tree, partner.op.op, fc_input, weight, groups, bias, output, rest)
+    _emit(graph, tree, partner.op.op, fc_input, weight, groups, bias, output, [b.leaf for b, _ in members], rest)
     return log.rewrote("fc(" + "+".join(sorted(b.op.op for b, _ in members)) + ")",
                        tree.nodes + [n for b, _ in members for n in b.nodes])
 
@@ -222,13 +222,12 @@ def _member(branch: Branch | None, partner: Branch, output: tuple[int, ...] | No
 
 
 def _emit(graph: Graph, tree: Tree, op: str, fc_input: Tensor, weight: np.ndarray, groups: int, bias: np.ndarray,
-          output_shape: tuple[int, ...], rest: list[Leaf]) -> None:
+          output_shape: tuple[int, ...], folded: list[Leaf], rest: list[Leaf]) -> None:
     """Writes the summed map as the partner's kind of op (``op`` of ``fc_input``): a grouped 1x1
     Conv (``weight`` is (out, in per group)) or a Gemm, then one Reshape to the sum's shape (and
     the leaves left)."""
     name, output = tree.root.name, tree.root.outputs[0]
-    exact_shape = not any(graph.constant(leaf.tensor) is not None for leaf in rest)
-    target = output if not rest else graph.add_variable(f"{name}_fc", output, exact_shape)
+    target = output if not rest else partial_sum(graph, f"{name}_fc", folded, output)
     rows = graph.add_variable(f"{name}_rows", output, same_shape=False)
     if op == "Conv":
         spatial = len(fc_input.shape) - 2

@@ -12,7 +12,8 @@ the sign of a zero is not kept; the check catches an output that depends on it o
 
 Exporters write these (paddle2onnx's `x + 0` is Identity -> Mul(1) -> Add(0) -> Identity, tf2onnx
 puts a Transpose of the input in front of each branch). Readers of the removed node's output read
-its input instead; a node whose output is a graph output stays, so output names are kept.
+its input instead; a node whose output is a graph output stays, so output names are kept, except
+an Identity that only names a graph output: the node before it writes that name itself.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from . import PassLog
 
 NEUTRAL = {"Mul": 1.0, "Div": 1.0, "Add": 0.0, "Sub": 0.0}
 DUPLICABLE = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"})
+SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan"})
 
 
 def run(graph: Graph, log: PassLog) -> None:
@@ -36,12 +38,26 @@ def run(graph: Graph, log: PassLog) -> None:
         if id(node) in done or len(node.outputs) != 1:
             continue
         if node.outputs[0].name in graph.output_names:
+            if node.op == "Identity":
+                log.attempt(node, _into_output, graph, node, log)
             continue
         removed = log.attempt(node, _drop, graph, node, seen, log) or []
         done.update(id(n) for n in removed)
         sliced = sliced or any(n.op == "Slice" for n in removed)
     if sliced:  # shape inference named the sliced axis anew; with the Slice gone it keeps its name
         graph.infer_shapes()
+
+
+def _into_output(graph: Graph, node: Node, log: PassLog) -> bool:
+    """An Identity that only gives a value a graph output's name (paddle2onnx's fetch_name_0,
+    tf2onnx's Identity_graph_outputs): the node computing the value writes that name itself."""
+    value = node.inputs[0]
+    producer = graph.producer(value)
+    if producer is None or len(producer.outputs) != 1 or graph.shared(value) is not None \
+            or ":" in producer.op or producer.op in SUBGRAPH_OPS:  # another domain's op, or one with a body
+        return False
+    graph.add_node(producer.op, list(producer.inputs), [node.outputs[0]], dict(producer.attrs), producer.name)
+    return log.rewrote("Identity naming a graph output", [producer, node])
 
 
 def _drop(graph: Graph, node: Node, seen: dict[tuple, Node], log: PassLog) -> list[Node]:

@@ -19,7 +19,7 @@ from .. import algebra
 from ..errors import Refused
 from ..graph import Graph, Node, Tensor
 from ..linear import conv_chain, fc_form, inference_bn
-from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees
+from ..matcher import Leaf, Tree, combination_nodes, emit_sum, find_trees, partial_sum
 from ..routing import ROUTING_OPS, pad_view, view_source
 from . import PassLog
 
@@ -357,11 +357,9 @@ def _emit(graph: Graph, tree: Tree, merged: list[Merged], rest: list[Leaf]) -> N
     direct = not rest and len(merged) == 1
     addends = list(rest)
     name = tree.root.name
-    # A constant addend may broadcast the sum beyond each branch's own shape.
-    exact_shape = not any(graph.constant(leaf.tensor) is not None for leaf in rest)
     for m in merged:
         dtype = next(t.dtype for t in m.group.terms if t.dtype is not None)
-        target = output if direct else graph.add_variable(f"{name}_branch", output, exact_shape)
+        target = output if direct else partial_sum(graph, f"{name}_branch", [t.leaf for t in m.group.terms], output)
         if m.attrs is not None:
             graph.emit_layer("Conv", m.group.source, m.weight, m.bias, target, m.attrs, name, dtype)
         elif Graph.rank(m.group.source) == 2:

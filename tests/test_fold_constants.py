@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import GraphBuilder, ops, rewrite
-from onnx import helper
+from onnx import helper, numpy_helper
 
 pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
 
@@ -101,3 +101,39 @@ def test_a_weight_shared_through_identity_stays_one_weight():
     assert [n.input[1] for n in optimized.graph.node if n.op_type == "Conv"] == [weight, weight]
     sizes = [t.ByteSize() for t in optimized.graph.initializer]
     assert sum(sizes) <= sum(t.ByteSize() for t in model.graph.initializer)  # no copy per reader
+
+
+def _view(b: GraphBuilder, x: str, *sizes) -> str:
+    """x.view(batch, *sizes) as TorchScript writes it with a dynamic batch: the batch read off
+    Shape(x) with a scalar Gather, Unsqueezed, concatenated with the sizes the export knew."""
+    batch = b.node("Gather", [b.node("Shape", [x]), b.const(np.array(0, np.int64))], axis=0)
+    pieces = [b.node("Unsqueeze", [batch, b.const(np.array([0], np.int64))])]
+    for axis in range(2, 4):  # h and w: a scalar Gather of a static dim
+        size = b.node("Gather", [b.node("Shape", [x]), b.const(np.array(axis, np.int64))], axis=0)
+        pieces.append(b.node("Unsqueeze", [size, b.const(np.array([0], np.int64))]))
+    pieces.insert(1, b.const(np.array(sizes, np.int64)))
+    return b.node("Reshape", [x, b.node("Concat", pieces, axis=0)])
+
+
+def test_a_view_with_a_dynamic_batch_reshapes_to_minus_one_and_its_shape_arithmetic_goes():
+    # YOLO heads' x.view(bs, anchors, outputs, ny, nx): the batch becomes -1, ny and nx constants
+    b = GraphBuilder()
+    x = b.input("x", ["N", 6, 4, 4])
+    model, report = rewrite(b.model([_view(b, b.node("Relu", [x]), 2, 3)]), input_shapes={"x": (2, 6, 4, 4)})
+    assert ops(model) == {"Relu": 1, "Reshape": 1}
+    shape = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == model.graph.node[1].input[1]))
+    assert shape.tolist() == [-1, 2, 3, 4, 4]
+    assert any(r.pattern == "Reshape to one computed size" for p in report.passes for r in p.rewrites)
+
+
+def test_a_shape_with_two_computed_sizes_is_left_computed():
+    # -1 can stand for one size only: the element count decides no more
+    b = GraphBuilder()
+    x = b.input("x", ["N", 6, "H", 4])
+    batch = b.node("Gather", [b.node("Shape", [x]), b.const(np.array([0], np.int64))], axis=0)
+    height = b.node("Gather", [b.node("Shape", [x]), b.const(np.array([2], np.int64))], axis=0)
+    target = b.node("Concat", [batch, b.const(np.array([2, 3], np.int64)), height, b.const(np.array([4], np.int64))],
+                    axis=0)
+    model, _ = rewrite(b.model([b.node("Reshape", [b.node("Relu", [x]), target])]),
+                       input_shapes={"x": (2, 6, 4, 4)})
+    assert ops(model)["Concat"] == 1 and ops(model)["Shape"] >= 1

@@ -210,7 +210,8 @@ class Graph:
                 return name
 
     def add_constant(self, base: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.fresh_name(base), np.ascontiguousarray(values))
+        values = np.asarray(values)  # np.ascontiguousarray would make a scalar 1-D
+        return gs.Constant(self.fresh_name(base), values if values.flags.c_contiguous else values.copy(order="C"))
 
     def add_variable(self, base: str, like: Tensor, same_shape: bool = True) -> gs.Variable:
         """A new tensor of ``like``'s type, and of its shape unless ``same_shape`` is False (a

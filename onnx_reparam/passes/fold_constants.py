@@ -46,6 +46,34 @@ def run(graph: Graph, log: PassLog) -> None:
     for name, problem in problems.items():
         log.refused(f"value '{name}'", Refused("computed from constants alone, but onnxruntime could not compute it",
                                                problem), "constant subgraphs")
+    for node in graph.nodes():
+        if node.op == "Reshape" and len(node.inputs) == 2 and graph.constant(node.inputs[1]) is None:
+            log.attempt(node, _reshape_by_count, graph, node, log)
+
+
+def _reshape_by_count(graph: Graph, node: Node, log: PassLog) -> bool:
+    """A Reshape whose target is constant but for one size computed from the input's shape
+    (YOLO heads' x.view(batch, anchors, outputs, h, w) with a dynamic batch): that size is -1,
+    which onnxruntime infers from the element count, exactly the value computed when every other
+    size is positive (Concat of constants and one computed size)."""
+    concat = graph.producer(node.inputs[1])
+    if concat is None or concat.op != "Concat" or graph.shared(node.inputs[1]) is not None:
+        return False
+    parts, computed = [], 0
+    for piece in concat.inputs:
+        value = graph.constant(piece)
+        if value is None:
+            if Graph.static_shape(piece) != (1,):
+                return False
+            value, computed = np.array([-1], np.int64), computed + 1
+        elif value.ndim != 1 or np.any(value <= 0):
+            return False  # a 0 (copy a dim) or -1 of its own: the element count decides no more
+        parts.append(value.astype(np.int64))
+    if computed != 1:
+        return False
+    shape = graph.add_constant(f"{node.name}_shape", np.concatenate(parts))
+    graph.add_node("Reshape", [node.inputs[0], shape], [node.outputs[0]], dict(node.attrs), node.name)
+    return log.rewrote("Reshape to one computed size", [node])
 
 
 def _fold_by_type(graph: Graph) -> list[Node]:
@@ -90,7 +118,8 @@ def _fold_by_type(graph: Graph) -> list[Node]:
             if np.any((indices < -len(dims)) | (indices >= len(dims))):
                 continue
             picked = np.asarray(dims, dtype=object)[indices]
-            if all(isinstance(d, int) and d >= 0 for d in np.ravel(picked)):
+            # a scalar index picks a bare int, which np.ravel makes an np.int64; None stays None
+            if all(d is not None and d >= 0 for d in np.ravel(picked)):
                 to_constant(gather, np.asarray(picked, np.int64).reshape(indices.shape))
     return folded
 

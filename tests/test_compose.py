@@ -314,3 +314,23 @@ def test_a_channel_matmul_on_data_no_conv_takes_stays(dtype):
     name = {np.int32: "int32", np.int64: "int64", np.float64: "double"}[dtype]
     assert any(f"onnxruntime cannot run the Conv it would write on {name} data" in r
                for r in refusals(report))
+
+
+def _batch_of(b: GraphBuilder, x: str) -> str:
+    return b.node("Slice", [b.node("Shape", [x]), b.const(np.array([0], np.int64)), b.const(np.array([1], np.int64))])
+
+
+def test_text_embeddings_expanded_to_a_dynamic_batch_fold_into_the_class_conv():
+    # YOLOE exported with a dynamic batch: the (1, K, C) embeddings are Expanded to (N, K, C) only
+    # for the MatMul to broadcast them, which it would do anyway; the reshapes read N off Shape
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, 6, 6])
+    features = b.bn(b.conv(x, 4, 16, 3, pads=[1] * 4), 16)
+    batch = _batch_of(b, features)
+    flat = b.node("Reshape", [features, b.node("Concat", [batch, b.const(np.array([16, 36], np.int64))], axis=0)])
+    text = b.node("Expand", [b.const(b.rand(1, 5, 16)),
+                             b.node("Concat", [batch, b.const(np.array([5, 16], np.int64))], axis=0)])
+    logits = b.node("MatMul", [text, flat])
+    grid = b.node("Reshape", [logits, b.node("Concat", [batch, b.const(np.array([5, 6, 6], np.int64))], axis=0)])
+    model, report = rewrite(b.model([b.node("Sigmoid", [grid])]), input_shapes={"x": (2, 4, 6, 6)})
+    assert ops(model) == {"Conv": 1, "Sigmoid": 1}, report.summary(verbose=True)

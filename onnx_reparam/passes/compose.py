@@ -17,7 +17,7 @@ import numpy as np
 
 from .. import algebra
 from ..errors import Refused
-from ..graph import Graph, Node, attr
+from ..graph import Graph, Node, Tensor, attr
 from ..linear import before_layer, channel_affine, conv_chain, fc_form
 from ..routing import RESHAPES, ROUTING_OPS
 from . import PassLog
@@ -30,7 +30,7 @@ def run(graph: Graph, log: PassLog) -> None:
             continue
         if node.op in ("Conv", "AveragePool"):
             compose = _compose_conv
-        elif node.op == "MatMul" and graph.constant(node.inputs[0]) is not None:
+        elif node.op == "MatMul" and _left_weight(graph, node.inputs[0]) is not None:
             compose = _channel_matmul
         elif node.op in ("Gemm", "MatMul"):
             compose = _compose_matrix
@@ -79,8 +79,11 @@ def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
 def _channel_matmul(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     """Reshape(W @ Reshape(y, (N, C, S)), (N, K, *spatial)), W a constant (K, C): a map of the
     channels of y (N, C, *spatial), written as a 1x1 Conv (an einsum 'bchw,kc->bkhw' as
-    TorchScript writes it: YOLOE's text embeddings applied to its class features)."""
-    weight, flat = graph.constant(node.inputs[0]), node.inputs[1]
+    TorchScript writes it: YOLOE's text embeddings applied to its class features). N may be
+    symbolic, and the reshapes may read it off Shape: their static sizes fix it by the element
+    count."""
+    found, flat = _left_weight(graph, node.inputs[0]), node.inputs[1]
+    weight, expand = found if found is not None else (None, [])
     flatten = graph.producer(flat)
     readers = node.outputs[0].outputs
     if weight is None or flatten is None or flatten.op != "Reshape" or len(readers) != 1 or readers[0].op != "Reshape" \
@@ -94,14 +97,32 @@ def _channel_matmul(graph: Graph, node: Node, log: PassLog) -> list[Node]:
             or not all(isinstance(d, int) for d in list(shape[1:]) + list(out_shape[1:])):
         return []
     channels, spatial = shape[1], list(shape[2:])
-    if list(flat_shape[1:]) != [channels, int(np.prod(spatial))] or flat_shape[0] != shape[0] \
-            or list(out_shape) != [shape[0], weight.shape[0]] + spatial or weight.shape[1] != channels:
+    # (N, C, S) and (N, K, *spatial) with C, S, K, spatial static: N is the input's by the count
+    if len(flat_shape) != 3 or list(flat_shape[1:]) != [channels, int(np.prod(spatial))] \
+            or list(out_shape[1:]) != [weight.shape[0]] + spatial or weight.shape[1] != channels:
         return []
     kernel = weight.reshape(weight.shape + (1,) * len(spatial))
     graph.emit_layer("Conv", data, kernel, None, unflatten.outputs[0], {"kernel_shape": [1] * len(spatial)},
                      node.name)
-    replaced = [unflatten, node, flatten]
-    return replaced if log.rewrote("Reshape+MatMul+Reshape", replaced) else []
+    replaced = [unflatten, node, flatten, *expand]
+    pattern = "Reshape+MatMul+Reshape" + ("+Expand" if expand else "")
+    return replaced if log.rewrote(pattern, replaced) else []
+
+
+def _left_weight(graph: Graph, tensor: Tensor) -> tuple[np.ndarray, list[Node]] | None:
+    """The constant a MatMul multiplies by from the left, and the Expand that broadcast it along a
+    batch axis (which MatMul broadcasting does anyway: YOLOE's embeddings with a dynamic batch)."""
+    value = graph.constant(tensor)
+    if value is not None:
+        return value, []
+    expand = graph.producer(tensor)
+    if expand is None or expand.op != "Expand" or graph.shared(tensor) is not None:
+        return None
+    value, shape = graph.constant(expand.inputs[0]), tensor.shape
+    if value is None or value.ndim != 3 or value.shape[0] != 1 or shape is None or len(shape) != 3 \
+            or list(shape[1:]) != list(value.shape[1:]):
+        return None
+    return value, [expand]
 
 
 def _compose_reshapes(graph: Graph, node: Node, log: PassLog) -> list[Node]:

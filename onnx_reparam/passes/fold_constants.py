@@ -46,9 +46,11 @@ def run(graph: Graph, log: PassLog) -> None:
     for name, problem in problems.items():
         log.refused(f"value '{name}'", Refused("computed from constants alone, but onnxruntime could not compute it",
                                                problem), "constant subgraphs")
-    for node in graph.nodes():
-        if node.op == "Reshape" and len(node.inputs) == 2 and graph.constant(node.inputs[1]) is None:
-            log.attempt(node, _reshape_by_count, graph, node, log)
+    reshaped = [log.attempt(node, _reshape_by_count, graph, node, log) for node in graph.nodes()
+                if node.op == "Reshape" and len(node.inputs) == 2 and graph.constant(node.inputs[1]) is None]
+    if any(reshaped):  # their outputs' sizes are the input's now, for the rules that read them
+        graph.cleanup()
+        graph.infer_shapes()
 
 
 def _reshape_by_count(graph: Graph, node: Node, log: PassLog) -> bool:

@@ -50,6 +50,20 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | None:
     if shaped_by:
         raise symbolic_reason(graph, "the pads, indices or shapes of the data-movement ops")
     in_shape, out_shape = _probe_shapes(source, tensor)
+    a, b = source.shape, tensor.shape
+    if in_shape is None and a and b and len(a) == len(b) and isinstance(a[0], str) and not isinstance(b[0], int) \
+            and all(isinstance(d, int) for d in list(a[1:]) + list(b[1:])):
+        # shape inference lost the batch's name on the way (opset 18's Pad with axes): the ops must
+        # keep it, seen at two sizes (their pads, indices and shapes are constants)
+        for batch in (PROBE_BATCH, PROBE_BATCH + 1):
+            try:
+                kept = _evaluate(graph, nodes, source, tensor, np.zeros((batch, *a[1:]))).shape[0] == batch
+            except Exception as exc:  # onnx's evaluator rejects some valid ops: said, not hidden
+                raise Refused("the padding/cropping ops could not be evaluated",
+                              f"{type(exc).__name__}: {first_line(exc)}") from exc
+            if not kept:
+                raise Refused("the ops change the batch or channel axis")
+        in_shape, out_shape = (PROBE_BATCH, *a[1:]), (PROBE_BATCH, *b[1:])
     if in_shape is None or out_shape is None or len(in_shape) != len(out_shape) or len(in_shape) < 3:
         raise Refused("padding/cropping ops on a tensor of unknown or different shape")
     if np.dtype(source.dtype) not in FLOATS:

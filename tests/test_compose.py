@@ -334,3 +334,14 @@ def test_text_embeddings_expanded_to_a_dynamic_batch_fold_into_the_class_conv():
     grid = b.node("Reshape", [logits, b.node("Concat", [batch, b.const(np.array([5, 6, 6], np.int64))], axis=0)])
     model, report = rewrite(b.model([b.node("Sigmoid", [grid])]), input_shapes={"x": (2, 4, 6, 6)})
     assert ops(model) == {"Conv": 1, "Sigmoid": 1}, report.summary(verbose=True)
+
+
+def test_a_pad_with_axes_before_a_conv_folds_with_a_dynamic_batch():
+    # opset 18's Pad(x, pads, value, axes): shape inference loses the batch's name on the way, so
+    # the batch is seen kept at two probe sizes (a Slice of the first sample is not: test_routing)
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, 6, 6])
+    padded = b.node("Pad", [x, b.const(np.array([1, 1, 1, 1], np.int64)), b.const(np.array(0, b.dtype)),
+                            b.const(np.array([2, 3], np.int64))])
+    model, report = rewrite(b.model([b.conv(padded, 4, 4, 3)], opset=18), input_shapes={"x": (2, 4, 6, 6)})
+    assert ops(model) == {"Conv": 1} and report.verification.passed

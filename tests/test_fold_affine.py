@@ -330,3 +330,13 @@ def test_a_moved_layer_output_read_elsewhere_keeps_its_bn_and_says_why():
     assert ops(model)["BatchNormalization"] == 1
     assert any("cannot fold BatchNormalization into MatMul through data movement: an inner value is a graph "
                "output" in r for r in refusals(report))
+
+
+def test_an_nhwc_bias_after_the_back_transpose_folds_into_the_conv():
+    # tf2onnx with its optimizers off: Transpose -> Conv -> Transpose -> Add(bias over C) -> Relu
+    b = GraphBuilder()
+    x = b.input("x", [1, 6, 6, 3])
+    conv = b.conv(b.node("Transpose", [x], perm=[0, 3, 1, 2]), 3, 4, 3, bias=False, pads=[1] * 4)
+    biased = b.node("Add", [b.node("Transpose", [conv], perm=[0, 2, 3, 1]), b.const(b.rand(4))])
+    model, _ = rewrite(b.model([b.node("Relu", [biased])]))
+    assert ops(model) == {"Transpose": 2, "Conv": 1, "Relu": 1}

@@ -111,7 +111,10 @@ def copies(graph: Graph, tensor: Tensor) -> Copies | None:
         raise symbolic_reason(graph, "the shapes of the data-movement ops")
     in_shape, out_shape = Graph.static_shape(source), Graph.static_shape(tensor)
     if in_shape is None or out_shape is None:
-        raise Refused("data-movement ops on a tensor of unknown or symbolic shape")
+        symbolic = any(isinstance(d, str) for t in (source, tensor) for d in (t.shape or []))
+        raise Refused("data-movement ops on a tensor of " + (
+            f"symbolic shape: {option('static_shape=True')} fixes the sizes" if symbolic else "unknown shape"),
+            size_dependent=symbolic)
     if np.dtype(source.dtype) not in FLOATS:
         raise Refused(f"data-movement ops on {source.dtype} data")
     if max(np.prod(in_shape), np.prod(out_shape)) > MAX_PROBED:

@@ -340,3 +340,15 @@ def test_an_nhwc_bias_after_the_back_transpose_folds_into_the_conv():
     biased = b.node("Add", [b.node("Transpose", [conv], perm=[0, 2, 3, 1]), b.const(b.rand(4))])
     model, _ = rewrite(b.model([b.node("Relu", [biased])]))
     assert ops(model) == {"Transpose": 2, "Conv": 1, "Relu": 1}
+
+
+def test_a_bn_through_data_movement_with_a_dynamic_batch_says_static_shape_folds_it():
+    b = GraphBuilder()
+    x = b.input("x", ["N", 6, 5])
+    flat = b.node("Flatten", [b.node("MatMul", [x, b.const(b.rand(5, 4))])], axis=2)
+    model = b.model([b.bn(flat, 4)])
+    kept, report = rewrite(model, input_shapes={"x": (1, 6, 5)})
+    assert ops(kept)["BatchNormalization"] == 1
+    assert any("symbolic shape: static_shape=True (--static-shape) fixes the sizes" in r for r in refusals(report))
+    folded, _ = rewrite(model, input_shapes={"x": (1, 6, 5)}, static_shape=True)
+    assert "BatchNormalization" not in ops(folded)

@@ -173,11 +173,14 @@ def _fold_through_layout(graph: Graph, node: Node, log: PassLog) -> bool:
     layer_node = graph.producer(source) if source is not None else None
     if source is None or layer_node is None or layer_node.op not in LINEAR:
         return False
-    layer = linear_of(graph, layer_node)  # a Refused is said by attempt, as this rewrite's
-    if layer is None:
+    pattern = f"{layer_node.op}+data movement+{node.op}"
+    try:
+        layer = linear_of(graph, layer_node)
+        view = routing.copies(graph, data)
+    except Refused as refused:
+        log.refused(node, refused.within(f"cannot fold {node.op} into {layer_node.op} through data movement"), pattern)
         return False
-    view = routing.copies(graph, data)
-    if view is None or view.source is not source:
+    if layer is None or view is None or view.source is not source:
         return False
     pattern = "+".join([layer_node.op] + [n.op for n in view.nodes] + [node.op])
     inside = {id(n) for n in view.nodes} | {id(node)}

@@ -163,6 +163,8 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
     for source, why in kept_apart:
         if source in groups:  # it had partners in this sum (a plain residual has none)
             log.refused(tree.root, why, "branches")
+    for refused in _behind_a_layout(graph, groups):
+        log.refused(tree.root, refused, "branches")
     merged: list[Merged] = []
     rest: list[Leaf] = []
     for name, group in groups.items():
@@ -186,6 +188,29 @@ def _merge_tree(graph: Graph, tree: Tree, log: PassLog) -> bool:
                 for m in merged)
     replaced = tree.nodes + [n for m in merged for t in m.group.terms for n in t.nodes]
     return log.rewrote(" & ".join(f"branches({ops})" for ops in patterns), replaced)
+
+
+def _behind_a_layout(graph: Graph, groups: dict[str, Group]) -> list[Refused]:
+    """Why a lone BN or scaling branch of x is not merged where a layer branch of x reaches the sum
+    through data movement, Transpose(conv(Transpose(x))) as an NHWC export writes it: the merge
+    sees layers of one layout only."""
+    found = []
+    for name, group in groups.items():
+        if len(group.terms) != 1 or group.terms[0].is_conv or group.terms[0].is_matrix or not group.terms[0].nodes:
+            continue
+        for other in groups.values():
+            leaf = other.terms[0].leaf.tensor
+            layer_output = view_source(graph, leaf) if not other.terms[0].nodes else None
+            layer = graph.producer(layer_output) if layer_output is not None else None
+            if layer is None or layer.op not in ("Conv", "Gemm", "MatMul") or not layer.inputs:
+                continue
+            reads = view_source(graph, layer.inputs[0]) or layer.inputs[0]
+            if reads.name == name:
+                found.append(Refused(f"a {group.terms[0].nodes[0].op} branch is kept apart: the {layer.op} branch of the "
+                                     "same tensor reaches the sum through data movement (another layout)",
+                                     f"branches of '{name}'"))
+                break
+    return found
 
 
 def _absorb_constants(graph: Graph, first: Merged, constants: list[Leaf]) -> list[Leaf]:

@@ -6,7 +6,8 @@ scikit-image), exported in training structure as users export them:
 - ``timm_repvgg_a0_ts.onnx``: TorchScript, float32, BN nodes kept;
 - ``timm_mobileone_s0_dynamo_raw.onnx``: torch.export with ``optimize=False``, float32;
 - ``timm_{repvgg_a0,mobileone_s0,repvit_m0_9}_half.onnx``: after ``model.half()`` (float16 everywhere);
-- ``timm_{...}_half_inside.onnx``: float16 inside, float32 inputs and outputs.
+- ``timm_{...}_half_inside.onnx``: float16 inside, float32 inputs and outputs;
+- ``timm_levit_128s_ts.onnx``: LeViT-128S's structure at a quarter width, TorchScript, float32.
 
 Each also gets timm's own deploy conversion (``timm.utils.model.reparameterize_model``) exported the
 same way; ``timm_manifest.json`` holds its Conv/BatchNormalization/Add counts, for the tests to
@@ -14,7 +15,7 @@ compare with.
 
     pip install torch==2.14.1 torchvision==0.29.1 && pip install --no-deps timm   # a separate venv
     pip install scikit-image onnx onnxscript
-    python models/timm_fixtures.py [OUT_DIR]
+    python models/timm_fixtures.py [OUT_DIR [NAME ...]]   # NAMEs: write only these again
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import onnx
 import skimage.data
 import torch
 from timm.models.byobnet import ByobNet, ByoModelCfg, _mobileone_bcfg, _rep_vgg_bcfg
+from timm.models.levit import Levit
 from timm.models.repvit import RepVit
 from timm.utils.model import reparameterize_model
 from torch import nn
@@ -60,7 +62,14 @@ def repvit_m0_9() -> nn.Module:
     return RepVit(embed_dim=(16, 32, 64, 128), depth=(2, 2, 14, 2), num_classes=CLASSES)
 
 
-NETS = {"repvgg_a0": repvgg_a0, "mobileone_s0": mobileone_s0, "repvit_m0_9": repvit_m0_9}
+def levit_128s() -> nn.Module:
+    """LeViT-128S's structure (its Linear+BN layers: MatMul, Flatten, BatchNormalization, Reshape
+    in the export), a quarter of its width, one block per stage, on 64x64 inputs."""
+    return Levit(img_size=SIZE, embed_dim=(32, 64, 96), key_dim=8, depth=(1, 1, 1), num_heads=(2, 4, 6),
+                 num_classes=CLASSES)
+
+
+NETS = {"repvgg_a0": repvgg_a0, "mobileone_s0": mobileone_s0, "repvit_m0_9": repvit_m0_9, "levit_128s": levit_128s}
 
 
 def crops(count: int, seed: int) -> torch.Tensor:
@@ -84,7 +93,7 @@ def calibrated(name: str) -> nn.Module:
     torch.manual_seed(0)
     model = NETS[name]()
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()
             module.momentum = None  # a cumulative average, as a calibration pass computes
     model.train()
@@ -114,10 +123,14 @@ def main() -> None:
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "fixtures")
     out_dir.mkdir(parents=True, exist_ok=True)
     shape = (1, 3, SIZE, SIZE)
-    plan = [("repvgg_a0", "ts", "ts"), ("mobileone_s0", "dynamo-raw", "dynamo_raw")]
-    plan += [(name, "ts", variant) for name in NETS for variant in ("half", "half_inside")]
-    manifest = {}
+    plan = [("repvgg_a0", "ts", "ts"), ("mobileone_s0", "dynamo-raw", "dynamo_raw"), ("levit_128s", "ts", "ts")]
+    plan += [(name, "ts", variant) for name in NETS if name != "levit_128s" for variant in ("half", "half_inside")]
+    only = set(sys.argv[2:])  # nets to write again; the others' files and counts stay as they are
+    manifest_path = out_dir / "timm_manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if only and manifest_path.exists() else {}
     for name, exporter, variant in plan:
+        if only and name not in only:
+            continue
         train = calibrated(name)
         deploy = reparameterize_model(copy.deepcopy(train))
         files = {}
@@ -136,7 +149,7 @@ def main() -> None:
         manifest[files["train"].name] = {"deploy": counts(files["deploy"]), "train": counts(files["train"])}
         size = files["train"].stat().st_size / 1e6
         print(files["train"], f"{size:.2f} MB", manifest[files["train"].name], flush=True)
-    (out_dir / "timm_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

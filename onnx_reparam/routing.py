@@ -43,12 +43,10 @@ class PadView:
 def pad_view(graph: Graph, tensor: Tensor) -> PadView | None:
     """The view ``tensor`` is, or None when no data-movement op produces it; raises Refused when
     the ops are not a pad or crop of one tensor."""
-    node = graph.producer(tensor)
-    if node is None or node.op not in ROUTING_OPS:
+    found = _ops_making(graph, tensor, "the pads, indices or shapes of the data-movement ops")
+    if found is None:
         return None
-    nodes, source, shaped_by = _subgraph(graph, tensor)
-    if shaped_by:
-        raise symbolic_reason(graph, "the pads, indices or shapes of the data-movement ops")
+    nodes, source = found
     in_shape, out_shape = _probe_shapes(source, tensor)
     a, b = source.shape, tensor.shape
     if in_shape is None and a and b and len(a) == len(b) and isinstance(a[0], str) and not isinstance(b[0], int) \
@@ -56,28 +54,16 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | None:
         # shape inference lost the batch's name on the way (opset 18's Pad with axes): the ops must
         # keep it, seen at two sizes (their pads, indices and shapes are constants)
         for batch in (PROBE_BATCH, PROBE_BATCH + 1):
-            try:
-                kept = _evaluate(graph, nodes, source, tensor, np.zeros((batch, *a[1:]))).shape[0] == batch
-            except Exception as exc:  # onnx's evaluator rejects some valid ops: said, not hidden
-                raise Refused("the padding/cropping ops could not be evaluated",
-                              f"{type(exc).__name__}: {first_line(exc)}") from exc
-            if not kept:
+            if _run(graph, nodes, source, tensor, np.zeros((batch, *a[1:])), "padding/cropping").shape[0] != batch:
                 raise Refused("the ops change the batch or channel axis")
         in_shape, out_shape = (PROBE_BATCH, *a[1:]), (PROBE_BATCH, *b[1:])
     if in_shape is None or out_shape is None or len(in_shape) != len(out_shape) or len(in_shape) < 3:
         raise Refused("padding/cropping ops on a tensor of unknown or different shape")
     if np.dtype(source.dtype) not in FLOATS:
         raise Refused(f"padding/cropping ops on {source.dtype} data")
-    # The ops copy values whatever their type, so the probe runs in float64, where every element
-    # number up to 2**53 is exact (float16 could number only 2048 elements).
     if in_shape[:2] != out_shape[:2]:
         raise Refused("the ops change the batch or channel axis")
-    numbers = np.arange(1, np.prod(in_shape) + 1, dtype=np.float64).reshape(in_shape)
-    try:
-        plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
-    except Exception as exc:  # onnx's evaluator rejects some valid ops (negative Pad): said, not hidden
-        raise Refused("the padding/cropping ops could not be evaluated", f"{type(exc).__name__}: {first_line(exc)}") \
-            from exc
+    plus, minus = _numbered(graph, nodes, source, tensor, in_shape, "padding/cropping")
     view = _as_view(source, in_shape, nodes, plus, minus)
     if view is None:
         raise Refused("not a pad or crop of one tensor")
@@ -103,12 +89,10 @@ def copies(graph: Graph, tensor: Tensor) -> Copies | None:
     computed tensor's elements alone (reshapes, transposes, slices: no padding); None when no
     data-movement op produces it; raises Refused when the ops write values of their own or their
     layout cannot be read."""
-    node = graph.producer(tensor)
-    if node is None or node.op not in ROUTING_OPS:
+    found = _ops_making(graph, tensor, "the shapes of the data-movement ops")
+    if found is None:
         return None
-    nodes, source, shaped_by = _subgraph(graph, tensor)
-    if shaped_by:
-        raise symbolic_reason(graph, "the shapes of the data-movement ops")
+    nodes, source = found
     in_shape, out_shape = Graph.static_shape(source), Graph.static_shape(tensor)
     if in_shape is None or out_shape is None:
         symbolic = any(isinstance(d, str) for t in (source, tensor) for d in (t.shape or []))
@@ -119,15 +103,40 @@ def copies(graph: Graph, tensor: Tensor) -> Copies | None:
         raise Refused(f"data-movement ops on {source.dtype} data")
     if max(np.prod(in_shape), np.prod(out_shape)) > MAX_PROBED:
         raise Refused(f"data-movement ops on over {MAX_PROBED} elements: their layout is not probed")
-    numbers = np.arange(1, np.prod(in_shape) + 1, dtype=np.float64).reshape(in_shape)
-    try:
-        plus, minus = (_evaluate(graph, nodes, source, tensor, values) for values in (numbers, -numbers))
-    except Exception as exc:  # onnx's evaluator rejects some valid ops: said, not hidden
-        raise Refused("the data-movement ops could not be evaluated", f"{type(exc).__name__}: {first_line(exc)}") \
-            from exc
+    plus, minus = _numbered(graph, nodes, source, tensor, in_shape, "data-movement")
     if plus.shape != tuple(out_shape) or not np.all((plus == -minus) & (plus != 0)):
         raise Refused("the data-movement ops write values of their own (a padding)")
     return Copies(source, nodes, tuple(in_shape), np.abs(plus).astype(np.int64) - 1)
+
+
+def _ops_making(graph: Graph, tensor: Tensor, what: str) -> tuple[list[Node], Tensor] | None:
+    """The data-movement ops computing ``tensor`` and the one tensor they read; None when no such
+    op produces it; raises Refused where ``what`` (their pads, indices or shapes) is computed from
+    symbolic input sizes, or they are not ops on one tensor."""
+    node = graph.producer(tensor)
+    if node is None or node.op not in ROUTING_OPS:
+        return None
+    nodes, source, shaped_by = _subgraph(graph, tensor)
+    if shaped_by:
+        raise symbolic_reason(graph, what)
+    return nodes, source
+
+
+def _numbered(graph: Graph, nodes: list[Node], source: Tensor, tensor: Tensor, in_shape: tuple[int, ...],
+              ops: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ops run on the source's element numbers 1..n, and on their negatives. They copy values
+    whatever their type, so the probe runs in float64, where every number up to 2**53 is exact
+    (float16 could number only 2048 elements)."""
+    numbers = np.arange(1, np.prod(in_shape) + 1, dtype=np.float64).reshape(in_shape)
+    return _run(graph, nodes, source, tensor, numbers, ops), _run(graph, nodes, source, tensor, -numbers, ops)
+
+
+def _run(graph: Graph, nodes: list[Node], source: Tensor, tensor: Tensor, values: np.ndarray, ops: str) -> np.ndarray:
+    """The ops run on ``values`` in place of ``source``; raises Refused where they cannot be."""
+    try:
+        return _evaluate(graph, nodes, source, tensor, values)
+    except Exception as exc:  # onnx's evaluator rejects some valid ops (negative Pad), ORT others: said
+        raise Refused(f"the {ops} ops could not be evaluated", f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
 def _probe_shapes(source: Tensor, tensor: Tensor) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:

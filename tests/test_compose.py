@@ -345,3 +345,18 @@ def test_a_pad_with_axes_before_a_conv_folds_with_a_dynamic_batch():
                             b.const(np.array([2, 3], np.int64))])
     model, report = rewrite(b.model([b.conv(padded, 4, 4, 3)], opset=18), input_shapes={"x": (2, 4, 6, 6)})
     assert ops(model) == {"Conv": 1} and report.verification.passed
+
+
+def test_embeddings_expanded_beyond_the_batch_are_not_taken_for_a_broadcast():
+    # (1, 1, C) expanded to (N, K, C) repeats one row K times: a real Expand, not MatMul's broadcast
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, 6, 6])
+    features = b.conv(x, 4, 16, 1)
+    batch = _batch_of(b, features)
+    flat = b.node("Reshape", [features, b.node("Concat", [batch, b.const(np.array([16, 36], np.int64))], axis=0)])
+    text = b.node("Expand", [b.const(b.rand(1, 1, 16)),
+                             b.node("Concat", [batch, b.const(np.array([5, 16], np.int64))], axis=0)])
+    grid = b.node("Reshape", [b.node("MatMul", [text, flat]),
+                              b.node("Concat", [batch, b.const(np.array([5, 6, 6], np.int64))], axis=0)])
+    model, _ = rewrite(b.model([b.node("Sigmoid", [grid])]), input_shapes={"x": (2, 4, 6, 6)})
+    assert ops(model)["MatMul"] == 1 and ops(model)["Expand"] == 1

@@ -134,6 +134,20 @@ def test_a_shape_with_two_computed_sizes_is_left_computed():
     height = b.node("Gather", [b.node("Shape", [x]), b.const(np.array([2], np.int64))], axis=0)
     target = b.node("Concat", [batch, b.const(np.array([2, 3], np.int64)), height, b.const(np.array([4], np.int64))],
                     axis=0)
-    model, _ = rewrite(b.model([b.node("Reshape", [b.node("Relu", [x]), target])]),
-                       input_shapes={"x": (2, 6, 4, 4)})
+    model, report = rewrite(b.model([b.node("Reshape", [b.node("Relu", [x]), target])]),
+                            input_shapes={"x": (2, 6, 4, 4)})
     assert ops(model)["Concat"] == 1 and ops(model)["Shape"] >= 1
+    assert any("2 sizes of the Reshape's target are computed: -1 stands for one only" in r.text
+               for p in report.passes for r in p.refusals)
+
+
+def test_a_target_with_a_zero_that_copies_a_dim_keeps_its_computed_size():
+    # a 0 copies the input's size there: with it, -1 would no longer be the one unknown the count fixes
+    b = GraphBuilder()
+    x = b.input("x", ["N", 6, 4, 4])
+    batch = b.node("Gather", [b.node("Shape", [x]), b.const(np.array([0], np.int64))], axis=0)
+    target = b.node("Concat", [batch, b.const(np.array([0, 16], np.int64))], axis=0)
+    model, report = rewrite(b.model([b.node("Reshape", [b.node("Relu", [x]), target])]),
+                            input_shapes={"x": (2, 6, 4, 4)})
+    assert ops(model)["Concat"] == 1
+    assert not any(r.pattern == "Reshape to one computed size" for p in report.passes for r in p.rewrites)

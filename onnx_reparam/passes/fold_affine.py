@@ -228,10 +228,11 @@ def _affine_on(graph: Graph, node: Node) -> tuple[int, Tensor] | None:
     """Which input of an affine op is its data, and that tensor, when data movement produces it."""
     if node.op == "BatchNormalization":
         index = 0
-    elif len(node.inputs) == 2 and (graph.constant(node.inputs[0]) is None) != (graph.constant(node.inputs[1]) is None):
-        index = 0 if graph.constant(node.inputs[1]) is not None else 1
     else:
-        return None
+        computed = [i for i, t in enumerate(node.inputs) if graph.constant(t) is None]
+        if len(node.inputs) != 2 or len(computed) != 1:
+            return None
+        index = computed[0]
     data = node.inputs[index]
     producer = graph.producer(data)
     if producer is None or producer.op not in routing.ROUTING_OPS or producer.op == "Constant":

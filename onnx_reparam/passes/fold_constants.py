@@ -13,7 +13,7 @@ import gc
 
 import numpy as np
 
-from ..errors import Refused
+from ..errors import Refused, option
 from ..graph import Graph, Node
 from . import PassLog
 
@@ -71,6 +71,10 @@ def _reshape_by_count(graph: Graph, node: Node, log: PassLog) -> bool:
         elif value.ndim != 1 or np.any(value <= 0):
             return False  # a 0 (copy a dim) or -1 of its own: the element count decides no more
         parts.append(value.astype(np.int64))
+    if computed > 1:
+        log.refused(node, Refused(f"{computed} sizes of the Reshape's target are computed: -1 stands for one only; "
+                                  f"{option('static_shape=True')} fixes the sizes", size_dependent=True),
+                    "Reshape to one computed size")
     if computed != 1:
         return False
     shape = graph.add_constant(f"{node.name}_shape", np.concatenate(parts))

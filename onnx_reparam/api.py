@@ -16,11 +16,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from . import int8
 from .bench import BenchResult
 from .bench import bench as latency_ab
+from .calibration import ImagePreprocessing, load_calibration
 from .errors import Refused, ReparamError, option
 from .graph import Graph
 from .inputs import graph_inputs, input_sizes, same_inputs, takes_feeds
+from .int8 import QuantizeCheck
 from .model_io import files_size, load_model, load_weights
 from .passes import Pass, Policy
 from .pipeline import run_passes, select_passes
@@ -44,8 +47,8 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
              provider: str = "auto", input_shapes: dict[str, Sequence[int]] | None = None,
              inputs: dict[str, np.ndarray] | None = None, seed: int = 0, rtol: float | None = None,
              atol: float | None = None, strict: bool = False, weights_as_constants: bool = False,
-             lazy_weights: bool = False, static_shape: bool = False,
-             progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+             lazy_weights: bool = False, static_shape: bool = False, int8_ready: bool = False,
+             keep_identity: bool = False, progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Rewrites a training-structure model into its deploy structure and, unless ``verify`` is
     False, checks in onnxruntime that the outputs are unchanged. A rewrite that fails the check is
     dropped and named in ``report.dropped``; the model returned has the others, verified. Raises
@@ -57,7 +60,11 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     can be overridden at run time, so nothing reading them is folded; ``weights_as_constants``
     treats them as constants and drops them from the inputs. ``static_shape`` fixes the inputs'
     symbolic dims (to ``input_shapes``, a batch axis to 1 otherwise) in the model returned, for
-    rewrites that hold for one size only (the report names those it refused). ``progress`` is
+    rewrites that hold for one size only (the report names those it refused). ``int8_ready``
+    then equalizes the layers' weights across channels (the equalize pass) so that the model
+    quantizes to INT8 as well as its training structure; the function stays the same, checked
+    like every rewrite; ``keep_identity`` first takes out of each conv the centre taps an
+    identity branch put there, as a per-channel Mul beside it (split_identity). ``progress`` is
     called with a short line at each stage (load, each pass of each sweep, verify, isolate).
 
     ``lazy_weights`` (for a model read from a file): the weights the rewrite leaves as they are stay
@@ -65,10 +72,10 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
     the model without its weights plus the folded ones. Such a model is valid while those files are
     unchanged; ``onnx_reparam.save_model`` copies the weights into the output."""
     step = progress or (lambda message: None)
-    passes = select_passes(only, skip)
     _check_arguments(verify=verify, strict=strict, weights_as_constants=weights_as_constants,
-                     lazy_weights=lazy_weights, static_shape=static_shape, provider=provider,
-                     input_shapes=input_shapes, inputs=inputs)
+                     lazy_weights=lazy_weights, static_shape=static_shape, int8_ready=int8_ready,
+                     keep_identity=keep_identity, provider=provider, input_shapes=input_shapes, inputs=inputs)
+    passes = select_passes(only, skip, int8_ready, keep_identity)
     report = Report()
     source = _as_model_source(model)
     said: set[str] = set()  # notes on the input, made at its first load
@@ -191,7 +198,8 @@ def fix_input_sizes(model: onnx.ModelProto, shapes: dict[str, Sequence[int]] | N
 
 
 def _check_arguments(**arguments) -> None:
-    for name in ("verify", "strict", "weights_as_constants", "lazy_weights", "static_shape"):
+    for name in ("verify", "strict", "weights_as_constants", "lazy_weights", "static_shape", "int8_ready",
+                 "keep_identity"):
         if not isinstance(arguments[name], bool):
             raise ReparamError(f"{name} must be True or False, not {arguments[name]!r}")
     if arguments["provider"] not in ("auto", "cuda", "cpu"):
@@ -325,6 +333,31 @@ def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, model: onnx.
         note = (f"gave up isolating the failure after {runs} (budget: {ISOLATION_BUDGET} checks' worth); "
                 f"{what}, and the model still fails")
     return model, reports, failure, records, note
+
+
+def quantize_check(model, *, data: str | os.PathLike | None = None, train=None,
+                   images: ImagePreprocessing | None = None) -> QuantizeCheck:
+    """How ``model`` will take INT8 (see int8.py): its weights, and given calibration ``data`` (an
+    .npz path or a folder of images, preprocessed as ``images`` says) INT8 measured on it, of the
+    model as given and after ``optimize(int8_ready=True)`` (with and without keep_identity, each
+    verified). ``train``: the training export the model was fused from."""
+    loaded = load_model(_as_model_source(model))
+    samples = load_calibration(data, loaded, images) if data is not None else None
+    described = ""
+    variants: dict[str, onnx.ModelProto] = {}
+    notes = []
+    if samples:
+        folder = data is not None and Path(data).is_dir()
+        described = f"{data}" + (f" (images: {(images or ImagePreprocessing()).describe()})" if folder else "")
+        for label, keep_identity in (("optimize --int8-ready", False), ("+ --keep-identity", True)):
+            try:
+                variants[label] = optimize(loaded, int8_ready=True, keep_identity=keep_identity, inputs=samples[0])[0]
+            except VerificationError as exc:
+                notes.append(f"{label}: no verified model ({exc}); not measured")
+    result = int8.check(loaded, samples, described, load_model(_as_model_source(train)) if train is not None else None,
+                        variants)
+    result.notes += notes
+    return result
 
 
 def inspect(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str] = (),

@@ -17,13 +17,16 @@ from functools import wraps
 from pathlib import Path
 
 import click
+import numpy as np
 
 from . import api
 from .bench import MAX_ROUNDS, MAX_THREADS
-from .errors import ReparamError, first_line
+from .calibration import ImagePreprocessing
+from .errors import OPTIONS, ReparamError, first_line
 from .inputs import load_inputs, parse_input_shapes
 from .model_io import files_size, save_model
-from .passes import default_passes
+from .passes import default_passes, finishing_passes
+from .pipeline import FINISHING_OPTIONS
 from .report import Report
 
 EXIT_MISMATCH, EXIT_BAD_INPUT, EXIT_INTERNAL = 1, 2, 3
@@ -77,7 +80,7 @@ def _check_options(f):
 
 
 def _pass_options(f):
-    names = click.Choice([p.name for p in default_passes()])
+    names = click.Choice([p.name for p in default_passes() + finishing_passes()])
     f = click.option("--skip", multiple=True, type=names, metavar="PASS",
                      help="Do not run this pass (repeatable; the passes command lists them).")(f)
     f = click.option("--only", multiple=True, type=names, metavar="PASS",
@@ -192,12 +195,17 @@ def main():
 @click.option("--static-shape", is_flag=True,
               help="Fix the inputs' symbolic dims in OUT (to --input-shape, a batch axis to 1) so that "
                    "rewrites that hold for one size only apply.")
+@click.option("--int8-ready", is_flag=True,
+              help="Then equalize the layers' weights across channels (exact) so that OUT quantizes to INT8 well.")
+@click.option("--keep-identity", is_flag=True,
+              help="Keep the centre taps an identity branch adds to a conv apart, as a per-channel Mul (for INT8).")
 @click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @click.option("--bench", "run_bench", is_flag=True, help="Then time IN against OUT (see `bench`).")
 @_output_options(REWRITE_DETAIL)
 @_one_line_errors
 def optimize(input_path, output_path, skip, only, weights_as_constants, provider, rtol, atol, input_shapes,
-             inputs_file, seed, no_verify, force, strict, static_shape, report_path, run_bench, quiet, verbose):
+             inputs_file, seed, no_verify, force, strict, static_shape, int8_ready, keep_identity, report_path,
+             run_bench, quiet, verbose):
     """Rewrite IN into its deploy structure, verify it, write OUT."""
     source = Path(input_path)
     target = Path(output_path)
@@ -214,7 +222,8 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
                                      provider=provider, input_shapes=parse_input_shapes(input_shapes),
                                      inputs=inputs, seed=seed, rtol=rtol, atol=atol, strict=strict,
                                      weights_as_constants=weights_as_constants, lazy_weights=True,
-                                     static_shape=static_shape, progress=progress)
+                                     static_shape=static_shape, int8_ready=int8_ready,
+                                     keep_identity=keep_identity, progress=progress)
         failed = False
     except api.VerificationError as exc:
         model, report, failed = exc.model, exc.report, True
@@ -337,6 +346,65 @@ def list_passes():
     """List the passes, in the order they run."""
     for p in default_passes():
         click.echo(f"{p.name:16} {p.doc}")
+    for p in finishing_passes():
+        click.echo(f"{p.name:16} (only with {OPTIONS[FINISHING_OPTIONS[p.name] + '=True']}) {p.doc}")
+
+
+@main.command("quantize-check", short_help="How MODEL will take INT8: weight outliers, and with data, SQNR.")
+@click.argument("model_path", metavar="MODEL", type=click.Path())
+@click.option("--data", "data_path", type=click.Path(), metavar="CALIB",
+              help="Calibration data: an .npz of input arrays (samples along the first axis) or a folder of images.")
+@click.option("--train", "train_path", type=click.Path(), metavar="TRAIN.onnx",
+              help="The training export MODEL was fused from: name the identity-branch BN gains in each layer.")
+@click.option("--image-size", type=_Bounded(1, 65536), default=224, show_default=True, metavar="N",
+              help="Images: shorter side resized to N, centre NxN crop.")
+@click.option("--mean", default="0.485,0.456,0.406", show_default=True, metavar="R,G,B",
+              help="Images: subtracted after dividing by 255.")
+@click.option("--std", default="0.229,0.224,0.225", show_default=True, metavar="R,G,B", help="Images: divided by.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
+              help="Images: the input's layout.")
+@click.option("--report", "report_path", type=click.Path(), help="Write the report as JSON.")
+@click.option("--int8-hints", "hints_path", type=click.Path(), metavar="FILE.json",
+              help="Write the keep list (onnxruntime nodes_to_exclude, TensorRT layer precisions) and activation "
+                   "ranges (needs --data).")
+@_output_options("List every layer and the whole sensitivity ranking.")
+@_one_line_errors
+def quantize_check(model_path, data_path, train_path, image_size, mean, std, layout, report_path, hints_path, quiet,
+                   verbose):
+    """How MODEL will take INT8: weight ranges and outliers per layer; with --data, INT8 SQNR and top-1
+    agreement against FP32 (weight-only and onnxruntime QDQ, per tensor and per channel), of MODEL and
+    of MODEL after --int8-ready, and which layers are most sensitive. A measurement on your data, not an
+    accuracy guarantee: that needs labelled data."""
+    for path, what in ((report_path, "report"), (hints_path, "hints")):
+        if path:
+            _writable(Path(path), what)
+    if hints_path and not data_path:
+        raise ReparamError("--int8-hints needs --data: the keep list and activation ranges are measured on it")
+    images = ImagePreprocessing(image_size, _triple(mean, "--mean"), _triple(std, "--std"), layout)
+    result = api.quantize_check(model_path, data=data_path, train=train_path, images=images)
+    if report_path:
+        _write_json(result.to_dict(), report_path)
+    if hints_path:
+        _write_json(result.hints(), hints_path)
+    if not quiet:
+        click.echo(result.summary(verbose))
+
+
+def _triple(text: str, name: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise ReparamError(f"{name} takes three numbers, R,G,B (got {text!r})")
+    return values[0], values[1], values[2]
+
+
+def _write_json(data: dict, path: str) -> None:
+    try:
+        Path(path).write_text(json.dumps(data, indent=2, default=float) + "\n")
+    except OSError as exc:
+        raise ReparamError(f"cannot write {path}: {exc.strerror}") from None
 
 
 if __name__ == "__main__":

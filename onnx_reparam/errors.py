@@ -7,7 +7,8 @@ from __future__ import annotations
 # names both.
 OPTIONS = {"input_shapes": "--input-shape", "inputs": "--inputs", "provider": "--provider",
            "static_shape=True": "--static-shape", "verify=False": "--no-verify",
-           "weights_as_constants=True": "--weights-as-constants"}
+           "weights_as_constants=True": "--weights-as-constants", "int8_ready=True": "--int8-ready",
+           "keep_identity=True": "--keep-identity"}
 
 
 def option(name: str) -> str:

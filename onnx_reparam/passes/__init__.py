@@ -68,6 +68,7 @@ class Pass:
     name: str
     run: Callable[[Graph, PassLog], None]
     doc: str
+    final: bool = False  # runs once the others have reached their fixed point, and only when asked
 
 
 def default_passes() -> tuple[Pass, ...]:
@@ -83,6 +84,14 @@ def default_passes() -> tuple[Pass, ...]:
     return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, _first_sentence(module.__doc__ or ""))
                  for module in (fold_constants, drop_noops, transposes, compose, fold_affine, merge_branches,
                                 conv_into_fc))
+
+
+def finishing_passes() -> tuple[Pass, ...]:
+    """Passes that prepare the weights for INT8, run only when asked (keep_identity, int8_ready),
+    in this order, once the others have reached their fixed point."""
+    from . import equalize, split_identity
+    return tuple(Pass(module.__name__.rsplit(".", 1)[1], module.run, _first_sentence(module.__doc__ or ""),
+                      final=True) for module in (split_identity, equalize))
 
 
 def _first_sentence(doc: str) -> str:

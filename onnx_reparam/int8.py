@@ -1,0 +1,224 @@
+"""quantize-check: how a model will take INT8, found from its weights alone and, given calibration
+data, measured; and the hints quantizers take (what to keep in higher precision, activation ranges).
+
+Without data: per layer, the weight range per output channel, the outlier ratio (largest / median
+channel range), where the largest weight sits, and how many of an INT8 grid's 127 levels the median
+channel gets. Given the training export, the identity-branch BN gains each fused layer holds.
+
+With data (split in two disjoint halves: calibration, then evaluation): end-to-end SQNR and top-1
+agreement against FP32 for weight-only INT8 and onnxruntime's QDQ, per tensor and per channel,
+of the model and of it after ``--int8-ready``; the layers ranked by the SQNR of quantizing each
+alone (weight-only, per tensor); the keep list (the most sensitive tenth) measured in QDQ.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import quantize as q
+from .graph import _FRESH_SUFFIX
+from .model_io import load_model
+
+QUANTIZATIONS = ("weights/tensor", "weights/channel", "QDQ/tensor", "QDQ/channel")
+KEEP_SHARE = 0.1  # the most sensitive tenth of the layers (at least one) make the keep list
+
+
+@dataclass
+class IdentityGain:
+    """The largest gain gamma / sqrt(var + eps) of the identity-branch BNs merged into a layer."""
+    batchnorm: str
+    gain: float
+    channel: int
+    median_gain: float
+
+
+@dataclass
+class Measured:
+    """One model's INT8 outcomes on the evaluation half: per quantization, (SQNR dB, top-1 agreement)
+    of each output."""
+    label: str
+    outcomes: dict[str, q.Outcome]
+
+
+@dataclass
+class QuantizeCheck:
+    layers: list[q.LayerWeights]
+    identity_gains: dict[str, IdentityGain] = field(default_factory=dict)
+    data: str = ""  # what the data was, and how it was split
+    measured: list[Measured] = field(default_factory=list)
+    sensitivity: list[tuple[str, float]] = field(default_factory=list)  # (node, SQNR alone), worst first
+    keep: list[str] = field(default_factory=list)
+    keep_effect: tuple[float, float] | None = None  # QDQ/tensor SQNR: everything, the keep list in float
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, verbose: bool = False) -> str:
+        lines = []
+        if self.layers:
+            worst = max(self.layers, key=lambda layer: layer.outlier_ratio)
+            lines.append(f"{len(self.layers)} layers with constant weights; worst outlier ratio {worst.outlier_ratio:.1f} "
+                         f"({worst.node}: its largest weight at {worst.outlier_tap or 'channel ' + str(worst.outlier_channel)}"
+                         f"); the median channel of that layer spans {worst.median_levels:.1f} of 127 INT8 levels")
+        else:
+            lines.append("no layer with a constant float weight: nothing for INT8 weights to round")
+        shown = sorted(self.layers, key=lambda layer: -layer.outlier_ratio)
+        shown = shown if verbose else shown[:10]
+        if shown:
+            lines.append(f"  {'layer':<48} {'largest':>9} {'median ch':>9} {'ratio':>7} {'levels':>6}  where")
+            for layer in shown:
+                gain = self.identity_gains.get(layer.node)
+                where = layer.outlier_tap + (f"; identity BN gain {gain.gain:.1f} (median {gain.median_gain:.2f}) "
+                                             f"in {gain.batchnorm}" if gain else "")
+                lines.append(f"  {_short(layer.node, 48):<48} {layer.largest:>9.3g} {layer.median_channel:>9.3g} "
+                             f"{layer.outlier_ratio:>7.1f} {layer.median_levels:>6.1f}  {where}")
+            if len(shown) < len(self.layers):
+                lines.append(f"  ({len(self.layers) - len(shown)} more layers; -v lists them)")
+        if self.data:
+            lines.append(f"INT8 on data: {self.data}")
+            lines.append(f"  {'model':<22}" + "".join(f"{label:>20}" for label in QUANTIZATIONS))
+            for measured in self.measured:
+                cells = "".join(f"{_cell(measured.outcomes[label]):>20}" for label in QUANTIZATIONS)
+                lines.append(f"  {measured.label:<22}{cells}")
+            lines.append("  (output SQNR against FP32 in dB, higher is better; top-1 agreement where the output is "
+                         "[N, classes])")
+        if self.sensitivity:
+            ranked = self.sensitivity if verbose else self.sensitivity[:5]
+            lines.append("most sensitive layers (SQNR with only that layer's weights in INT8): " +
+                         ", ".join(f"{_short(name, 40)} {value:.1f} dB" for name, value in ranked))
+        if self.keep_effect is not None:
+            every, kept = self.keep_effect
+            lines.append(f"keeping {len(self.keep)} layer(s) in float (the hints' keep list): QDQ per tensor "
+                         f"{every:.1f} -> {kept:.1f} dB")
+        lines += self.notes
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(layer) for layer in self.layers],
+                "identity_gains": {k: asdict(v) for k, v in self.identity_gains.items()},
+                "data": self.data,
+                "measured": {m.label: {k: asdict(o) for k, o in m.outcomes.items()} for m in self.measured},
+                "sensitivity": [{"node": n, "sqnr_db": s} for n, s in self.sensitivity],
+                "keep": self.keep, "keep_effect": self.keep_effect, "notes": self.notes}
+
+    def hints(self) -> dict:
+        """What onnxruntime's and TensorRT's quantizers take: the keep list, activation ranges."""
+        return {
+            "onnxruntime": {"nodes_to_exclude": self.keep,
+                            "usage": "quantize_static(..., nodes_to_exclude=hints['onnxruntime']['nodes_to_exclude'])"},
+            "tensorrt": {"layer_precisions": dict.fromkeys(self.keep, "fp16"),
+                         "trtexec": ("--int8 --fp16 --precisionConstraints=obey --layerPrecisions=" +
+                                     ",".join(f"{name}:fp16" for name in self.keep)) if self.keep else "--int8",
+                         "note": "TensorRT's ONNX parser names layers after the ONNX nodes"},
+            "activation_ranges": {name: list(r) for name, r in self.ranges.items()},
+            "activation_ranges_method": "MinMax over the calibration half of the data: every tensor a layer "
+                                        "reads or writes (for ITensor.set_dynamic_range, take max(|min|, |max|))",
+        }
+
+
+def _cell(outcome: q.Outcome) -> str:
+    agreement = outcome.agreement[0]
+    return f"{outcome.sqnr[0]:.1f}" + (f" / {100 * agreement:.0f}%" if agreement is not None else "")
+
+
+def _short(name: str, width: int) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def check(model: onnx.ModelProto, samples: Sequence[dict] | None = None, data: str = "",
+          train: onnx.ModelProto | None = None, variants: dict[str, onnx.ModelProto] | None = None) -> QuantizeCheck:
+    """The report; ``samples`` (feed sets) with ``data`` saying what they are; ``train`` the
+    training export the model was fused from; ``variants`` the model rewritten for INT8, by label
+    ("after --int8-ready")."""
+    result = QuantizeCheck(q.describe_weights(model))
+    if train is not None:
+        result.identity_gains, note = identity_gains(model, train)
+        if note:
+            result.notes.append(note)
+    if not samples:
+        return result
+    half = len(samples) // 2
+    calibration, evaluation = list(samples[:half]), list(samples[half:])
+    result.data = (f"{data}: {len(samples)} samples, the first {half} to calibrate, the other {len(evaluation)} "
+                   "to evaluate")
+    exclude = _last_layer(model)
+    reference = q.run(model, evaluation)
+    for label, candidate in {"as given": model, **(variants or {})}.items():
+        own_reference = reference if candidate is model else q.run(candidate, evaluation)
+        result.measured.append(Measured(label, _quantized(candidate, calibration, evaluation, own_reference,
+                                                          _last_layer(candidate))))
+    if exclude:
+        result.notes.append(f"QDQ leaves the last layer ({exclude[0]}) in float, as is usual for a classifier")
+    names = [node.name for node, _, _ in q.weight_layers(model)]
+    sensitivity = []
+    for name in names:
+        alone = q.quantize_weights(model, keep=set(names) - {name})
+        sensitivity.append((name, q.compare(reference, q.run(alone, evaluation)).worst))
+    result.sensitivity = sorted(sensitivity, key=lambda item: item[1])
+    count = max(1, round(KEEP_SHARE * len(names))) if names else 0
+    result.keep = [name for name, _ in result.sensitivity[:count]]
+    if result.keep:
+        every = result.measured[0].outcomes["QDQ/tensor"].worst
+        kept = q.compare(reference, q.run(q.quantize_qdq(model, calibration, exclude=set(exclude) | set(result.keep)),
+                                           evaluation)).worst
+        result.keep_effect = (every, kept)
+    result.ranges = q.activation_ranges(model, calibration)
+    return result
+
+
+def _quantized(model: onnx.ModelProto, calibration: list[dict], evaluation: list[dict],
+               reference: list[list[np.ndarray]], exclude: list[str]) -> dict[str, q.Outcome]:
+    outcomes = {}
+    for label, per_channel in (("weights/tensor", False), ("weights/channel", True)):
+        outcomes[label] = q.compare(reference, q.run(q.quantize_weights(model, per_channel), evaluation))
+    for label, per_channel in (("QDQ/tensor", False), ("QDQ/channel", True)):
+        quantized = q.quantize_qdq(model, calibration, per_channel, exclude=exclude)
+        outcomes[label] = q.compare(reference, q.run(quantized, evaluation))
+    return outcomes
+
+
+def _last_layer(model: onnx.ModelProto) -> list[str]:
+    """The last weighted layer when it is a Gemm or MatMul (a classifier head)."""
+    layers = q.weight_layers(model)
+    return [layers[-1][0].name] if layers and layers[-1][0].op_type in ("Gemm", "MatMul") else []
+
+
+def identity_gains(model: onnx.ModelProto, train: onnx.ModelProto) -> tuple[dict[str, IdentityGain], str]:
+    """For each layer of ``model``, the identity-branch BNs of ``train`` merged into it (found by
+    re-running the rewrite on ``train`` and matching the layers by name), with their largest gain.
+    An identity BN is one whose input no Conv writes: it normalizes the block's input itself."""
+    from . import api
+    train = load_model(train)
+    writers = {out: node for node in train.graph.node for out in node.output}
+    weights = {t.name: t for t in train.graph.initializer}
+    identity = {}
+    for node in train.graph.node:
+        source = writers.get(node.input[0]) if node.input else None
+        if node.op_type == "BatchNormalization" and (source is None or source.op_type != "Conv") \
+                and all(name in weights for name in node.input[1:5]):
+            gamma, _, _, var = (numpy_helper.to_array(weights[name]).astype(np.float64) for name in node.input[1:5])
+            epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            identity[node.name] = np.abs(gamma) / np.sqrt(var + epsilon)
+    if not identity:
+        return {}, "the training export has no identity-branch BatchNormalization (one not after a Conv)"
+    _, report = api.optimize(train, verify=False)
+    merged: dict[str, set[str]] = {}
+    for rewrite in (r for p in report.passes for r in p.rewrites):
+        for added in rewrite.added:
+            merged.setdefault(_FRESH_SUFFIX.sub("", added), set()).update(rewrite.replaced)
+    gains = {}
+    layer_names = [node.name for node, _, _ in q.weight_layers(model)]
+    for name in layer_names:
+        found = [bn for bn in sorted(merged.get(_FRESH_SUFFIX.sub("", name), ())) if bn in identity]
+        if found:
+            bn = max(found, key=lambda b: identity[b].max())
+            gain = identity[bn]
+            gains[name] = IdentityGain(bn, float(gain.max()), int(np.argmax(gain)), float(np.median(gain)))
+    originals = {node.name for node in train.graph.node}
+    unmatched = sum(1 for name in layer_names if _FRESH_SUFFIX.sub("", name) not in merged and name not in originals)
+    note = (f"{unmatched} of {len(layer_names)} layers are not layers that re-running the rewrite on the training "
+            "export writes (another tool's output, or renamed): no identity gains for them") if unmatched else ""
+    return gains, note

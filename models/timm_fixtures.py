@@ -9,13 +9,16 @@ scikit-image), exported in training structure as users export them:
 - ``timm_{...}_half_inside.onnx``: float16 inside, float32 inputs and outputs;
 - ``timm_levit_128s_ts.onnx``: LeViT-128S's structure at a quarter width, TorchScript, float32.
 
+``crops/``: 24 natural-image crops (64 px PNG, from the right halves of the images; the BN
+statistics come from whole images) as calibration data for quantize-check's tests.
+
 Each also gets timm's own deploy conversion (``timm.utils.model.reparameterize_model``) exported the
 same way; ``timm_manifest.json`` holds its Conv/BatchNormalization/Add counts, for the tests to
 compare with.
 
     pip install torch==2.14.1 torchvision==0.29.1 && pip install --no-deps timm   # a separate venv
     pip install scikit-image onnx onnxscript
-    python models/timm_fixtures.py [OUT_DIR [NAME ...]]   # NAMEs: write only these again
+    python models/timm_fixtures.py [OUT_DIR [NAME ...]]   # NAMEs (or crops): write only these again
 """
 from __future__ import annotations
 
@@ -119,9 +122,24 @@ def counts(path: Path) -> dict[str, int]:
     return {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add")}
 
 
+def write_crops(folder: Path, count: int = 24, seed: int = 7) -> None:
+    """Natural-image crops as PNG files, as a user's calibration folder holds them."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    names = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        image = getattr(skimage.data, names[i % len(names)])()[..., :3]
+        right = image[:, image.shape[1] // 2:]
+        y, x = rng.integers(0, right.shape[0] - SIZE), rng.integers(0, right.shape[1] - SIZE)
+        Image.fromarray(right[y:y + SIZE, x:x + SIZE]).save(folder / f"crop{i:02d}.png")
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "fixtures")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if len(sys.argv) <= 2 or "crops" in sys.argv[2:]:
+        write_crops(out_dir / "crops")
     shape = (1, 3, SIZE, SIZE)
     plan = [("repvgg_a0", "ts", "ts"), ("mobileone_s0", "dynamo-raw", "dynamo_raw"), ("levit_128s", "ts", "ts")]
     plan += [(name, "ts", variant) for name in NETS if name != "levit_128s" for variant in ("half", "half_inside")]
@@ -129,7 +147,7 @@ def main() -> None:
     manifest_path = out_dir / "timm_manifest.json"
     manifest = json.loads(manifest_path.read_text()) if only and manifest_path.exists() else {}
     for name, exporter, variant in plan:
-        if only and name not in only:
+        if only and name not in only or only == {"crops"}:
             continue
         train = calibrated(name)
         deploy = reparameterize_model(copy.deepcopy(train))

@@ -60,23 +60,28 @@ class QuantizeCheck:
         lines = []
         if self.layers:
             worst = max(self.layers, key=lambda layer: layer.outlier_ratio)
+            coarsest = min(self.layers, key=lambda layer: layer.weight_levels)
             lines.append(f"{len(self.layers)} layers with constant weights; worst outlier ratio {worst.outlier_ratio:.1f} "
                          f"({worst.node}: its largest weight at {worst.outlier_tap or 'channel ' + str(worst.outlier_channel)}"
-                         f"); the median channel of that layer spans {worst.median_levels:.1f} of 127 INT8 levels")
+                         f"); coarsest grid: {coarsest.node}'s median |w| is {coarsest.weight_levels:.2f} of 127 "
+                         "per-tensor INT8 levels")
         else:
             lines.append("no layer with a constant float weight: nothing for INT8 weights to round")
         shown = sorted(self.layers, key=lambda layer: -layer.outlier_ratio)
         shown = shown if verbose else shown[:10]
         if shown:
-            lines.append(f"  {'layer':<48} {'largest':>9} {'median ch':>9} {'ratio':>7} {'levels':>6}  where")
+            lines.append(f"  {'layer':<48} {'largest':>9} {'median ch':>9} {'ratio':>7} {'levels':>6} {'|w| lv':>6}  "
+                         "where the largest sits")
             for layer in shown:
                 gain = self.identity_gains.get(layer.node)
                 where = layer.outlier_tap + (f"; identity BN gain {gain.gain:.1f} (median {gain.median_gain:.2f}) "
                                              f"in {gain.batchnorm}" if gain else "")
                 lines.append(f"  {_short(layer.node, 48):<48} {layer.largest:>9.3g} {layer.median_channel:>9.3g} "
-                             f"{layer.outlier_ratio:>7.1f} {layer.median_levels:>6.1f}  {where}")
+                             f"{layer.outlier_ratio:>7.1f} {layer.median_levels:>6.1f} {layer.weight_levels:>6.2f}  {where}")
             if len(shown) < len(self.layers):
                 lines.append(f"  ({len(self.layers) - len(shown)} more layers; -v lists them)")
+            lines.append("  (ratio: largest / median output channel range; levels: of 127, the median channel's on a "
+                         "per-tensor grid; |w| lv: the median weight's)")
         if self.data:
             lines.append(f"INT8 on data: {self.data}")
             lines.append(f"  {'model':<22}" + "".join(f"{label:>20}" for label in QUANTIZATIONS))

@@ -40,11 +40,17 @@ class LayerWeights:
     outlier_ratio: float  # largest / median channel range: how much of the grid the median channel gets
     outlier_channel: int
     outlier_tap: str  # where the tensor's largest |w| sits: "centre tap of its own channel (identity)", ...
+    median_weight: float  # the median |w|: an outlier inside each channel shows here, not in the ratio
 
     @property
     def median_levels(self) -> float:
         """How many of the 127 levels the median channel's weights span on a per-tensor grid."""
         return LEVELS * self.median_channel / self.largest if self.largest else 0.0
+
+    @property
+    def weight_levels(self) -> float:
+        """How many levels of a per-tensor grid the median |w| is worth (the tensor's resolution)."""
+        return LEVELS * self.median_weight / self.largest if self.largest else 0.0
 
 
 def weight_layers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.TensorProto, int]]:
@@ -96,7 +102,7 @@ def describe_weights(model: onnx.ModelProto) -> list[LayerWeights]:
         channel = int(position[axis])
         layers.append(LayerWeights(node.name, node.op_type, tuple(weight.shape), float(ranges.max()), median,
                                    float(ranges.max() / median) if median > 0 else float("inf"), channel,
-                                   _tap(node, weight.shape, position)))
+                                   _tap(node, weight.shape, position), float(np.median(np.abs(weight)))))
     return layers
 
 

@@ -281,12 +281,13 @@ class Report:
 
 def is_reparam(refusal: Refusal) -> bool:
     """Whether a refusal concerns a re-parameterization pattern (BN folds, branch merges, conv
-    chains, FC folds) or a rewrite that failed, rather than a plain scale or reshape that happens
+    chains, FC folds), an INT8 transform the user asked for, or a rewrite that failed, rather than a plain scale or reshape that happens
     to sit next to a layer (GELU's x / sqrt(2) after a conv)."""
     if refusal.kind != "refused":
         return True
     pattern = refusal.pattern
-    return pattern.startswith(("branches", "fc", "Conv chain", "AveragePool")) or "BatchNormalization" in pattern
+    return pattern.startswith(("branches", "fc", "Conv chain", "AveragePool", "equalization", "identity kept apart")) \
+        or "BatchNormalization" in pattern
 
 
 def _grouped(refusals: list[Refusal]) -> list[tuple[tuple[str, str], list[Refusal]]]:

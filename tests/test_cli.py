@@ -285,3 +285,54 @@ def test_a_model_onnxruntime_cannot_run_is_bad_input_before_any_rewrite(tmp_path
     assert not any(s.startswith("sweep") for s in stages)  # refused before any rewrite
     _, report = onnx_reparam.optimize(path, verify=False)  # unchecked, as asked: no internal error
     assert not any(r.kind == "internal error" for p in report.passes for r in p.refusals)
+
+
+def two_block_model() -> onnx.ModelProto:
+    """Two RepVGG-like blocks (their identity BNs with large gains on a few channels) and a head."""
+    b = GraphBuilder()
+    y = b.input("x", [1, 4, 6, 6])
+    for _ in range(2):
+        dense = b.bn(b.conv(y, 4, 4, 3, bias=False, pads=[1, 1, 1, 1]), 4)
+        point = b.bn(b.conv(y, 4, 4, 1, bias=False), 4)
+        identity = b.bn(y, 4)
+        y = b.node("Relu", [b.node("Add", [b.node("Add", [dense, point]), identity])])
+    b.inits[-1].CopyFrom(onnx.numpy_helper.from_array(np.array([1e-3, 1, 1, 1e-3], np.float32), b.inits[-1].name))
+    y = b.node("Flatten", [b.node("GlobalAveragePool", [y])], axis=1)
+    return b.model([b.node("Gemm", [y, b.const(b.rand(3, 4)), b.const(b.rand(3))], transB=1)])
+
+
+def test_optimize_int8_ready_and_keep_identity(tmp_path):
+    source = tmp_path / "in.onnx"
+    onnx.save(two_block_model(), source)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["optimize", str(source), str(out), "--int8-ready", "--keep-identity"])
+    assert result.exit_code == 0, result.output
+    assert "equalize: rewrote 1 x equalization" in result.output
+    assert "split_identity: rewrote" in result.output and "verification PASSED" in result.output
+    assert ops(onnx.load(out))["Mul"] >= 1
+    listed = CliRunner().invoke(main, ["passes"]).output
+    assert "equalize         (only with --int8-ready)" in listed and "(only with --keep-identity)" in listed
+    result = CliRunner().invoke(main, ["optimize", str(source), str(out), "--skip", "equalize"])
+    assert result.exit_code == 2 and "pass equalize runs only with int8_ready=True (--int8-ready)" in result.output
+
+
+def test_quantize_check_command(tmp_path):
+    fused = tmp_path / "fused.onnx"
+    onnx_reparam.save_model(onnx_reparam.optimize(two_block_model())[0], fused)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 4, 6, 6)).astype(np.float32))
+    hints, report = tmp_path / "hints.json", tmp_path / "qc.json"
+    result = CliRunner().invoke(main, ["quantize-check", str(fused), "--data", str(data), "--int8-hints", str(hints),
+                                       "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "worst outlier ratio" in result.output and "optimize --int8-ready" in result.output
+    assert "QDQ/tensor" in result.output and "most sensitive layers" in result.output
+    loaded = json.loads(hints.read_text())
+    assert loaded["onnxruntime"]["nodes_to_exclude"] and loaded["activation_ranges"]
+    assert json.loads(report.read_text())["measured"]["as given"]["QDQ/tensor"]["sqnr"]
+    for args, message in ((["--int8-hints", str(hints)], "--int8-hints needs --data"),
+                          (["--data", str(tmp_path / "none.npz")], "no such file or folder"),
+                          (["--mean", "1,2"], "--mean takes three numbers")):
+        result = CliRunner().invoke(main, ["quantize-check", str(fused), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert result.output.count("\n") == 1

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import re
 import tempfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,12 @@ def mutant_case(seed: int) -> Case:
     return Case(f"mutant-{seed}-{kind}", model, input_shapes)
 
 
+def _int8(case: Case) -> dict:
+    """Every third case also runs the INT8 passes (--int8-ready --keep-identity)."""
+    asked = zlib.crc32(case.name.encode()) % 3 == 0
+    return {"int8_ready": asked, "keep_identity": asked}
+
+
 def _passes(check, model: onnx.ModelProto) -> bool:
     try:
         check(model)
@@ -430,7 +437,7 @@ def run_case(case: Case, findings: Findings) -> None:
         if runs:
             try:
                 model, verified = onnx_reparam.optimize(path, input_shapes=case.input_shapes, provider="cpu",
-                                                        static_shape=case.static_shape)
+                                                        static_shape=case.static_shape, **_int8(case))
                 findings.dropped += len(verified.dropped)
                 for leftover in silent_leftovers(model, verified):
                     findings.add(case, f"left without a reason: {leftover}")
@@ -488,7 +495,7 @@ def _unverified_run(case: Case, path: Path, findings: Findings) -> onnx.ModelPro
     shapes = case.input_shapes if case.static_shape else None
     try:
         unverified, report = onnx_reparam.optimize(path, verify=False, static_shape=case.static_shape,
-                                                   input_shapes=shapes)
+                                                   input_shapes=shapes, **_int8(case))
         out = path.parent.parent / "out" / "out.onnx"
         out.parent.mkdir()
         save_model(unverified, out, external_data=case.kind == "external")
@@ -650,9 +657,13 @@ def silent_leftovers(model: onnx.ModelProto, report) -> list[str]:
             name = node.output[0]
         return path
 
+    def asked_for(node) -> bool:  # an identity kept apart (--keep-identity) is the user's choice
+        rules = [entry.value for entry in node.metadata_props if entry.key == "onnx_reparam.rule"]
+        return any(rule.startswith("split_identity") for rule in rules) or "split_identity" in node.doc_string
+
     silent = []
     for node in graph.node:
-        if not affine(node):
+        if not affine(node) or asked_for(node):
             continue
         data = next(name for name in node.input if name not in constants)
         before, after = back(data), forward(node.output[0])

@@ -98,7 +98,7 @@ def test_a_chain_is_one_rewrite_and_a_second_run_changes_nothing():
     model = b.model([y])
     out, report = rewrite(model, int8_ready=True)
     assert rewrites(report, "equalize") == 1
-    again, report = rewrite(out, int8_ready=True)
+    _, report = rewrite(out, int8_ready=True)
     assert rewrites(report, "equalize") == 0
 
 
@@ -131,7 +131,7 @@ def test_must_not_equalize(between, reason):
     else:
         y = b.node("Relu", [y])
         outputs.append(y)
-    out, report = rewrite(b.model([b.conv(y, 4, 3, 3, pads=[1, 1, 1, 1])] + outputs), int8_ready=True)
+    _, report = rewrite(b.model([b.conv(y, 4, 3, 3, pads=[1, 1, 1, 1])] + outputs), int8_ready=True)
     assert rewrites(report, "equalize") == 0
     assert any(reason in text for text in reasons(report, "equalize")), reasons(report, "equalize")
     assert report.summary() and "equalization" in report.summary()  # named at default verbosity
@@ -215,3 +215,37 @@ def test_equalize_through_a_kept_identity():
     assert rewrites(report, "split_identity") == 2 and rewrites(report, "equalize") == 1
     assert ops(out) == {"Conv": 4, "Mul": 2, "Add": 2, "Relu": 3}
     assert worst_ratio(out) < worst_ratio(model) / 5
+
+
+def test_through_concat_resize_cast_and_a_constant_div():
+    """YOLO necks: layers concatenated along the channels, upsampled, then read by one conv."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    left = b.node("Relu", [outlier_conv(b, x, 3, 4, channel=1)])
+    right = b.node("LeakyRelu", [outlier_conv(b, x, 3, 5, channel=4, gain=80.0)], alpha=0.1)
+    right = b.node("Div", [right, b.const(np.array(2.0, np.float32))])
+    right = b.node("Resize", [b.node("MaxPool", [right], kernel_shape=[2, 2], strides=[2, 2]), "",
+                              b.const(np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    both = b.node("Concat", [left, right, x], axis=1)
+    model = b.model([b.conv(both, 12, 6, 1)])
+    model.graph.node.append(onnx.helper.make_node("Shape", [both], ["shape"]))  # reads no value
+    model.graph.output.append(onnx.helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [4]))
+    out, report = rewrite(model, int8_ready=True)
+    assert rewrites(report, "equalize") == 1 and not reasons(report, "equalize")
+    assert worst_ratio(out) < worst_ratio(model) / 5
+
+
+def test_no_refusal_where_no_layer_follows():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.node("Sigmoid", [outlier_conv(b, x, 3, 4)])
+    _, report = rewrite(b.model([y]), int8_ready=True)
+    assert rewrites(report, "equalize") == 0 and not reasons(report, "equalize")
+
+
+def test_concat_on_another_axis_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    y = b.node("Concat", [b.node("Relu", [outlier_conv(b, x, 3, 4)]), b.conv(x, 3, 4, 1)], axis=2)
+    _, report = rewrite(b.model([b.conv(y, 4, 2, 1)]), int8_ready=True)
+    assert any("Concat on another axis" in text for text in reasons(report, "equalize"))

@@ -14,8 +14,6 @@ from onnx_reparam import quantize as q
 from onnx_reparam.calibration import ImagePreprocessing, load_calibration
 
 
-
-
 def small_classifier(dtype=np.float32) -> onnx.ModelProto:
     """Conv with an identity-like outlier, ReLU, pool, Gemm: a fused RepVGG-like block and head."""
     b = GraphBuilder(dtype=dtype)
@@ -76,7 +74,6 @@ def test_check_with_data_measures_every_quantization(tmp_path):
     for measured in result.measured:
         assert set(measured.outcomes) == {"weights/tensor", "weights/channel", "QDQ/tensor", "QDQ/channel"}
         assert all(np.isfinite(o.sqnr[0]) for o in measured.outcomes.values())
-    given, ready = result.measured[0].outcomes, result.measured[1].outcomes
     assert len(result.sensitivity) == 4 and result.keep == [result.sensitivity[0][0]]
     assert result.keep_effect is not None
     hints = result.hints()

@@ -60,7 +60,7 @@ class Member:
         weight = self.weight
         if self.linear is None:
             self.pairs = self.reads = np.zeros((0, 0))
-            self.out_scale = self.in_scale = np.ones(weight.size)
+            self.out_scale, self.in_scale = np.ones(weight.size), np.ones(weight.size)
             return
         if self.node.op == "Conv":
             self.pairs = np.abs(weight).reshape(weight.shape[:2] + (-1,)).max(axis=2)
@@ -84,16 +84,16 @@ class Member:
     def out_ranges(self) -> np.ndarray:
         return self.scaled().max(axis=1)
 
-    def in_ranges(self, channels: int) -> np.ndarray:
-        ranges = np.zeros(channels)
+    def in_ranges(self) -> np.ndarray:
+        ranges = np.zeros(self.in_scale.size)
         np.maximum.at(ranges, self.reads.ravel(), self.scaled().ravel())
         return ranges
 
     def scale_out(self, factor: np.ndarray) -> None:
         self.out_scale = self.out_scale * factor
 
-    def scale_in(self, factor: np.ndarray) -> None:
-        self.in_scale = self.in_scale * factor
+    def scale_in(self, factor: np.ndarray, offset: int = 0) -> None:
+        self.in_scale[offset:offset + factor.size] *= factor
 
     def result(self) -> tuple[np.ndarray, np.ndarray | None]:
         """The weight (a scaling's vector) and bias with the factors applied."""
@@ -111,9 +111,10 @@ class Member:
 
 @dataclass
 class Link:
-    """The channels that ``producers`` write reach ``consumers`` one to one."""
+    """The channels that ``producers`` write (all of them, summed) reach each consumer one to one,
+    at its input channels offset..offset + C (a Concat before it puts them there)."""
     producers: list[Node]
-    consumers: list[Node]
+    consumers: list[tuple[Node, int]]
 
 
 def run(graph: Graph, log: PassLog) -> None:
@@ -146,36 +147,105 @@ def _link_from(graph: Graph, node: Node, members: dict[str, Member]) -> Link | N
     readers = node.outputs[0].outputs
     if len(readers) == 1 and readers[0].op == "Add" and _sources(graph, readers[0].outputs[0], members) is not None:
         return None  # a part of a sum: the sum's link covers it
-    consumers: list[Node] = []
+    consumers: list[tuple[Node, int]] = []
     outputs: list[str] = []
-    frontier: list[tuple[Tensor, int | None]] = [(node.outputs[0], Graph.rank(node.outputs[0]))]
+    frontier: list[tuple[Tensor, int | None, int]] = [(node.outputs[0], Graph.rank(node.outputs[0]), 0)]
     while frontier:
-        tensor, rank = frontier.pop()
+        tensor, rank, offset = frontier.pop()
         if tensor.name in graph.output_names:
             outputs.append(tensor.name)
         for reader in tensor.outputs:
-            index = next(i for i, t in enumerate(reader.inputs) if t is tensor)
-            if _consumes(graph, reader, index, rank, members):
-                consumers.append(reader)
-            elif reader.op in HOMOGENEOUS and index == 0:
-                frontier.append((reader.outputs[0], Graph.rank(reader.outputs[0])))
-            elif reader.op in FLATTENING and index == 0 and _channels_kept(reader):
-                frontier.append((reader.outputs[0], 2))
-            elif reader.op in REDUCING and index == 0 and _reduced_rank(graph, reader, rank) is not None:
-                frontier.append((reader.outputs[0], _reduced_rank(graph, reader, rank)))
-            else:
-                raise Refused(_why_not(reader), f"{node.name} reaches {reader.name}")
+            for index in [i for i, t in enumerate(reader.inputs) if t is tensor]:
+                if reader.op in ("Shape", "Size"):
+                    continue  # reads the shape, which no scale changes
+                step = _step(graph, reader, index, rank, members)
+                if step is None:
+                    if not _reaches_layer(reader):
+                        return None  # nothing to trade scales with there
+                    raise Refused(_why_not(reader), f"{node.name} reaches {reader.name}")
+                if isinstance(step, str):  # a consumer
+                    consumers.append((reader, offset))
+                else:
+                    frontier.append((reader.outputs[0], step[0], offset + step[1]))
     if consumers and outputs:
         raise Refused("a value between the layers is a graph output, whose scale must stay",
                       ", ".join(f"'{name}'" for name in outputs))
     return Link(producers, consumers) if consumers else None
 
 
+def _step(graph: Graph, reader: Node, index: int, rank: int | None,
+          members: dict[str, Member]) -> str | tuple[int | None, int] | None:
+    """What ``reader`` does with the channels it reads at ``index``: "consumer" (it takes them as
+    its input channels), (rank, offset) of its output where it passes them on scaled as they
+    came (the offset a Concat adds), or None where it does neither."""
+    if _consumes(graph, reader, index, rank, members):
+        return "consumer"
+    if reader.op in HOMOGENEOUS and index == 0 or reader.op == "Div" and index == 0 \
+            and graph.constant(reader.inputs[1]) is not None or reader.op == "Cast" and _float_cast(reader) \
+            or reader.op in ("Resize", "Upsample") and index == 0 and _linear_resize(reader):
+        return Graph.rank(reader.outputs[0]), 0
+    if reader.op in FLATTENING and index == 0 and _channels_kept(reader):
+        return 2, 0
+    if reader.op in REDUCING and index == 0 and _reduced_rank(graph, reader, rank) is not None:
+        return _reduced_rank(graph, reader, rank), 0
+    if reader.op == "Concat":
+        offset = _concat_offset(reader, index, rank)
+        return (rank, offset) if offset is not None else None
+    return None
+
+
+def _float_cast(node: Node) -> bool:
+    """A cast between float types: the same value in another precision."""
+    source, target = node.inputs[0].dtype, node.outputs[0].dtype
+    return source is not None and target is not None and np.issubdtype(np.dtype(source), np.floating) \
+        and np.issubdtype(np.dtype(target), np.floating)
+
+
+def _linear_resize(node: Node) -> bool:
+    """Every Resize mode is linear in its input within a channel, except crop-and-resize, which
+    writes an extrapolation value where it samples outside."""
+    mode = attr(node, "coordinate_transformation_mode", "half_pixel")
+    return (mode.decode() if isinstance(mode, bytes) else mode) != "tf_crop_and_resize"
+
+
+def _concat_offset(node: Node, index: int, rank: int | None) -> int | None:
+    """Where input ``index`` of a Concat along the channel axis starts among its output channels;
+    None for another axis or an input of unknown channels."""
+    if rank is None or rank < 2:
+        return None
+    axis = int(attr(node, "axis", 0)) % rank
+    if axis != (1 if rank > 2 else rank - 1):
+        return None
+    offset = 0
+    for tensor in node.inputs[:index]:
+        size = _channels(tensor, rank)
+        if size is None:
+            return None
+        offset += size
+    return offset
+
+
+def _reaches_layer(node: Node) -> bool:
+    """Whether any layer with a weight reads, directly or further on, what ``node`` writes."""
+    seen: set[int] = set()
+    frontier = [node]
+    while frontier:
+        current = frontier.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current is not node and current.op in CONSUMERS:
+            return True
+        frontier += [reader for t in current.outputs for reader in t.outputs]
+    return False
+
+
 def _consumes(graph: Graph, reader: Node, index: int, rank: int | None, members: dict[str, Member]) -> bool:
     """The reader takes the tensor's channels as its input channels: a layer reading it as its
     data, or a scaling of it."""
     if reader.op == "Mul":
-        return _member(graph, reader, members, rank) is not None
+        member = _member(graph, reader, members, rank)
+        return member is not None and member.data_index == index
     return reader.op in CONSUMERS and index == 0 and _reads_channels(reader, rank) \
         and _member(graph, reader, members) is not None
 
@@ -256,18 +326,23 @@ def _reduced_rank(graph: Graph, node: Node, rank: int | None) -> int | None:
 
 
 def _channels_kept(node: Node) -> bool:
-    """[N, C, 1, ..., 1] -> [N, C]: channel c becomes feature c."""
-    before, after = Graph.static_shape(node.inputs[0]), Graph.static_shape(node.outputs[0])
-    return before is not None and after is not None and len(after) == 2 and before[:2] == after \
-        and all(d == 1 for d in before[2:])
+    """[N, C, 1, ..., 1] -> [N, C]: channel c becomes feature c (N may be symbolic: the same on both)."""
+    before, after = node.inputs[0].shape, node.outputs[0].shape
+    if before is None or after is None or len(after) != 2 or len(before) < 2:
+        return False
+    return isinstance(after[1], int) and list(before[:2]) == list(after) and all(d == 1 for d in before[2:])
 
 
 def _why_not(reader: Node) -> str:
-    if reader.op in ("Add", "Sum", "Sub", "Concat"):
+    if reader.op == "Concat":
+        return "the layer's output reaches a Concat on another axis than the channels', or of unknown channel counts"
+    if reader.op in ("Add", "Sum", "Sub"):
         return f"the layer's output reaches a {reader.op}, whose other inputs would need the same channel scales"
     if reader.op == "Clip":
         return "a Clip saturates at a fixed value (ReLU6): scaling its input moves where it clips"
-    if reader.op in CONSUMERS | HOMOGENEOUS | FLATTENING | REDUCING | {"Mul"}:
+    if reader.op in ("ConvTranspose", "Gemm", "MatMul", "Conv"):
+        return f"the layer's output reaches a {reader.op} whose weight equalization does not rescale"
+    if reader.op in HOMOGENEOUS | FLATTENING | REDUCING | {"Mul"}:
         return f"the layer's output reaches a {reader.op} that mixes its channels with other axes or values"
     return f"the layer's output reaches a {reader.op}, which is not positively homogeneous (f(x/s) is not f(x)/s)"
 
@@ -282,7 +357,7 @@ def _components(links: list[Link]) -> list[list[Link]]:
         return name
 
     for link in links:
-        names = [n.name for n in link.producers + link.consumers]
+        names = [n.name for n in link.producers] + [n.name for n, _ in link.consumers]
         for name in names[1:]:
             parent[root(name)] = root(names[0])
     components: dict[str, list[Link]] = {}
@@ -303,19 +378,18 @@ def solve(members: dict[str, Member], links: list[Link]) -> int:
         moved = 0.0
         for link in links:
             producers = [members[n.name] for n in link.producers]
-            consumers = [members[n.name] for n in link.consumers]
-            quantized = [c for c in consumers if c.is_layer]
+            r_out = np.max([p.out_ranges() for p in producers if p.is_layer], axis=0)
+            quantized = [(members[n.name], offset) for n, offset in link.consumers if members[n.name].is_layer]
             if not quantized:
                 continue
-            r_out = np.max([p.out_ranges() for p in producers if p.is_layer], axis=0)
-            r_in = np.max([c.in_ranges(r_out.size) for c in quantized], axis=0)
+            r_in = np.max([c.in_ranges()[offset:offset + r_out.size] for c, offset in quantized], axis=0)
             usable = (r_out > 0) & (r_in > 0)
             scale = np.ones_like(r_out)
             scale[usable] = np.sqrt(r_out[usable] / r_in[usable])
             for producer in producers:
                 producer.scale_out(1 / scale)
-            for consumer in consumers:
-                consumer.scale_in(scale)
+            for consumer, offset in link.consumers:
+                members[consumer.name].scale_in(scale, offset)
             moved = max(moved, float(np.abs(np.log(scale)).max()))
         if moved < CONVERGED:
             return sweep
@@ -323,7 +397,8 @@ def solve(members: dict[str, Member], links: list[Link]) -> int:
 
 
 def _equalize(graph: Graph, links: list[Link], members: dict[str, Member], log: PassLog) -> bool:
-    names = list(dict.fromkeys(n.name for link in links for n in link.producers + link.consumers))
+    names = list(dict.fromkeys([n.name for link in links for n in link.producers] +
+                               [n.name for link in links for n, _ in link.consumers]))
     component = {name: members[name] for name in names}
     solve(component, links)
     change = max(float(np.abs(np.log(np.concatenate([m.out_scale, m.in_scale]))).max())

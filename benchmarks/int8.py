@@ -20,7 +20,9 @@ Each is exported in training structure (TorchScript) and measured as five models
 All are quantized four ways (weight-only INT8 per tensor and per channel,
 simulated in float; onnxruntime's ``quantize_static`` QDQ MinMax per tensor and per channel, the
 classifier left in float) and compared with their own float output on evaluation crops: output
-SQNR in dB and top-1 agreement. BN statistics and quantizer calibration use the left half of
+SQNR in dB and top-1 agreement. For the fused and --int8-ready models, quantize-check's keep list
+(as many as that helps, of the most sensitive layers in float) is measured too: "keep k: QDQ per
+tensor of everything -> with those k in float". BN statistics and quantizer calibration use the left half of
 each image, evaluation crops the right half, so they are disjoint. Last, the INT8/FP32 latency
 ratio of the fused model on this CPU (ORT, both as deployed).
 
@@ -44,6 +46,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import onnx_reparam
 from onnx_reparam import quantize as q
+from onnx_reparam.int8 import check
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -149,8 +152,8 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=["repvgg_a0", "mobileone_s0"])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--calibration", type=int, default=32)
-    parser.add_argument("--evaluation", type=int, default=64)
+    parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--evaluation", type=int, default=128)
     parser.add_argument("--keep", type=Path, help="folder to keep the exported and optimized models in")
     args = parser.parse_args()
     calibration = [{"x": x[None]} for x in crops(args.calibration, args.size, "left", seed=10)]
@@ -177,6 +180,10 @@ def main() -> None:
                 onnx.save(model, folder / f"{name}_{variant}_{label}.onnx")
                 outcomes = measure(model, calibration, evaluation)
                 cells = "".join(f"{o.sqnr[0]:>10.1f} / {100 * (o.agreement[0] or 0):>3.0f}%" for o in outcomes.values())
+                if label in ("fused", "int8-ready"):  # the hints' keep list, chosen on the same halves
+                    curve = check(model, calibration + evaluation[:len(calibration)]).keep_curve
+                    best = max(curve, key=lambda point: point[1])
+                    cells += f"   keep {best[0]}: {curve[0][1]:.1f} -> {best[1]:.1f}"
                 print(f"{name:<13} {variant:<14} {label:<11}{cells}", flush=True)
         fused = models["fused"]
         quantized = q.quantize_qdq(fused, calibration, exclude=classifier(fused))

@@ -8,7 +8,8 @@ channel gets. Given the training export, the identity-branch BN gains each fused
 With data (split in two disjoint halves: calibration, then evaluation): end-to-end SQNR and top-1
 agreement against FP32 for weight-only INT8 and onnxruntime's QDQ, per tensor and per channel,
 of the model and of it after ``--int8-ready``; the layers ranked by the SQNR of quantizing each
-alone (weight-only, per tensor); the keep list (the most sensitive tenth) measured in QDQ.
+alone (weight-only, per tensor); QDQ measured with the 1, 2, 4... most sensitive layers in float
+(up to a quarter of them), and the best of those as the keep list.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from .graph import _FRESH_SUFFIX
 from .model_io import load_model
 
 QUANTIZATIONS = ("weights/tensor", "weights/channel", "QDQ/tensor", "QDQ/channel")
-KEEP_SHARE = 0.1  # the most sensitive tenth of the layers (at least one) make the keep list
+KEEP_SHARE = 0.25  # the keep list is chosen among the most sensitive quarter of the layers
 
 
 @dataclass
@@ -52,7 +53,7 @@ class QuantizeCheck:
     measured: list[Measured] = field(default_factory=list)
     sensitivity: list[tuple[str, float]] = field(default_factory=list)  # (node, SQNR alone), worst first
     keep: list[str] = field(default_factory=list)
-    keep_effect: tuple[float, float] | None = None  # QDQ/tensor SQNR: everything, the keep list in float
+    keep_curve: list[tuple[int, float]] = field(default_factory=list)  # (k, QDQ/tensor SQNR, k most sensitive in float)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -94,10 +95,11 @@ class QuantizeCheck:
             ranked = self.sensitivity if verbose else self.sensitivity[:5]
             lines.append("most sensitive layers (SQNR with only that layer's weights in INT8): " +
                          ", ".join(f"{_short(name, 40)} {value:.1f} dB" for name, value in ranked))
-        if self.keep_effect is not None:
-            every, kept = self.keep_effect
-            lines.append(f"keeping {len(self.keep)} layer(s) in float (the hints' keep list): QDQ per tensor "
-                         f"{every:.1f} -> {kept:.1f} dB")
+        if self.keep_curve:
+            lines.append("QDQ per tensor with the k most sensitive layers in float: " +
+                         ", ".join(f"k={k}: {value:.1f} dB" for k, value in self.keep_curve) +
+                         (f"; the hints keep {len(self.keep)}" if self.keep else
+                          "; keeping layers in float does not help here: the hints keep none"))
         lines += self.notes
         return "\n".join(lines)
 
@@ -107,7 +109,7 @@ class QuantizeCheck:
                 "data": self.data,
                 "measured": {m.label: {k: asdict(o) for k, o in m.outcomes.items()} for m in self.measured},
                 "sensitivity": [{"node": n, "sqnr_db": s} for n, s in self.sensitivity],
-                "keep": self.keep, "keep_effect": self.keep_effect, "notes": self.notes}
+                "keep": self.keep, "keep_curve": self.keep_curve, "notes": self.notes}
 
     def hints(self) -> dict:
         """What onnxruntime's and TensorRT's quantizers take: the keep list, activation ranges."""
@@ -163,13 +165,15 @@ def check(model: onnx.ModelProto, samples: Sequence[dict] | None = None, data: s
         alone = q.quantize_weights(model, keep=set(names) - {name})
         sensitivity.append((name, q.compare(reference, q.run(alone, evaluation)).worst))
     result.sensitivity = sorted(sensitivity, key=lambda item: item[1])
-    count = max(1, round(KEEP_SHARE * len(names))) if names else 0
-    result.keep = [name for name, _ in result.sensitivity[:count]]
-    if result.keep:
-        every = result.measured[0].outcomes["QDQ/tensor"].worst
-        kept = q.compare(reference, q.run(q.quantize_qdq(model, calibration, exclude=set(exclude) | set(result.keep)),
-                                           evaluation)).worst
-        result.keep_effect = (every, kept)
+    if names:
+        result.keep_curve = [(0, result.measured[0].outcomes["QDQ/tensor"].worst)]
+        largest = max(1, round(KEEP_SHARE * len(names)))
+        for count in sorted({min(k, largest) for k in (1, 2, 4, 8, 16, 32)}):
+            kept = [name for name, _ in result.sensitivity[:count]]
+            quantized = q.quantize_qdq(model, calibration, exclude=set(exclude) | set(kept))
+            result.keep_curve.append((count, q.compare(reference, q.run(quantized, evaluation)).worst))
+        best = max(result.keep_curve, key=lambda point: point[1])
+        result.keep = [name for name, _ in result.sensitivity[:best[0]]]
     result.ranges = q.activation_ranges(model, calibration)
     return result
 

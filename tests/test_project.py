@@ -11,7 +11,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from onnx_reparam.passes import default_passes
+from onnx_reparam.passes import default_passes, finishing_passes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def test_license_is_permissive_and_declared():
 
 def test_architecture_notes_cover_every_pass():
     notes = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
-    assert all(f"`{p.name}`" in notes for p in default_passes()) and "## Adding a rule" in notes
+    assert all(f"`{p.name}`" in notes for p in default_passes() + finishing_passes()) and "## Adding a rule" in notes
 
 
 def test_python_bound_admits_no_version_the_test_extra_cannot_install():
@@ -40,3 +40,22 @@ def test_the_reparam_benchmark_runs():
                           "--exporter", "ts", "--rounds", "1"], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     assert re.search(r"fc_heads +ts +14 -> +5 \( +5\) .* same ops", run.stdout), run.stdout[-2000:]
+
+
+def test_the_int8_benchmark_measures(tmp_path):
+    """Its models come from timm (not installed for the tests); what it measures them with runs
+    here, on a small RepVGG-like model."""
+    import importlib.util
+
+    import numpy as np
+    spec = importlib.util.spec_from_file_location("int8_benchmark", ROOT / "benchmarks" / "int8.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    from test_cli import two_block_model
+    model = two_block_model()
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal((1, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+    outcomes = benchmark.measure(model, feeds, feeds)
+    assert list(outcomes) == ["weights/tensor", "weights/channel", "QDQ/tensor", "QDQ/channel"]
+    assert benchmark.classifier(model) == [model.graph.node[-1].name]
+    assert benchmark.latency(model, feeds[0], rounds=2) > 0

@@ -74,8 +74,9 @@ def test_check_with_data_measures_every_quantization(tmp_path):
     for measured in result.measured:
         assert set(measured.outcomes) == {"weights/tensor", "weights/channel", "QDQ/tensor", "QDQ/channel"}
         assert all(np.isfinite(o.sqnr[0]) for o in measured.outcomes.values())
-    assert len(result.sensitivity) == 4 and result.keep == [result.sensitivity[0][0]]
-    assert result.keep_effect is not None
+    assert len(result.sensitivity) == 4 and [k for k, _ in result.keep_curve] == [0, 1]
+    best = max(result.keep_curve, key=lambda point: point[1])[0]
+    assert result.keep == [name for name, _ in result.sensitivity[:best]]
     hints = result.hints()
     assert hints["onnxruntime"]["nodes_to_exclude"] == result.keep
     assert set(hints["tensorrt"]["layer_precisions"]) == set(result.keep)
@@ -163,8 +164,8 @@ def test_int8_ready_on_timm_repvgg_with_natural_images(fixture, tmp_path):
     given, ready = by_label["as given"], by_label["optimize --int8-ready"]
     assert given["weights/tensor"].worst < 0 < 8 < ready["weights/tensor"].worst
     assert ready["QDQ/tensor"].worst > given["QDQ/tensor"].worst + 10
-    every, kept = result.keep_effect
-    assert kept > every  # the hints' keep list raises SQNR over quantizing everything
+    every = result.keep_curve[0][1]
+    assert result.keep and max(value for _, value in result.keep_curve) > every + 1  # the keep list helps
     assert max(layer.outlier_ratio for layer in result.layers) > 50
     ready_layers = q.describe_weights(onnx_reparam.optimize(fused, int8_ready=True)[0])
     assert max(layer.outlier_ratio for layer in ready_layers) < 3

@@ -249,3 +249,19 @@ def test_concat_on_another_axis_is_refused():
     y = b.node("Concat", [b.node("Relu", [outlier_conv(b, x, 3, 4)]), b.conv(x, 3, 4, 1)], axis=2)
     _, report = rewrite(b.model([b.conv(y, 4, 2, 1)]), int8_ready=True)
     assert any("Concat on another axis" in text for text in reasons(report, "equalize"))
+
+
+def test_float16_weights_that_would_overflow_are_refused():
+    """A nearly-dead channel (tiny weights) with a large bias, read by large weights: dividing the
+    channel by s ~ sqrt(1e-4 / 600) puts its bias at ~2e6, past float16's 65504."""
+    b = GraphBuilder(dtype=np.float16)
+    x = b.input("x", [1, 2, 4, 4])
+    weight = b.rand(3, 2, 3, 3, scale=0.3)
+    weight[0] = np.float16(1e-4)
+    bias = np.array([1000, 0.5, -0.5], np.float16)
+    y = b.node("Relu", [b.node("Conv", [x, b.const(weight), b.const(bias)], pads=[1, 1, 1, 1])])
+    second = b.rand(2, 3, 1, 1)
+    second[:, 0] = np.float16(600)
+    _, report = rewrite(b.model([b.conv(y, 3, 2, weight=b.const(second))]), int8_ready=True)
+    assert rewrites(report, "equalize") == 0
+    assert any("would overflow float16" in text for text in reasons(report, "equalize")), reasons(report, "equalize")

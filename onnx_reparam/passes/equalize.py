@@ -406,6 +406,12 @@ def _equalize(graph: Graph, links: list[Link], members: dict[str, Member], log: 
     if change < WORTH_IT:
         return False
     for member in component.values():
+        dtype = Graph.layer_dtype(member.node.inputs[member.data_index], np.dtype(np.float32))
+        weight, bias = member.result()
+        largest = max(np.abs(weight).max(), np.abs(bias).max() if bias is not None else 0.0)
+        if np.issubdtype(dtype, np.floating) and largest > np.finfo(dtype).max / 16:
+            raise Refused(f"the equalized weights would overflow {dtype}", f"{member.node.name}: {largest:.3g}")
+    for member in component.values():
         _emit(graph, member)
     return log.rewrote(PATTERN, [m.node for m in component.values()])
 

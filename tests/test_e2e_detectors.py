@@ -42,3 +42,24 @@ def test_yolov7_implicit_constants_fold_as_its_own_fuse_folds_them(name):
     assert {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add", "Mul")} == YOLOV7[name]["deploy"]
     assert report.verification.passed and not report.dropped
     assert Counter(r.pattern for p in report.passes for r in p.rewrites)["Add+Conv"] == 3
+
+
+YOLOV6 = fixture_manifest("yolov6_manifest.json")
+
+
+@pytest.mark.parametrize("name", sorted(YOLOV6))
+def test_yolov6_end2end_from_its_own_code_reaches_its_deploy_counts(name):
+    # YOLOv6-N from meituan/YOLOv6's code (models/yolov6_fixtures.py), exported as its export_onnx.py
+    # --end2end --ort does (NonMaxSuppression inside) but in training structure: every exact merge
+    # kept, its own fuse_model + switch_to_deploy counts reached, the detections held through the
+    # floats they are decided on, both distances from float64 reported
+    model, report = onnx_reparam.optimize(FIXTURES / name)
+    ops = Counter(n.op_type for n in model.graph.node)
+    deploy = YOLOV6[name]["deploy"]
+    assert {op: ops.get(op, 0) for op in deploy} == deploy
+    assert report.verification.passed and not report.dropped
+    held = [o for o in report.verification.outputs if not o.integer and o.role != "decided"]
+    assert held and all(o.ours is not None and o.theirs is not None for o in held)
+    assert "from float64, the input model" in report.summary()
+    ready, report = onnx_reparam.optimize(FIXTURES / name, int8_ready=True)
+    assert report.verification.passed and not report.dropped

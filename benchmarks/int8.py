@@ -22,7 +22,8 @@ simulated in float; onnxruntime's ``quantize_static`` QDQ MinMax per tensor and 
 classifier left in float) and compared with their own float output on evaluation crops: output
 SQNR in dB and top-1 agreement. For the fused and --int8-ready models, quantize-check's keep list
 (as many as that helps, of the most sensitive layers in float) is measured too: "keep k: QDQ per
-tensor of everything -> with those k in float". BN statistics and quantizer calibration use the left half of
+tensor of everything -> with those k in float". Last, what ``optimize --int8-ready --calibration``
+chooses for each target, measuring on the calibration crops (half calibrate, half evaluate). BN statistics and quantizer calibration use the left half of
 each image, evaluation crops the right half, so they are disjoint. Last, the INT8/FP32 latency
 ratio of the fused model on this CPU (ORT, both as deployed).
 
@@ -185,6 +186,10 @@ def main() -> None:
                     best = max(curve, key=lambda point: point[1])
                     cells += f"   keep {best[0]}: {curve[0][1]:.1f} -> {best[1]:.1f}"
                 print(f"{name:<13} {variant:<14} {label:<11}{cells}", flush=True)
+            picks = {target: onnx_reparam.optimize_for_int8(train, calibration, target=target)[1].int8_choice
+                     for target in ("qdq", "weights")}
+            print(f"{'':<28} optimize --int8-ready --calibration (on the calibration crops): "
+                  + ", ".join(f"{target} -> {choice}" for target, choice in picks.items()), flush=True)
         fused = models["fused"]
         quantized = q.quantize_qdq(fused, calibration, exclude=classifier(fused))
         ratio = latency(quantized, evaluation[0]) / latency(fused, evaluation[0])

@@ -48,7 +48,8 @@ def optimize(model, *, only: str | Sequence[str] = (), skip: str | Sequence[str]
              inputs: dict[str, np.ndarray] | None = None, seed: int = 0, rtol: float | None = None,
              atol: float | None = None, strict: bool = False, weights_as_constants: bool = False,
              lazy_weights: bool = False, static_shape: bool = False, int8_ready: bool = False,
-             keep_identity: bool = False, progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
+             keep_identity: bool = False,
+             progress: Callable[[str], None] | None = None) -> tuple[onnx.ModelProto, Report]:
     """Rewrites a training-structure model into its deploy structure and, unless ``verify`` is
     False, checks in onnxruntime that the outputs are unchanged. A rewrite that fails the check is
     dropped and named in ``report.dropped``; the model returned has the others, verified. Raises
@@ -335,6 +336,59 @@ def _drop_failing(load, passes: tuple[Pass, ...], checker: Checker, model: onnx.
     return model, reports, failure, records, note
 
 
+# What optimize_for_int8 chooses among: a label, and the INT8 options of each.
+INT8_CANDIDATES = (("fused", False, False), ("--int8-ready", True, False),
+                   ("--int8-ready --keep-identity", True, True))  # label, int8_ready, keep_identity
+INT8_TARGETS = {"qdq": "onnxruntime QDQ per tensor (MinMax, the last Gemm/MatMul in float)",
+                "weights": "weight-only INT8 per tensor"}
+
+
+def optimize_for_int8(model, calibration, *, target: str = "qdq", images: ImagePreprocessing | None = None,
+                      progress: Callable[[str], None] | None = None,
+                      **options) -> tuple[onnx.ModelProto, Report]:
+    """``optimize`` for INT8, choosing by measurement: the model fused, with ``int8_ready``, and
+    with ``int8_ready`` and ``keep_identity`` (each verified as ``optimize`` verifies), each
+    quantized as ``target`` says ("qdq": onnxruntime's quantize_static per tensor; "weights":
+    weight-only per tensor) with the first half of ``calibration`` (an .npz or image folder path,
+    or a list of feed sets) and measured on the second half (the SQNR of its float outputs
+    against its own FP32 ones); the best is returned, its report saying what each got
+    (``report.int8``) and which was written (``report.int8_choice``). ``options`` go to optimize."""
+    if target not in INT8_TARGETS:
+        raise ReparamError(f"target must be one of {', '.join(INT8_TARGETS)}, not {target!r}")
+    for name in ("int8_ready", "keep_identity", "progress"):
+        if name in options:
+            raise ReparamError(f"{name} is chosen by measurement here; give calibration data only")
+    step = progress or (lambda message: None)
+    loaded = load_model(_as_model_source(model))
+    samples = calibration if isinstance(calibration, list) else load_calibration(calibration, loaded, images)
+    if len(samples) < 2:
+        raise ReparamError("calibration data needs at least 2 samples: half calibrate, half evaluate")
+    half = len(samples) // 2
+    results: dict[str, tuple[onnx.ModelProto, Report]] = {}
+    measured: dict[str, float] = {}
+    problems = []
+    start = time.perf_counter()
+    for label, ready, keep in INT8_CANDIDATES:
+        step(f"INT8 candidate {label}: rewriting")
+        try:
+            results[label] = optimize(loaded, progress=progress, int8_ready=ready, keep_identity=keep, **options)
+        except VerificationError as exc:
+            problems.append(f"{label}: no verified model ({exc})")
+            continue
+        step(f"INT8 candidate {label}: quantizing")
+        measured[label] = int8.measure(results[label][0], samples[:half], samples[half:], target)
+    if not results:
+        raise VerificationError(loaded, Report(notes=problems), "no candidate verified: " + "; ".join(problems))
+    choice = max(measured, key=lambda label: measured[label])
+    chosen, report = results[choice]
+    report.int8, report.int8_choice = measured, choice
+    report.int8_measure = (f"{INT8_TARGETS[target]}, output SQNR on {len(samples) - half} samples after calibrating "
+                           f"on {half}")
+    report.notes += problems
+    report.seconds["int8 choice"] = time.perf_counter() - start
+    return chosen, report
+
+
 def quantize_check(model, *, data: str | os.PathLike | None = None, train=None,
                    images: ImagePreprocessing | None = None) -> QuantizeCheck:
     """How ``model`` will take INT8 (see int8.py): its weights, and given calibration ``data`` (an
@@ -348,7 +402,8 @@ def quantize_check(model, *, data: str | os.PathLike | None = None, train=None,
     notes = []
     if samples:
         folder = data is not None and Path(data).is_dir()
-        described = f"{data}" + (f" (images: {(images or ImagePreprocessing()).describe()})" if folder else "")
+        fitted = (images or ImagePreprocessing()).fitted(graph_inputs(loaded)[0])
+        described = f"{data}" + (f" (images: {fitted.describe()})" if folder else "")
         for label, keep_identity in (("optimize --int8-ready", False), ("+ --keep-identity", True)):
             try:
                 variants[label] = optimize(loaded, int8_ready=True, keep_identity=keep_identity, inputs=samples[0])[0]

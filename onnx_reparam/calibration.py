@@ -21,11 +21,20 @@ Feeds = dict[str, np.ndarray]
 class ImagePreprocessing:
     """How images become an input: the shorter side resized to ``size`` (bilinear), the centre
     ``size`` x ``size`` cropped, RGB values divided by 255, minus ``mean``, divided by ``std``, laid
-    out as NCHW or NHWC."""
-    size: int = 224
+    out as NCHW or NHWC. ``size`` and ``layout`` None: the model's input says (its static square
+    size; NHWC where its last axis has 3 channels), else 224 and NCHW."""
+    size: int | None = None
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    layout: str = "NCHW"
+    layout: str | None = None
+
+    def fitted(self, value: onnx.ValueInfoProto) -> ImagePreprocessing:
+        """With size and layout taken from the model's input where they are not given."""
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        layout = self.layout or ("NHWC" if len(dims) == 4 and dims[3] == 3 and dims[1] != 3 else "NCHW")
+        spatial = dims[1:3] if layout == "NHWC" else dims[2:4]
+        size = self.size or (spatial[0] if len(spatial) == 2 and spatial[0] and spatial[0] == spatial[1] else 224)
+        return ImagePreprocessing(size, self.mean, self.std, layout)
 
     def describe(self) -> str:
         return (f"shorter side resized to {self.size}, centre {self.size}x{self.size} crop, RGB / 255, "
@@ -42,7 +51,7 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto,
     if source.is_dir():
         if len(inputs) != 1:
             raise ReparamError(f"calibration images feed one input; the model has {len(inputs)}: give an .npz")
-        arrays = {inputs[0].name: _images(source, images or ImagePreprocessing())}
+        arrays = {inputs[0].name: _images(source, (images or ImagePreprocessing()).fitted(inputs[0]))}
     else:
         try:
             with np.load(source, allow_pickle=False) as data:
@@ -86,7 +95,7 @@ def _images(folder: Path, preprocessing: ImagePreprocessing) -> np.ndarray:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ReparamError(f"calibration data {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    size = preprocessing.size
+    size = preprocessing.size or 224
     samples = []
     for file in files:
         try:

@@ -199,14 +199,24 @@ def main():
               help="Then equalize the layers' weights across channels (exact) so that OUT quantizes to INT8 well.")
 @click.option("--keep-identity", is_flag=True,
               help="Keep the centre taps an identity branch adds to a conv apart, as a per-channel Mul (for INT8).")
+@click.option("--calibration", "calibration_path", type=click.Path(), metavar="CALIB",
+              help="With --int8-ready: choose by INT8 measured on this data (.npz or image folder) among fused, "
+                   "--int8-ready and --int8-ready --keep-identity.")
+@click.option("--int8-target", type=click.Choice(["qdq", "weights"]), default="qdq", show_default=True,
+              help="With --calibration: measure onnxruntime QDQ or weight-only INT8 (both per tensor).")
 @click.option("--report", "report_path", type=click.Path(), help="Write a JSON report.")
 @click.option("--bench", "run_bench", is_flag=True, help="Then time IN against OUT (see `bench`).")
 @_output_options(REWRITE_DETAIL)
 @_one_line_errors
 def optimize(input_path, output_path, skip, only, weights_as_constants, provider, rtol, atol, input_shapes,
-             inputs_file, seed, no_verify, force, strict, static_shape, int8_ready, keep_identity, report_path,
-             run_bench, quiet, verbose):
+             inputs_file, seed, no_verify, force, strict, static_shape, int8_ready, keep_identity, calibration_path,
+             int8_target, report_path, run_bench, quiet, verbose):
     """Rewrite IN into its deploy structure, verify it, write OUT."""
+    if calibration_path and not int8_ready:
+        raise ReparamError("--calibration chooses how to make the model INT8-ready: give --int8-ready too")
+    if calibration_path and (keep_identity or no_verify):
+        raise ReparamError(f"--calibration chooses whether to keep the identity apart, among verified models: "
+                           f"drop {'--keep-identity' if keep_identity else '--no-verify'}")
     source = Path(input_path)
     target = Path(output_path)
     if source.exists() and target.exists() and source.samefile(target) or \
@@ -217,13 +227,16 @@ def optimize(input_path, output_path, skip, only, weights_as_constants, provider
         _writable(Path(report_path), "report")
     inputs = load_inputs(inputs_file) if inputs_file else None
     progress = _Progress(not quiet)
+    options = {"only": only, "skip": skip, "provider": provider, "input_shapes": parse_input_shapes(input_shapes),
+               "inputs": inputs, "seed": seed, "rtol": rtol, "atol": atol, "strict": strict,
+               "weights_as_constants": weights_as_constants, "lazy_weights": True, "static_shape": static_shape}
     try:
-        model, report = api.optimize(source, only=only, skip=skip, verify=not no_verify,
-                                     provider=provider, input_shapes=parse_input_shapes(input_shapes),
-                                     inputs=inputs, seed=seed, rtol=rtol, atol=atol, strict=strict,
-                                     weights_as_constants=weights_as_constants, lazy_weights=True,
-                                     static_shape=static_shape, int8_ready=int8_ready,
-                                     keep_identity=keep_identity, progress=progress)
+        if calibration_path:
+            model, report = api.optimize_for_int8(source, calibration_path, target=int8_target, progress=progress,
+                                                  **options)
+        else:
+            model, report = api.optimize(source, verify=not no_verify, int8_ready=int8_ready,
+                                         keep_identity=keep_identity, progress=progress, **options)
         failed = False
     except api.VerificationError as exc:
         model, report, failed = exc.model, exc.report, True
@@ -356,13 +369,13 @@ def list_passes():
               help="Calibration data: an .npz of input arrays (samples along the first axis) or a folder of images.")
 @click.option("--train", "train_path", type=click.Path(), metavar="TRAIN.onnx",
               help="The training export MODEL was fused from: name the identity-branch BN gains in each layer.")
-@click.option("--image-size", type=_Bounded(1, 65536), default=224, show_default=True, metavar="N",
-              help="Images: shorter side resized to N, centre NxN crop.")
+@click.option("--image-size", type=_Bounded(1, 65536), metavar="N",
+              help="Images: shorter side resized to N, centre NxN crop (default: the model's input size, else 224).")
 @click.option("--mean", default="0.485,0.456,0.406", show_default=True, metavar="R,G,B",
               help="Images: subtracted after dividing by 255.")
 @click.option("--std", default="0.229,0.224,0.225", show_default=True, metavar="R,G,B", help="Images: divided by.")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), default="NCHW", show_default=True,
-              help="Images: the input's layout.")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]),
+              help="Images: the input's layout (default: NHWC where the model's input ends in 3 channels).")
 @click.option("--report", "report_path", type=click.Path(), help="Write the report as JSON.")
 @click.option("--int8-hints", "hints_path", type=click.Path(), metavar="FILE.json",
               help="Write the keep list (onnxruntime nodes_to_exclude, TensorRT layer precisions) and activation "

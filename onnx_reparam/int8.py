@@ -21,6 +21,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import quantize as q
+from .errors import ReparamError
 from .graph import _FRESH_SUFFIX
 from .model_io import load_model
 
@@ -176,6 +177,22 @@ def check(model: onnx.ModelProto, samples: Sequence[dict] | None = None, data: s
         result.keep = [name for name, _ in result.sensitivity[:best[0]]]
     result.ranges = q.activation_ranges(model, calibration)
     return result
+
+
+def measure(model: onnx.ModelProto, calibration: list[dict], evaluation: list[dict], target: str) -> float:
+    """The worst SQNR of ``model``'s float outputs on ``evaluation`` after quantizing it as
+    ``target`` says ("qdq": quantize_static per tensor, the last Gemm/MatMul in float; "weights":
+    weight-only per tensor), against its own FP32 outputs."""
+    reference = q.run(model, evaluation)
+    if target == "weights":
+        quantized = q.quantize_weights(model)
+    else:
+        quantized = q.quantize_qdq(model, calibration, exclude=_last_layer(model))
+    outputs = q.run(quantized, evaluation)
+    floats = [i for i, value in enumerate(reference[0]) if np.issubdtype(np.asarray(value).dtype, np.floating)]
+    if not floats:
+        raise ReparamError("the model has no float output to measure INT8 on")
+    return q.compare([[r[i] for i in floats] for r in reference], [[o[i] for i in floats] for o in outputs]).worst
 
 
 def _quantized(model: onnx.ModelProto, calibration: list[dict], evaluation: list[dict],

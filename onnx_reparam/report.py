@@ -224,6 +224,10 @@ class Report:
     unverified: bool = False  # rewritten, and not checked because the caller said so
     bench: BenchResult | None = None  # IN against OUT, when asked for
     seconds: dict[str, float] = field(default_factory=dict)
+    # int8_ready with calibration data: each candidate's INT8 SQNR (dB) and the one written
+    int8: dict[str, float] = field(default_factory=dict)
+    int8_choice: str = ""
+    int8_measure: str = ""  # what was measured, on what
 
     @property
     def rewrites(self) -> int:
@@ -264,6 +268,9 @@ class Report:
                 lines.append(f"  left {len(group)} x{kind}: {reason}: {nodes}")
         if len(shown) < len(refusals):
             lines.append(f"  ({len(refusals) - len(shown)} other patterns left as they are; -v lists them)")
+        if self.int8:
+            lines.append(f"INT8, {self.int8_measure}: " + ", ".join(f"{label} {value:.1f} dB" for label, value in
+                                                               self.int8.items()) + f"; written: {self.int8_choice}")
         lines += [f"note: {note}" for note in self.notes]
         if not self.rewrites:
             lines.append("nothing rewritten: the model is unchanged")
@@ -281,8 +288,8 @@ class Report:
 
 def is_reparam(refusal: Refusal) -> bool:
     """Whether a refusal concerns a re-parameterization pattern (BN folds, branch merges, conv
-    chains, FC folds), an INT8 transform the user asked for, or a rewrite that failed, rather than a plain scale or reshape that happens
-    to sit next to a layer (GELU's x / sqrt(2) after a conv)."""
+    chains, FC folds), an INT8 transform the user asked for, or a rewrite that failed, rather than
+    a plain scale or reshape that happens to sit next to a layer (GELU's x / sqrt(2) after a conv)."""
     if refusal.kind != "refused":
         return True
     pattern = refusal.pattern

@@ -336,3 +336,18 @@ def test_quantize_check_command(tmp_path):
         result = CliRunner().invoke(main, ["quantize-check", str(fused), *args])
         assert result.exit_code == 2 and message in result.output, result.output
         assert result.output.count("\n") == 1
+
+
+def test_optimize_int8_ready_chosen_on_calibration_data(tmp_path):
+    source, out, data = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "calib.npz"
+    onnx.save(two_block_model(), source)
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 4, 6, 6)).astype(np.float32))
+    result = CliRunner().invoke(main, ["optimize", str(source), str(out), "--int8-ready", "--calibration", str(data),
+                                       "--int8-target", "weights"])
+    assert result.exit_code == 0, result.output
+    assert "INT8, weight-only INT8 per tensor, output SQNR on 4 samples after calibrating on 4: fused" in result.output
+    assert "written: " in result.output and "verification PASSED" in result.output
+    for args, message in ((["--calibration", str(data)], "give --int8-ready too"),
+                          (["--int8-ready", "--keep-identity", "--calibration", str(data)], "drop --keep-identity")):
+        result = CliRunner().invoke(main, ["optimize", str(source), str(out), *args])
+        assert result.exit_code == 2 and message in result.output, result.output

@@ -61,5 +61,5 @@ def test_yolov6_end2end_from_its_own_code_reaches_its_deploy_counts(name):
     held = [o for o in report.verification.outputs if not o.integer and o.role != "decided"]
     assert held and all(o.ours is not None and o.theirs is not None for o in held)
     assert "from float64, the input model" in report.summary()
-    ready, report = onnx_reparam.optimize(FIXTURES / name, int8_ready=True)
+    _, report = onnx_reparam.optimize(FIXTURES / name, int8_ready=True)
     assert report.verification.passed and not report.dropped

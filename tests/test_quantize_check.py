@@ -170,3 +170,19 @@ def test_int8_ready_on_timm_repvgg_with_natural_images(fixture, tmp_path):
     ready_layers = q.describe_weights(onnx_reparam.optimize(fused, int8_ready=True)[0])
     assert max(layer.outlier_ratio for layer in ready_layers) < 3
     assert len(result.identity_gains) == 17
+
+
+def test_optimize_for_int8_chooses_by_measurement(tmp_path):
+    """On timm's RepVGG-A0 with natural-image crops: QDQ wants --int8-ready, weight-only the
+    identity kept apart too; each candidate verified, each figure in the report."""
+    chosen = {}
+    for target in ("qdq", "weights"):
+        _, report = onnx_reparam.optimize_for_int8(FIXTURES / "timm_repvgg_a0_ts.onnx", FIXTURES / "crops",
+                                                   target=target)
+        assert set(report.int8) == {"fused", "--int8-ready", "--int8-ready --keep-identity"}
+        assert report.int8[report.int8_choice] == max(report.int8.values())
+        assert report.verification.passed and "written: " in report.summary()
+        chosen[target] = report.int8_choice
+    assert chosen == {"qdq": "--int8-ready", "weights": "--int8-ready --keep-identity"}
+    with pytest.raises(onnx_reparam.ReparamError, match="keep_identity is chosen by measurement"):
+        onnx_reparam.optimize_for_int8(FIXTURES / "timm_repvgg_a0_ts.onnx", FIXTURES / "crops", keep_identity=True)

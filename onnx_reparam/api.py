@@ -391,10 +391,11 @@ def optimize_for_int8(model, calibration, *, target: str = "qdq", images: ImageP
 
 def quantize_check(model, *, data: str | os.PathLike | None = None, train=None,
                    images: ImagePreprocessing | None = None) -> QuantizeCheck:
-    """How ``model`` will take INT8 (see int8.py): its weights, and given calibration ``data`` (an
-    .npz path or a folder of images, preprocessed as ``images`` says) INT8 measured on it, of the
-    model as given and after ``optimize(int8_ready=True)`` (with and without keep_identity, each
-    verified). ``train``: the training export the model was fused from."""
+    """How ``model`` will take INT8 (see int8.py): its weights and theirs after
+    ``optimize(int8_ready=True)`` (verified), and given calibration ``data`` (an .npz path or a
+    folder of images, preprocessed as ``images`` says) INT8 measured on it, of the model as given
+    and after ``optimize(int8_ready=True)`` with and without keep_identity. ``train``: the
+    training export the model was fused from."""
     loaded = load_model(_as_model_source(model))
     samples = load_calibration(data, loaded, images) if data is not None else None
     described = ""
@@ -404,11 +405,14 @@ def quantize_check(model, *, data: str | os.PathLike | None = None, train=None,
         folder = data is not None and Path(data).is_dir()
         fitted = (images or ImagePreprocessing()).fitted(graph_inputs(loaded)[0])
         described = f"{data}" + (f" (images: {fitted.describe()})" if folder else "")
-        for label, keep_identity in (("optimize --int8-ready", False), ("+ --keep-identity", True)):
-            try:
-                variants[label] = optimize(loaded, int8_ready=True, keep_identity=keep_identity, inputs=samples[0])[0]
-            except VerificationError as exc:
-                notes.append(f"{label}: no verified model ({exc}); not measured")
+    for label, keep_identity in (("optimize --int8-ready", False), ("+ --keep-identity", True)):
+        if keep_identity and not samples:
+            break  # without data only the weights after --int8-ready are shown
+        try:
+            variants[label] = optimize(loaded, int8_ready=True, keep_identity=keep_identity,
+                                       inputs=samples[0] if samples else None)[0]
+        except VerificationError as exc:
+            notes.append(f"{label}: no verified model ({exc}); not measured")
     result = int8.check(loaded, samples, described, load_model(_as_model_source(train)) if train is not None else None,
                         variants)
     result.notes += notes

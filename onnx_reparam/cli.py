@@ -24,6 +24,7 @@ from .bench import MAX_ROUNDS, MAX_THREADS
 from .calibration import ImagePreprocessing
 from .errors import OPTIONS, ReparamError, first_line
 from .inputs import load_inputs, parse_input_shapes
+from .int8 import plot_svg
 from .model_io import files_size, save_model
 from .passes import default_passes, finishing_passes
 from .pipeline import FINISHING_OPTIONS
@@ -377,18 +378,20 @@ def list_passes():
 @click.option("--layout", type=click.Choice(["NCHW", "NHWC"]),
               help="Images: the input's layout (default: NHWC where the model's input ends in 3 channels).")
 @click.option("--report", "report_path", type=click.Path(), help="Write the report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(), metavar="FILE.svg",
+              help="Draw each layer's INT8 resolution (median |w| in grid levels), as given and after --int8-ready.")
 @click.option("--int8-hints", "hints_path", type=click.Path(), metavar="FILE.json",
               help="Write the keep list (onnxruntime nodes_to_exclude, TensorRT layer precisions) and activation "
                    "ranges (needs --data).")
 @_output_options("List every layer and the whole sensitivity ranking.")
 @_one_line_errors
-def quantize_check(model_path, data_path, train_path, image_size, mean, std, layout, report_path, hints_path, quiet,
-                   verbose):
+def quantize_check(model_path, data_path, train_path, image_size, mean, std, layout, report_path, plot_path, hints_path,
+                   quiet, verbose):
     """How MODEL will take INT8: weight ranges and outliers per layer; with --data, INT8 SQNR and top-1
     agreement against FP32 (weight-only and onnxruntime QDQ, per tensor and per channel), of MODEL and
     of MODEL after --int8-ready, and which layers are most sensitive. A measurement on your data, not an
     accuracy guarantee: that needs labelled data."""
-    for path, what in ((report_path, "report"), (hints_path, "hints")):
+    for path, what in ((report_path, "report"), (hints_path, "hints"), (plot_path, "plot")):
         if path:
             _writable(Path(path), what)
     if hints_path and not data_path:
@@ -399,6 +402,11 @@ def quantize_check(model_path, data_path, train_path, image_size, mean, std, lay
         _write_json(result.to_dict(), report_path)
     if hints_path:
         _write_json(result.hints(), hints_path)
+    if plot_path:
+        try:
+            Path(plot_path).write_text(plot_svg(result))
+        except OSError as exc:
+            raise ReparamError(f"cannot write {plot_path}: {exc.strerror}") from None
     if not quiet:
         click.echo(result.summary(verbose))
 

@@ -26,6 +26,7 @@ from .graph import _FRESH_SUFFIX
 from .model_io import load_model
 
 QUANTIZATIONS = ("weights/tensor", "weights/channel", "QDQ/tensor", "QDQ/channel")
+LEVELS_TOP = 127  # the plot's top: a symmetric INT8 grid's levels
 KEEP_SHARE = 0.25  # the keep list is chosen among the most sensitive quarter of the layers
 
 
@@ -49,6 +50,7 @@ class Measured:
 @dataclass
 class QuantizeCheck:
     layers: list[q.LayerWeights]
+    ready_layers: list[q.LayerWeights] = field(default_factory=list)  # after --int8-ready
     identity_gains: dict[str, IdentityGain] = field(default_factory=dict)
     data: str = ""  # what the data was, and how it was split
     measured: list[Measured] = field(default_factory=list)
@@ -67,6 +69,12 @@ class QuantizeCheck:
                          f"({worst.node}: its largest weight at {worst.outlier_tap or 'channel ' + str(worst.outlier_channel)}"
                          f"); coarsest grid: {coarsest.node}'s median |w| is {coarsest.weight_levels:.2f} of 127 "
                          "per-tensor INT8 levels")
+            if self.ready_layers:
+                after = max(self.ready_layers, key=lambda layer: layer.outlier_ratio)
+                coarse = min(self.ready_layers, key=lambda layer: layer.weight_levels)
+                lines.append(f"after --int8-ready (verified): worst outlier ratio {after.outlier_ratio:.1f} "
+                             f"({after.node}); coarsest grid: median |w| at {coarse.weight_levels:.2f} levels "
+                             f"({coarse.node})")
         else:
             lines.append("no layer with a constant float weight: nothing for INT8 weights to round")
         shown = sorted(self.layers, key=lambda layer: -layer.outlier_ratio)
@@ -106,6 +114,7 @@ class QuantizeCheck:
 
     def to_dict(self) -> dict:
         return {"layers": [asdict(layer) for layer in self.layers],
+                "after_int8_ready": [asdict(layer) for layer in self.ready_layers],
                 "identity_gains": {k: asdict(v) for k, v in self.identity_gains.items()},
                 "data": self.data,
                 "measured": {m.label: {k: asdict(o) for k, o in m.outcomes.items()} for m in self.measured},
@@ -127,6 +136,50 @@ class QuantizeCheck:
         }
 
 
+def plot_svg(result: QuantizeCheck) -> str:
+    """Each layer's resolution on a per-tensor INT8 grid (how many of its 127 levels the median
+    |w| is worth, on a log scale) as given, and after --int8-ready where it was made: an SVG
+    written by hand, so that a picture needs no plotting library."""
+    width, height, left, bottom, top = 900, 360, 60, 40, 30
+    series = [("as given", "#c0392b", _levels(result.layers))]
+    if result.ready_layers:
+        series.append(("after --int8-ready", "#2471a3", _levels(result.ready_layers)))
+    count = max(len(values) for _, _, values in series) or 1
+    low, high = np.log10(0.01), np.log10(LEVELS_TOP)
+
+    def y(value: float) -> float:
+        fraction = (np.log10(min(max(value, 0.01), LEVELS_TOP)) - low) / (high - low)
+        return height - bottom - fraction * (height - bottom - top)
+
+    slot = (width - left - 20) / count
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             'font-size="11">',
+             f'<text x="{left}" y="18">median |w| in INT8 levels (of 127, per-tensor grid), per layer in graph order'
+             '</text>']
+    for tick in (0.01, 0.1, 1, 10, 127):
+        parts.append(f'<line x1="{left}" x2="{width - 20}" y1="{y(tick):.1f}" y2="{y(tick):.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y(tick) + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    bar = slot / (len(series) + 1)
+    for index, (label, colour, values) in enumerate(series):
+        for i, (value, layer) in enumerate(zip(values, result.layers)):
+            x = left + i * slot + index * bar
+            parts.append(f'<rect x="{x:.1f}" y="{y(value):.1f}" width="{bar:.1f}" '
+                         f'height="{height - bottom - y(value):.1f}" fill="{colour}">'
+                         f'<title>{_escape(layer.node)}: {value:.3g}</title></rect>')
+        parts.append(f'<rect x="{left + 10 + 160 * index}" y="{height - 22}" width="10" height="10" fill="{colour}"/>'
+                     f'<text x="{left + 24 + 160 * index}" y="{height - 13}">{label}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _levels(layers: list[q.LayerWeights]) -> list[float]:
+    return [layer.weight_levels for layer in layers]
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _cell(outcome: q.Outcome) -> str:
     agreement = outcome.agreement[0]
     return f"{outcome.sqnr[0]:.1f}" + (f" / {100 * agreement:.0f}%" if agreement is not None else "")
@@ -142,6 +195,9 @@ def check(model: onnx.ModelProto, samples: Sequence[dict] | None = None, data: s
     training export the model was fused from; ``variants`` the model rewritten for INT8, by label
     ("after --int8-ready")."""
     result = QuantizeCheck(q.describe_weights(model))
+    ready = (variants or {}).get("optimize --int8-ready")
+    if ready is not None:
+        result.ready_layers = q.describe_weights(ready)
     if train is not None:
         result.identity_gains, note = identity_gains(model, train)
         if note:

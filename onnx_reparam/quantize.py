@@ -13,7 +13,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class LayerWeights:
     outlier_channel: int
     outlier_tap: str  # where the tensor's largest |w| sits: "centre tap of its own channel (identity)", ...
     median_weight: float  # the median |w|: an outlier inside each channel shows here, not in the ratio
+    channel_ranges: list[float] = field(default_factory=list, repr=False)  # largest |w| per output channel
 
     @property
     def median_levels(self) -> float:
@@ -102,7 +103,8 @@ def describe_weights(model: onnx.ModelProto) -> list[LayerWeights]:
         channel = int(position[axis])
         layers.append(LayerWeights(node.name, node.op_type, tuple(weight.shape), float(ranges.max()), median,
                                    float(ranges.max() / median) if median > 0 else float("inf"), channel,
-                                   _tap(node, weight.shape, position), float(np.median(np.abs(weight)))))
+                                   _tap(node, weight.shape, position), float(np.median(np.abs(weight))),
+                                   [float(r) for r in ranges]))
     return layers
 
 

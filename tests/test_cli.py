@@ -322,8 +322,10 @@ def test_quantize_check_command(tmp_path):
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.random.default_rng(0).standard_normal((8, 4, 6, 6)).astype(np.float32))
     hints, report = tmp_path / "hints.json", tmp_path / "qc.json"
+    plot = tmp_path / "levels.svg"
     result = CliRunner().invoke(main, ["quantize-check", str(fused), "--data", str(data), "--int8-hints", str(hints),
-                                       "--report", str(report)])
+                                       "--report", str(report), "--plot", str(plot)])
+    assert plot.read_text().startswith("<svg")
     assert result.exit_code == 0, result.output
     assert "worst outlier ratio" in result.output and "optimize --int8-ready" in result.output
     assert "QDQ/tensor" in result.output and "most sensitive layers" in result.output

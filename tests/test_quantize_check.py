@@ -55,11 +55,25 @@ def test_sqnr_and_agreement():
 
 
 @pytest.mark.quick
-def test_check_without_data_names_the_outlier():
+def test_check_without_data_names_the_outlier_and_its_removal():
     result = onnx_reparam.quantize_check(small_classifier())
     text = result.summary()
     assert "worst outlier ratio" in text and "levels" in text and "identity" in text
+    assert "after --int8-ready (verified): worst outlier ratio" in text
+    assert max(layer.outlier_ratio for layer in result.ready_layers) < max(layer.outlier_ratio
+                                                                          for layer in result.layers)
     assert not result.measured and "INT8 on data" not in text
+    assert len(result.to_dict()["layers"][0]["channel_ranges"]) == 6
+
+
+def test_plot_is_an_svg_with_a_bar_per_layer_and_model():
+    import xml.etree.ElementTree as ET
+
+    from onnx_reparam.int8 import plot_svg
+    result = onnx_reparam.quantize_check(small_classifier())
+    root = ET.fromstring(plot_svg(result))
+    bars = [e for e in root if e.tag.endswith("rect") and e.find("{http://www.w3.org/2000/svg}title") is not None]
+    assert len(bars) == 2 * len(result.layers)
 
 
 @pytest.mark.quick

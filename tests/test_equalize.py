@@ -114,7 +114,7 @@ def test_float16_model():
 @pytest.mark.parametrize("between,reason", [
     ("silu", "Sigmoid, which is not positively homogeneous"),
     ("relu6", "Clip saturates at a fixed value"),
-    ("residual", "reaches a Add, whose other inputs would need the same channel scales"),
+    ("residual", "a residual Add's other input is not a layer's output"),
     ("output", "a value between the layers is a graph output"),
 ])
 def test_must_not_equalize(between, reason):
@@ -265,3 +265,30 @@ def test_float16_weights_that_would_overflow_are_refused():
     _, report = rewrite(b.model([b.conv(y, 3, 2, weight=b.const(second))]), int8_ready=True)
     assert rewrites(report, "equalize") == 0
     assert any("would overflow float16" in text for text in reasons(report, "equalize")), reasons(report, "equalize")
+
+
+def test_a_residual_stream_takes_one_scale():
+    """x1 = x0 + conv2(relu(conv1(x0))): the stem that writes x0 and every conv2 scale the stream's
+    channels together; conv1s and the last conv take them (ResNet-like, RepViT's channel mixer)."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    stream = b.node("Relu", [outlier_conv(b, x, 3, 6, channel=2, gain=60.0)])
+    for _ in range(2):
+        inner = b.node("Relu", [b.conv(stream, 6, 8, 1)])
+        stream = b.node("Relu", [b.node("Add", [outlier_conv(b, inner, 8, 6, channel=4, gain=30.0), stream])])
+    model = b.model([b.conv(stream, 6, 4, 1)])
+    out, report = rewrite(model, int8_ready=True)
+    assert rewrites(report, "equalize") == 1 and not reasons(report, "equalize"), reasons(report, "equalize")
+    assert worst_ratio(out) < worst_ratio(model) / 4
+
+
+def test_a_residual_sum_with_a_concat_is_refused():
+    b = GraphBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    left = b.node("Relu", [outlier_conv(b, x, 3, 2)])
+    both = b.node("Concat", [left, b.node("Relu", [b.conv(x, 3, 2, 1)])], axis=1)
+    y = b.node("Add", [both, b.node("Relu", [b.conv(x, 3, 4, 1)])])
+    _, report = rewrite(b.model([b.conv(y, 4, 2, 1)]), int8_ready=True)
+    assert rewrites(report, "equalize") == 0
+    assert any("a residual Add and a Concat" in text for text in reasons(report, "equalize")), \
+        reasons(report, "equalize")

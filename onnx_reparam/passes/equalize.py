@@ -112,9 +112,14 @@ class Member:
 @dataclass
 class Link:
     """The channels that ``producers`` write (all of them, summed) reach each consumer one to one,
-    at its input channels offset..offset + C (a Concat before it puts them there)."""
+    at its input channels offset..offset + C (a Concat before it puts them there). ``visited``:
+    the values the channels pass through, by name and offset; ``joins``: residual Adds on the way,
+    where other producers' channels are added to these (their links become one)."""
     producers: list[Node]
     consumers: list[tuple[Node, int]]
+    visited: set[tuple[str, int]] = field(default_factory=set)
+    joins: list[Node] = field(default_factory=list)
+    concat: bool = False  # the channels pass a Concat
 
 
 def run(graph: Graph, log: PassLog) -> None:
@@ -125,8 +130,62 @@ def run(graph: Graph, log: PassLog) -> None:
             link = log.attempt(node, _link_or_refusal, graph, node, members, log)
             if link is not None:
                 links.append(link)
-    for component in _components(links):
+    joined = []
+    for link in _joined(links):
+        problem = _join_problem(graph, link)
+        if problem is None:
+            joined.append(link)
+        else:
+            log.refused(link.producers[0].name, problem, PATTERN)
+    for component in _components(joined):
         log.attempt(component[0].producers[0], _equalize, graph, component, members, log)
+
+
+def _joined(links: list[Link]) -> list[Link]:
+    """Links that meet at a residual Add are one: the sum's channels must take one scale."""
+    parent = list(range(len(links)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    seen: dict[tuple[str, int], int] = {}
+    for i, link in enumerate(links):
+        for value in link.visited:
+            if value in seen:
+                parent[root(i)] = root(seen[value])
+            else:
+                seen[value] = i
+    groups: dict[int, list[Link]] = {}
+    for i, link in enumerate(links):
+        groups.setdefault(root(i), []).append(link)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        consumers = list(dict.fromkeys((n.name, offset) for link in group for n, offset in link.consumers))
+        nodes = {n.name: n for link in group for n, _ in link.consumers}
+        merged.append(Link([p for link in group for p in link.producers], [(nodes[n], o) for n, o in consumers],
+                           set().union(*(link.visited for link in group)),
+                           list({id(j): j for link in group for j in link.joins}.values()),
+                           any(link.concat for link in group)))
+    return merged
+
+
+def _join_problem(graph: Graph, link: Link) -> Refused | None:
+    """Why the channels of a joined link cannot take one scale: an input of a residual Add that no
+    producer of the link writes (through homogeneous ops), or a Concat on the way."""
+    names = {name for name, _ in link.visited}
+    for join in link.joins:
+        for tensor in join.inputs:
+            if tensor.name not in names:
+                return Refused("a residual Add's other input is not a layer's output reached through ops that "
+                               "keep the channels' scales", f"'{tensor.name}' into {join.name}")
+    if link.joins and link.concat:
+        return Refused("a residual Add and a Concat on the same channels", link.joins[0].name)
+    return None
 
 
 def _link_or_refusal(graph: Graph, node: Node, members: dict[str, Member], log: PassLog) -> Link | None:
@@ -149,9 +208,15 @@ def _link_from(graph: Graph, node: Node, members: dict[str, Member]) -> Link | N
         return None  # a part of a sum: the sum's link covers it
     consumers: list[tuple[Node, int]] = []
     outputs: list[str] = []
+    visited: set[tuple[str, int]] = set()
+    joins: list[Node] = []
+    concat = False
     frontier: list[tuple[Tensor, int | None, int]] = [(node.outputs[0], Graph.rank(node.outputs[0]), 0)]
     while frontier:
         tensor, rank, offset = frontier.pop()
+        if (tensor.name, offset) in visited:
+            continue  # reached again through a residual Add
+        visited.add((tensor.name, offset))
         if tensor.name in graph.output_names:
             outputs.append(tensor.name)
         for reader in tensor.outputs:
@@ -166,11 +231,14 @@ def _link_from(graph: Graph, node: Node, members: dict[str, Member]) -> Link | N
                 if isinstance(step, str):  # a consumer
                     consumers.append((reader, offset))
                 else:
+                    if reader.op == "Add":
+                        joins.append(reader)
+                    concat = concat or reader.op == "Concat"
                     frontier.append((reader.outputs[0], step[0], offset + step[1]))
     if consumers and outputs:
         raise Refused("a value between the layers is a graph output, whose scale must stay",
                       ", ".join(f"'{name}'" for name in outputs))
-    return Link(producers, consumers) if consumers else None
+    return Link(producers, consumers, visited, joins, concat) if consumers else None
 
 
 def _step(graph: Graph, reader: Node, index: int, rank: int | None,
@@ -191,7 +259,17 @@ def _step(graph: Graph, reader: Node, index: int, rank: int | None,
     if reader.op == "Concat":
         offset = _concat_offset(reader, index, rank)
         return (rank, offset) if offset is not None else None
+    if reader.op == "Add" and _residual(graph, reader, rank):
+        return rank, 0  # the other input must take the same scale: checked when the links are joined
     return None
+
+
+def _residual(graph: Graph, node: Node, rank: int | None) -> bool:
+    """An Add of two computed values of the same channels (a residual sum)."""
+    if len(node.inputs) != 2 or any(graph.constant(t) is not None for t in node.inputs):
+        return False
+    channels = [_channels(t, rank) for t in [*node.inputs, node.outputs[0]]]
+    return channels[0] is not None and len(set(channels)) == 1
 
 
 def _float_cast(node: Node) -> bool:
@@ -337,7 +415,7 @@ def _why_not(reader: Node) -> str:
     if reader.op == "Concat":
         return "the layer's output reaches a Concat on another axis than the channels', or of unknown channel counts"
     if reader.op in ("Add", "Sum", "Sub"):
-        return f"the layer's output reaches a {reader.op}, whose other inputs would need the same channel scales"
+        return f"the layer's output reaches a {reader.op} with a constant or broadcast addend, or of unknown channels"
     if reader.op == "Clip":
         return "a Clip saturates at a fixed value (ReLU6): scaling its input moves where it clips"
     if reader.op in ("ConvTranspose", "Gemm", "MatMul", "Conv"):

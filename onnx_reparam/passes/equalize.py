@@ -10,7 +10,10 @@ al., "Data-Free Quantization Through Weight Equalization and Bias Correction", 2
 s_c = sqrt(r_P(c) / r_Q(c)), r the largest |w| of that channel on each side, both sides get the
 same range; applied link after link until no scale moves by more than CONVERGED. A per-channel
 Mul on either side (an identity branch kept apart by split_identity) is scaled along: it stays
-in float in a weight-only quantization, so its values take no part in the ranges.
+in float in a weight-only quantization, so its values take no part in the ranges. A Concat along
+the channels puts each writer's channels at their offset among the reader's input channels; a
+residual Add of two values joins their links into one, whose channels then take one scale (the
+whole residual stream), provided every input of that Add is reached from a writer of the link.
 
 The fused weights of re-parameterized networks need it: an identity or BN branch lands on one tap
 of one channel (QARepVGG's diagnosis), and its gain can be 100x the median channel's. Runs only

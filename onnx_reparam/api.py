@@ -376,7 +376,10 @@ def optimize_for_int8(model, calibration, *, target: str = "qdq", images: ImageP
             problems.append(f"{label}: no verified model ({exc})")
             continue
         step(f"INT8 candidate {label}: quantizing")
-        measured[label] = int8.measure(results[label][0], samples[:half], samples[half:], target)
+        outcome = int8.measure(results[label][0], samples[:half], samples[half:], target)
+        measured[label] = outcome.worst
+        if outcome.error:
+            problems.append(f"{label}: not measured: {outcome.error}")
     if not results:
         raise VerificationError(loaded, Report(notes=problems), "no candidate verified: " + "; ".join(problems))
     choice = max(measured, key=lambda label: measured[label])

@@ -51,7 +51,11 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto,
     if source.is_dir():
         if len(inputs) != 1:
             raise ReparamError(f"calibration images feed one input; the model has {len(inputs)}: give an .npz")
-        arrays = {inputs[0].name: _images(source, (images or ImagePreprocessing()).fitted(inputs[0]))}
+        pixels = _images(source, (images or ImagePreprocessing()).fitted(inputs[0]))
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
+        if not np.issubdtype(dtype, np.floating):
+            raise ReparamError(f"calibration images feed a float input; '{inputs[0].name}' is {dtype}: give an .npz")
+        arrays = {inputs[0].name: pixels.astype(dtype)}
     else:
         try:
             with np.load(source, allow_pickle=False) as data:

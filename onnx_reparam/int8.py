@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from . import quantize as q
-from .errors import ReparamError
 from .graph import _FRESH_SUFFIX
 from .model_io import load_model
 
@@ -100,11 +100,16 @@ class QuantizeCheck:
                 lines.append(f"  {measured.label:<22}{cells}")
             lines.append("  (output SQNR against FP32 in dB, higher is better; top-1 agreement where the output is "
                          "[N, classes])")
+            for measured in self.measured:
+                lines += [f"  {measured.label}, {label}: failed: {outcome.error}"
+                          for label, outcome in measured.outcomes.items() if outcome.error]
         if self.sensitivity:
             ranked = self.sensitivity if verbose else self.sensitivity[:5]
             lines.append("most sensitive layers (SQNR with only that layer's weights in INT8): " +
                          ", ".join(f"{_short(name, 40)} {value:.1f} dB" for name, value in ranked))
-        if self.keep_curve:
+        if self.keep_curve and not any(np.isfinite(value) for _, value in self.keep_curve):
+            lines.append("QDQ per tensor could not be measured (above): no keep list")
+        elif self.keep_curve:
             lines.append("QDQ per tensor with the k most sensitive layers in float: " +
                          ", ".join(f"k={k}: {value:.1f} dB" for k, value in self.keep_curve) +
                          (f"; the hints keep {len(self.keep)}" if self.keep else
@@ -181,6 +186,8 @@ def _escape(text: str) -> str:
 
 
 def _cell(outcome: q.Outcome) -> str:
+    if outcome.error:
+        return "failed"
     agreement = outcome.agreement[0]
     return f"{outcome.sqnr[0]:.1f}" + (f" / {100 * agreement:.0f}%" if agreement is not None else "")
 
@@ -219,46 +226,41 @@ def check(model: onnx.ModelProto, samples: Sequence[dict] | None = None, data: s
     names = [node.name for node, _, _ in q.weight_layers(model)]
     sensitivity = []
     for name in names:
-        alone = q.quantize_weights(model, keep=set(names) - {name})
-        sensitivity.append((name, q.compare(reference, q.run(alone, evaluation)).worst))
+        alone = set(names) - {name}
+        sensitivity.append((name, q.measured(reference, partial(q.quantize_weights, model, keep=alone),
+                                             evaluation).worst))
     result.sensitivity = sorted(sensitivity, key=lambda item: item[1])
     if names:
         result.keep_curve = [(0, result.measured[0].outcomes["QDQ/tensor"].worst)]
         largest = max(1, round(KEEP_SHARE * len(names)))
         for count in sorted({min(k, largest) for k in (1, 2, 4, 8, 16, 32)}):
-            kept = [name for name, _ in result.sensitivity[:count]]
-            quantized = q.quantize_qdq(model, calibration, exclude=set(exclude) | set(kept))
-            result.keep_curve.append((count, q.compare(reference, q.run(quantized, evaluation)).worst))
+            kept = set(exclude) | {name for name, _ in result.sensitivity[:count]}
+            outcome = q.measured(reference, partial(q.quantize_qdq, model, calibration, exclude=kept), evaluation)
+            result.keep_curve.append((count, outcome.worst))
         best = max(result.keep_curve, key=lambda point: point[1])
-        result.keep = [name for name, _ in result.sensitivity[:best[0]]]
+        result.keep = [name for name, _ in result.sensitivity[:best[0]]] if np.isfinite(best[1]) else []
     result.ranges = q.activation_ranges(model, calibration)
     return result
 
 
-def measure(model: onnx.ModelProto, calibration: list[dict], evaluation: list[dict], target: str) -> float:
-    """The worst SQNR of ``model``'s float outputs on ``evaluation`` after quantizing it as
-    ``target`` says ("qdq": quantize_static per tensor, the last Gemm/MatMul in float; "weights":
-    weight-only per tensor), against its own FP32 outputs."""
+def measure(model: onnx.ModelProto, calibration: list[dict], evaluation: list[dict], target: str) -> q.Outcome:
+    """What INT8 does to ``model``'s float outputs on ``evaluation``, quantized as ``target`` says
+    ("qdq": quantize_static per tensor, the last Gemm/MatMul in float; "weights": weight-only per
+    tensor), against its own FP32 outputs."""
     reference = q.run(model, evaluation)
     if target == "weights":
-        quantized = q.quantize_weights(model)
-    else:
-        quantized = q.quantize_qdq(model, calibration, exclude=_last_layer(model))
-    outputs = q.run(quantized, evaluation)
-    floats = [i for i, value in enumerate(reference[0]) if np.issubdtype(np.asarray(value).dtype, np.floating)]
-    if not floats:
-        raise ReparamError("the model has no float output to measure INT8 on")
-    return q.compare([[r[i] for i in floats] for r in reference], [[o[i] for i in floats] for o in outputs]).worst
+        return q.measured(reference, lambda: q.quantize_weights(model), evaluation)
+    return q.measured(reference, lambda: q.quantize_qdq(model, calibration, exclude=_last_layer(model)), evaluation)
 
 
 def _quantized(model: onnx.ModelProto, calibration: list[dict], evaluation: list[dict],
                reference: list[list[np.ndarray]], exclude: list[str]) -> dict[str, q.Outcome]:
     outcomes = {}
     for label, per_channel in (("weights/tensor", False), ("weights/channel", True)):
-        outcomes[label] = q.compare(reference, q.run(q.quantize_weights(model, per_channel), evaluation))
+        outcomes[label] = q.measured(reference, partial(q.quantize_weights, model, per_channel), evaluation)
     for label, per_channel in (("QDQ/tensor", False), ("QDQ/channel", True)):
-        quantized = q.quantize_qdq(model, calibration, per_channel, exclude=exclude)
-        outcomes[label] = q.compare(reference, q.run(quantized, evaluation))
+        outcomes[label] = q.measured(reference, partial(q.quantize_qdq, model, calibration, per_channel,
+                                                        exclude=exclude), evaluation)
     return outcomes
 
 

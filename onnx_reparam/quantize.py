@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,19 +223,39 @@ def top1_agreement(reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) 
 
 @dataclass
 class Outcome:
-    """What INT8 did to each output: SQNR in dB, and top-1 agreement where the output is [N, classes]."""
+    """What INT8 did to each float output: SQNR in dB, and top-1 agreement where the output is
+    [N, classes]; or why there is no figure (the quantizer failed, or onnxruntime cannot run the
+    model it made)."""
     sqnr: list[float]
     agreement: list[float | None]
+    error: str = ""
 
     @property
     def worst(self) -> float:
-        return min(self.sqnr)
+        return min(self.sqnr) if self.sqnr else float("-inf")
 
 
 def compare(reference: list[list[np.ndarray]], test: list[list[np.ndarray]]) -> Outcome:
-    per_output = list(zip(*reference)), list(zip(*test))
+    """The float outputs compared (integer ones, such as detection indices, have no SQNR)."""
+    floats = [i for i, value in enumerate(reference[0]) if np.issubdtype(np.asarray(value).dtype, np.floating)]
+    if not floats:
+        raise ReparamError("the model has no float output to measure INT8 on")
+    per_output = [[r[i] for r in reference] for i in floats], [[t[i] for t in test] for i in floats]
     return Outcome([sqnr_db(r, t) for r, t in zip(*per_output)],
                    [top1_agreement(r, t) for r, t in zip(*per_output)])
+
+
+def measured(reference: list[list[np.ndarray]], quantize: Callable[[], onnx.ModelProto],
+             evaluation: Sequence[Feeds]) -> Outcome:
+    """The outcome of the model ``quantize`` makes, run on ``evaluation``; a quantizer that fails,
+    or a quantized model onnxruntime cannot run, is an outcome too (with its error)."""
+    try:
+        outputs = run(quantize(), evaluation)
+    except ReparamError as exc:
+        return Outcome([], [], str(exc))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime failing on the model its quantizer made is a finding
+        return Outcome([], [], f"onnxruntime cannot run the quantized model: {first_line(exc)}")
+    return compare(reference, outputs)
 
 
 def activation_ranges(model: onnx.ModelProto, calibration: Sequence[Feeds]) -> dict[str, tuple[float, float]]:

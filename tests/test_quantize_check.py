@@ -200,3 +200,22 @@ def test_optimize_for_int8_chooses_by_measurement(tmp_path):
     assert chosen == {"qdq": "--int8-ready", "weights": "--int8-ready --keep-identity"}
     with pytest.raises(onnx_reparam.ReparamError, match="keep_identity is chosen by measurement"):
         onnx_reparam.optimize_for_int8(FIXTURES / "timm_repvgg_a0_ts.onnx", FIXTURES / "crops", keep_identity=True)
+
+
+@pytest.mark.quick
+def test_a_quantizer_that_fails_is_a_finding_not_a_crash(tmp_path, monkeypatch):
+    """A model onnxruntime's quantizer makes that onnxruntime cannot run (it happens: per-channel
+    QDQ at opset 12, float16 scales): the QDQ figures say why, the weight-only ones stand."""
+    def broken(model, *args, **kwargs):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(model)
+        bad.graph.node[0].op_type = "NoSuchOp"
+        return bad
+    monkeypatch.setattr(q, "quantize_qdq", broken)
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    result = onnx_reparam.quantize_check(small_classifier(), data=path)
+    given = result.measured[0].outcomes
+    assert "onnxruntime cannot run the quantized model" in given["QDQ/tensor"].error
+    assert not given["weights/tensor"].error
+    assert "failed" in result.summary() and "no keep list" in result.summary() and result.keep == []

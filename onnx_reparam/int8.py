@@ -98,8 +98,8 @@ class QuantizeCheck:
             for measured in self.measured:
                 cells = "".join(f"{_cell(measured.outcomes[label]):>20}" for label in QUANTIZATIONS)
                 lines.append(f"  {measured.label:<22}{cells}")
-            lines.append("  (output SQNR against FP32 in dB, higher is better; top-1 agreement where the output is "
-                         "[N, classes])")
+            lines.append("  (the lowest output SQNR against FP32 in dB, higher is better, of the outputs whose shape "
+                         "INT8 keeps; top-1 agreement where an output is [N, classes])")
             for measured in self.measured:
                 lines += [f"  {measured.label}, {label}: failed: {outcome.error}"
                           for label, outcome in measured.outcomes.items() if outcome.error]
@@ -188,8 +188,10 @@ def _escape(text: str) -> str:
 def _cell(outcome: q.Outcome) -> str:
     if outcome.error:
         return "failed"
-    agreement = outcome.agreement[0]
-    return f"{outcome.sqnr[0]:.1f}" + (f" / {100 * agreement:.0f}%" if agreement is not None else "")
+    if all(np.isnan(value) for value in outcome.sqnr):
+        return "shapes differ"
+    agreement = next((a for a in outcome.agreement if a is not None), None)
+    return f"{outcome.worst:.1f}" + (f" / {100 * agreement:.0f}%" if agreement is not None else "")
 
 
 def _short(name: str, width: int) -> str:

@@ -203,7 +203,10 @@ def run(model: onnx.ModelProto, feed_sets: Sequence[Feeds], optimized: bool = Tr
 
 
 def sqnr_db(reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float:
-    """Signal to quantization noise over every value of one output on every feed set, in dB."""
+    """Signal to quantization noise over every value of one output on every feed set, in dB; NaN
+    where the shapes differ (detections after NMS: another count of boxes), which has no SQNR."""
+    if any(np.shape(r) != np.shape(t) for r, t in zip(reference, test)):
+        return float("nan")
     ref = np.concatenate([np.asarray(r, np.float64).ravel() for r in reference])
     noise = ref - np.concatenate([np.asarray(t, np.float64).ravel() for t in test])
     signal, error = float(np.sum(ref ** 2)), float(np.sum(noise ** 2))
@@ -214,7 +217,7 @@ def sqnr_db(reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> floa
 
 def top1_agreement(reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float | None:
     """How often the largest value of each row is at the same place: for [N, classes] outputs."""
-    if any(np.ndim(r) != 2 for r in reference):
+    if any(np.ndim(r) != 2 or np.shape(r) != np.shape(t) for r, t in zip(reference, test)):
         return None
     ref = np.concatenate([np.argmax(r, axis=1) for r in reference])
     got = np.concatenate([np.argmax(t, axis=1) for t in test])
@@ -232,7 +235,9 @@ class Outcome:
 
     @property
     def worst(self) -> float:
-        return min(self.sqnr) if self.sqnr else float("-inf")
+        """The lowest SQNR of the outputs that could be compared (-inf if none could)."""
+        finite = [value for value in self.sqnr if not np.isnan(value)]
+        return min(finite) if finite else float("-inf")
 
 
 def compare(reference: list[list[np.ndarray]], test: list[list[np.ndarray]]) -> Outcome:

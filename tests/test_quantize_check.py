@@ -52,6 +52,9 @@ def test_sqnr_and_agreement():
     assert q.sqnr_db(reference, noisy) == pytest.approx(10 * np.log10(28 / 0.06))
     assert q.top1_agreement(reference, [np.array([[0, 0, 1.0]]), np.array([[0, 1.0, 0]])]) == 0.5
     assert q.top1_agreement([np.ones((1, 2, 3))], [np.ones((1, 2, 3))]) is None
+    detections = [np.ones((5, 4)), np.ones((3, 4))]  # another count of boxes after NMS: no SQNR
+    assert np.isnan(q.sqnr_db(detections, [np.ones((5, 4)), np.ones((2, 4))]))
+    assert q.Outcome([float("nan"), 12.0], [None, None]).worst == 12.0
 
 
 @pytest.mark.quick

@@ -37,7 +37,6 @@ import contextlib
 import io
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -134,18 +133,9 @@ def measure(model: onnx.ModelProto, calibration: list[dict], evaluation: list[di
     return outcomes
 
 
-def latency(model: onnx.ModelProto, feeds: dict, rounds: int = 30) -> float:
-    ort = q.ort_module()
-    session = ort.InferenceSession(model.SerializeToString(), q.session_options(ort, True),
-                                   providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def latency_ratio(fp32: onnx.ModelProto, int8: onnx.ModelProto, rounds: int = 30) -> float:
+    """INT8 / FP32 latency on the CPU, both as deployed: onnx-reparam's interleaved bench."""
+    return onnx_reparam.bench(fp32, int8, names=("FP32", "INT8"), provider="cpu", rounds=rounds).ratio
 
 
 def main() -> None:
@@ -192,7 +182,7 @@ def main() -> None:
                   + ", ".join(f"{target} -> {choice}" for target, choice in picks.items()), flush=True)
         fused = models["fused"]
         quantized = q.quantize_qdq(fused, calibration, exclude=classifier(fused))
-        ratio = latency(quantized, evaluation[0]) / latency(fused, evaluation[0])
+        ratio = latency_ratio(fused, quantized)
         print(f"{name}: INT8 (QDQ per tensor) / FP32 latency of the fused model on this CPU: {ratio:.2f}")
 
 

@@ -21,8 +21,10 @@ import io
 import os
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
+import onnx
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +95,12 @@ def export_pair(arch: str, out_dir: str | os.PathLike, exporter: str, scale: flo
     tag = exporter + ("_fp16" if half else "") + ("_dyn" if dynamic_batch else "")
     return tuple(export(model, out_dir / f"{arch}_{kind}_{tag}.onnx", exporter, shape, dynamic_batch, dtype)
                  for kind, model in (("train", train), ("deploy", deploy)))
+
+
+def op_counts(path: str | os.PathLike, ops: tuple[str, ...]) -> dict[str, int]:
+    """How many nodes of each of ``ops`` an exported model has (the fixture manifests' counts)."""
+    found = Counter(n.op_type for n in onnx.load(path).graph.node)
+    return {op: found.get(op, 0) for op in ops}
 
 
 def main() -> None:

@@ -27,11 +27,9 @@ import json
 import os
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
 import skimage.data
 import torch
 from timm.models.byobnet import ByobNet, ByoModelCfg, _mobileone_bcfg, _rep_vgg_bcfg
@@ -41,11 +39,13 @@ from timm.utils.model import reparameterize_model
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from export import export
+from export import export, op_counts
 
 SIZE = 64
 CLASSES = 1000
 QUARTER = 0.25
+
+OPS = ("Conv", "BatchNormalization", "Add")  # what the manifest counts
 
 
 def repvgg_a0() -> nn.Module:
@@ -117,11 +117,6 @@ class HalfInside(nn.Module):
         return self.model(x.half()).float()
 
 
-def counts(path: Path) -> dict[str, int]:
-    ops = Counter(n.op_type for n in onnx.load(path).graph.node)
-    return {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add")}
-
-
 def write_crops(folder: Path, count: int = 24, seed: int = 7) -> None:
     """Natural-image crops as PNG files, as a user's calibration folder holds them."""
     from PIL import Image
@@ -164,7 +159,8 @@ def main() -> None:
             else:
                 export(model, path, exporter, shape)
             files[kind] = path
-        manifest[files["train"].name] = {"deploy": counts(files["deploy"]), "train": counts(files["train"])}
+        manifest[files["train"].name] = {"deploy": op_counts(files["deploy"], OPS),
+                                         "train": op_counts(files["train"], OPS)}
         size = files["train"].stat().st_size / 1e6
         print(files["train"], f"{size:.2f} MB", manifest[files["train"].name], flush=True)
     manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

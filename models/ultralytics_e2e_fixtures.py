@@ -22,11 +22,9 @@ import os
 import sys
 import tempfile
 import warnings
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import onnx
 import torch
 import torchvision.ops  # noqa: F401 - NMSModel imports it inside its forward, which tracing cannot
 import yaml
@@ -37,9 +35,12 @@ from ultralytics.nn.tasks import DetectionModel, RTDETRDetectionModel
 from ultralytics.utils import ROOT as CFG_ROOT
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from export import op_counts
 from ultralytics_fixtures import randomized
 
 SIZE = 128
+
+OPS = ("Conv", "BatchNormalization", "Add")  # what the manifest counts
 
 
 def yolov6() -> nn.Module:
@@ -96,11 +97,6 @@ def export(model: nn.Module, path: Path) -> None:
                           input_names=["images"], output_names=["output0"], do_constant_folding=False)
 
 
-def counts(path: Path) -> dict[str, int]:
-    ops = Counter(n.op_type for n in onnx.load(path).graph.node)
-    return {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add")}
-
-
 def main() -> None:
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                       "fixtures"))
@@ -114,7 +110,7 @@ def main() -> None:
         path, fused = out_dir / f"{name}.onnx", Path(tempfile.gettempdir()) / f"{name}_fused.onnx"
         export(First(train), path)
         export(First(deploy), fused)
-        manifest[path.name] = {"deploy": counts(fused), "train": counts(path)}
+        manifest[path.name] = {"deploy": op_counts(fused, OPS), "train": op_counts(path, OPS)}
         print(path, f"{path.stat().st_size / 1e6:.2f} MB", manifest[path.name], flush=True)
     (out_dir / "ultralytics_e2e_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 

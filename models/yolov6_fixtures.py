@@ -23,17 +23,21 @@ import contextlib
 import copy
 import io
 import json
+import os
 import sys
 import warnings
-from collections import Counter
 from pathlib import Path
 
-import onnx
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from export import op_counts
 
 SIZE = 128
 CLASSES = 4
 WIDTH = 0.125  # half of YOLOv6-N's 0.25, so the files stay small
+
+OPS = ("Conv", "BatchNormalization", "Add", "NonMaxSuppression")  # what the manifest counts
 
 
 def build(checkout: Path) -> torch.nn.Module:
@@ -78,11 +82,6 @@ def export(model: torch.nn.Module, path: Path, outputs: list[str]) -> None:
                           input_names=["images"], output_names=outputs)
 
 
-def counts(path: Path) -> dict[str, int]:
-    ops = Counter(n.op_type for n in onnx.load(path).graph.node)
-    return {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add", "NonMaxSuppression")}
-
-
 def main() -> None:
     checkout = Path(sys.argv[1])
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent / "fixtures"
@@ -94,7 +93,7 @@ def main() -> None:
         path, deploy_path = out / f"{name}_train.onnx", out / f"{name}_deploy.onnx"
         export(make(copy.deepcopy(train)), path, outputs)
         export(make(copy.deepcopy(fused)), deploy_path, outputs)
-        manifest[path.name] = {"train": counts(path), "deploy": counts(deploy_path)}
+        manifest[path.name] = {"train": op_counts(path, OPS), "deploy": op_counts(deploy_path, OPS)}
         deploy_path.unlink()  # only its counts are kept
         print(path, f"{path.stat().st_size / 1e6:.2f} MB", manifest[path.name])
     (out / "yolov6_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -25,16 +25,19 @@ import json
 import os
 import sys
 import warnings
-from collections import Counter
 from pathlib import Path
 
-import onnx
 import torch
 import yaml
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from export import op_counts
 
 SIZE = 128
 WIDTH = 0.25
 CLASSES = 4
+
+OPS = ("Conv", "BatchNormalization", "Add", "Mul")  # what the manifest counts
 
 
 def build(checkout: Path) -> torch.nn.Module:
@@ -69,11 +72,6 @@ def export(model: torch.nn.Module, path: Path, dynamic: bool) -> None:
                           do_constant_folding=False)
 
 
-def counts(path: Path) -> dict[str, int]:
-    ops = Counter(n.op_type for n in onnx.load(path).graph.node)
-    return {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add", "Mul")}
-
-
 def main() -> None:
     checkout = Path(sys.argv[1])
     out = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent / "fixtures"
@@ -84,11 +82,11 @@ def main() -> None:
     with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():  # as attempt_load's checkpoints
         deployed.fuse()
     export(deployed, deploy_path, dynamic=False)
-    deploy = counts(deploy_path)
+    deploy = op_counts(deploy_path, OPS)
     os.remove(deploy_path)  # only its counts are kept
     for name, dynamic in (("yolov7_tiny_train.onnx", False), ("yolov7_tiny_train_dynamic.onnx", True)):
         export(model, out / name, dynamic)
-        manifest[name] = {"train": counts(out / name), "deploy": deploy}
+        manifest[name] = {"train": op_counts(out / name, OPS), "deploy": deploy}
         print(name, manifest[name])
     (out / "yolov7_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 

@@ -120,7 +120,7 @@ def compose_pointwise(outer: np.ndarray, outer_groups: int, inner: np.ndarray,
     if outer.shape[1] == 1 and outer_groups == middle == outer.shape[0]:  # outer depthwise
         return outer * inner.reshape(inner.shape + (1,) * (outer.ndim - 2)), inner_groups
     if inner.shape[1] == 1 and inner_groups == middle:  # inner depthwise: scales the outer's inputs
-        in_index = _input_channels(outer.shape[0], outer.shape[1], outer_groups)
+        in_index = input_channels(outer.shape[0], outer.shape[1], outer_groups)
         return outer * inner[in_index, 0].reshape(in_index.shape + (1,) * (outer.ndim - 2)), outer_groups
     if outer_groups != inner_groups:
         return None
@@ -142,12 +142,12 @@ def pointwise_after(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
 def input_shift_bias(weight: np.ndarray, groups: int, shift: np.ndarray) -> np.ndarray:
     """What conv(x + shift) adds to conv(x) when no tap reads padding: per output channel, the
     kernel's taps summed against the shift of the input channel each reads."""
-    in_index = _input_channels(weight.shape[0], weight.shape[1], groups)
+    in_index = input_channels(weight.shape[0], weight.shape[1], groups)
     tap_sums = np.asarray(weight, np.float64).reshape(weight.shape[:2] + (-1,)).sum(axis=2)
     return (tap_sums * np.asarray(shift, np.float64)[in_index]).sum(axis=1)
 
 
-def _input_channels(out_channels: int, in_per_group: int, groups: int) -> np.ndarray:
+def input_channels(out_channels: int, in_per_group: int, groups: int) -> np.ndarray:
     """For each (output channel, column) of a grouped kernel, the input channel it reads."""
     group_of_row = np.arange(out_channels) // (out_channels // groups)
     return group_of_row[:, None] * in_per_group + np.arange(in_per_group)[None, :]

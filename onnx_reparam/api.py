@@ -355,7 +355,7 @@ def optimize_for_int8(model, calibration, *, target: str = "qdq", images: ImageP
     (``report.int8``) and which was written (``report.int8_choice``). ``options`` go to optimize."""
     if target not in INT8_TARGETS:
         raise ReparamError(f"target must be one of {', '.join(INT8_TARGETS)}, not {target!r}")
-    for name in ("int8_ready", "keep_identity", "progress"):
+    for name in ("int8_ready", "keep_identity"):
         if name in options:
             raise ReparamError(f"{name} is chosen by measurement here; give calibration data only")
     step = progress or (lambda message: None)

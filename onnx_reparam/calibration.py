@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from .errors import ReparamError, first_line
-from .inputs import graph_inputs
+from .inputs import graph_inputs, load_inputs
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 Feeds = dict[str, np.ndarray]
@@ -57,12 +57,8 @@ def load_calibration(path: str | os.PathLike, model: onnx.ModelProto,
             raise ReparamError(f"calibration images feed a float input; '{inputs[0].name}' is {dtype}: give an .npz")
         arrays = {inputs[0].name: pixels.astype(dtype)}
     else:
-        try:
-            with np.load(source, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, EOFError) as exc:
-            raise ReparamError(f"cannot read calibration data {source}: {first_line(exc)} "
-                               "(an .npz of arrays named as the model's inputs, or a folder of images)") from None
+        arrays = load_inputs(source, "calibration data (an .npz of arrays named as the model's inputs, or a folder "
+                                     "of images)")
     return _samples(arrays, inputs, source)
 
 

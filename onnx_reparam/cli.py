@@ -158,10 +158,19 @@ def _writable(path: Path, what: str) -> None:
 
 def _write_report(report: Report, path: str | None) -> None:
     if path:
-        try:
-            Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        except OSError as exc:
-            raise ReparamError(f"cannot write report {path}: {exc.strerror}") from None
+        _write_text(path, _json(report.to_dict()), "report ")
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2, default=float) + "\n"
+
+
+def _write_text(path: str, text: str, what: str = "") -> None:
+    """Writes an output file the command was asked for; a failure is one line (exit 2)."""
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise ReparamError(f"cannot write {what}{path}: {exc.strerror}") from None
 
 
 class _OneLineErrors(click.Group):
@@ -347,10 +356,7 @@ def bench(model_a, model_b, provider, input_shapes, rounds, warmup, threads, see
                        input_shapes=parse_input_shapes(input_shapes), seed=seed, rounds=rounds, warmup=warmup,
                        threads=threads)
     if json_path:
-        try:
-            Path(json_path).write_text(json.dumps(asdict(result), indent=2) + "\n")
-        except OSError as exc:
-            raise ReparamError(f"cannot write {json_path}: {exc.strerror}") from None
+        _write_text(json_path, _json(asdict(result)))
     if not quiet:
         click.echo(result.summary(verbose))
 
@@ -399,14 +405,11 @@ def quantize_check(model_path, data_path, train_path, image_size, mean, std, lay
     images = ImagePreprocessing(image_size, _triple(mean, "--mean"), _triple(std, "--std"), layout)
     result = api.quantize_check(model_path, data=data_path, train=train_path, images=images)
     if report_path:
-        _write_json(result.to_dict(), report_path)
+        _write_text(report_path, _json(result.to_dict()))
     if hints_path:
-        _write_json(result.hints(), hints_path)
+        _write_text(hints_path, _json(result.hints()))
     if plot_path:
-        try:
-            Path(plot_path).write_text(plot_svg(result))
-        except OSError as exc:
-            raise ReparamError(f"cannot write {plot_path}: {exc.strerror}") from None
+        _write_text(plot_path, plot_svg(result))
     if not quiet:
         click.echo(result.summary(verbose))
 
@@ -420,12 +423,6 @@ def _triple(text: str, name: str) -> tuple[float, float, float]:
         raise ReparamError(f"{name} takes three numbers, R,G,B (got {text!r})")
     return values[0], values[1], values[2]
 
-
-def _write_json(data: dict, path: str) -> None:
-    try:
-        Path(path).write_text(json.dumps(data, indent=2, default=float) + "\n")
-    except OSError as exc:
-        raise ReparamError(f"cannot write {path}: {exc.strerror}") from None
 
 
 if __name__ == "__main__":

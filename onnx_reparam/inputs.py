@@ -202,10 +202,10 @@ def _random(rng: np.random.Generator, dtype: np.dtype, shape: tuple[int, ...]) -
     return rng.integers(0, 8, shape).astype(dtype)
 
 
-def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Inputs from an .npz file, one array per model input name."""
+def load_inputs(path: str | os.PathLike, what: str = "inputs") -> dict[str, np.ndarray]:
+    """Inputs from an .npz file, one array per model input name; ``what`` they are, for the error."""
     try:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError) as exc:
-        raise ReparamError(f"cannot read inputs from {path}: {first_line(exc)}") from None
+        raise ReparamError(f"cannot read {what} from {path}: {first_line(exc)}") from None

@@ -13,20 +13,20 @@ alone (weight-only, per tensor); QDQ measured with the 1, 2, 4... most sensitive
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from xml.sax.saxutils import escape
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from . import quantize as q
+from .algebra import bn_affine
 from .graph import _FRESH_SUFFIX
-from .model_io import load_model
 
 QUANTIZATIONS = ("weights/tensor", "weights/channel", "QDQ/tensor", "QDQ/channel")
-LEVELS_TOP = 127  # the plot's top: a symmetric INT8 grid's levels
 KEEP_SHARE = 0.25  # the keep list is chosen among the most sensitive quarter of the layers
 
 
@@ -150,10 +150,10 @@ def plot_svg(result: QuantizeCheck) -> str:
     if result.ready_layers:
         series.append(("after --int8-ready", "#2471a3", _levels(result.ready_layers)))
     count = max(len(values) for _, _, values in series) or 1
-    low, high = np.log10(0.01), np.log10(LEVELS_TOP)
+    low, high = np.log10(0.01), np.log10(q.LEVELS)
 
     def y(value: float) -> float:
-        fraction = (np.log10(min(max(value, 0.01), LEVELS_TOP)) - low) / (high - low)
+        fraction = (np.log10(min(max(value, 0.01), q.LEVELS)) - low) / (high - low)
         return height - bottom - fraction * (height - bottom - top)
 
     slot = (width - left - 20) / count
@@ -170,7 +170,7 @@ def plot_svg(result: QuantizeCheck) -> str:
             x = left + i * slot + index * bar
             parts.append(f'<rect x="{x:.1f}" y="{y(value):.1f}" width="{bar:.1f}" '
                          f'height="{height - bottom - y(value):.1f}" fill="{colour}">'
-                         f'<title>{_escape(layer.node)}: {value:.3g}</title></rect>')
+                         f'<title>{escape(layer.node)}: {value:.3g}</title></rect>')
         parts.append(f'<rect x="{left + 10 + 160 * index}" y="{height - 22}" width="10" height="10" fill="{colour}"/>'
                      f'<text x="{left + 24 + 160 * index}" y="{height - 13}">{label}</text>')
     parts.append("</svg>")
@@ -179,10 +179,6 @@ def plot_svg(result: QuantizeCheck) -> str:
 
 def _levels(layers: list[q.LayerWeights]) -> list[float]:
     return [layer.weight_levels for layer in layers]
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _cell(outcome: q.Outcome) -> str:
@@ -221,8 +217,7 @@ def check(model: onnx.ModelProto, samples: Sequence[dict] | None = None, data: s
     reference = q.run(model, evaluation)
     for label, candidate in {"as given": model, **(variants or {})}.items():
         own_reference = reference if candidate is model else q.run(candidate, evaluation)
-        result.measured.append(Measured(label, _quantized(candidate, calibration, evaluation, own_reference,
-                                                          _last_layer(candidate))))
+        result.measured.append(Measured(label, _quantized(candidate, calibration, evaluation, own_reference)))
     if exclude:
         result.notes.append(f"QDQ leaves the last layer ({exclude[0]}) in float, as is usual for a classifier")
     names = [node.name for node, _, _ in q.weight_layers(model)]
@@ -249,21 +244,23 @@ def measure(model: onnx.ModelProto, calibration: list[dict], evaluation: list[di
     """What INT8 does to ``model``'s float outputs on ``evaluation``, quantized as ``target`` says
     ("qdq": quantize_static per tensor, the last Gemm/MatMul in float; "weights": weight-only per
     tensor), against its own FP32 outputs."""
-    reference = q.run(model, evaluation)
-    if target == "weights":
-        return q.measured(reference, lambda: q.quantize_weights(model), evaluation)
-    return q.measured(reference, lambda: q.quantize_qdq(model, calibration, exclude=_last_layer(model)), evaluation)
+    label = "weights/tensor" if target == "weights" else "QDQ/tensor"
+    return q.measured(q.run(model, evaluation), _quantizer(model, label, calibration), evaluation)
 
 
 def _quantized(model: onnx.ModelProto, calibration: list[dict], evaluation: list[dict],
-               reference: list[list[np.ndarray]], exclude: list[str]) -> dict[str, q.Outcome]:
-    outcomes = {}
-    for label, per_channel in (("weights/tensor", False), ("weights/channel", True)):
-        outcomes[label] = q.measured(reference, partial(q.quantize_weights, model, per_channel), evaluation)
-    for label, per_channel in (("QDQ/tensor", False), ("QDQ/channel", True)):
-        outcomes[label] = q.measured(reference, partial(q.quantize_qdq, model, calibration, per_channel,
-                                                        exclude=exclude), evaluation)
-    return outcomes
+               reference: list[list[np.ndarray]]) -> dict[str, q.Outcome]:
+    return {label: q.measured(reference, _quantizer(model, label, calibration), evaluation) for label in QUANTIZATIONS}
+
+
+def _quantizer(model: onnx.ModelProto, label: str, calibration: list[dict]) -> Callable[[], onnx.ModelProto]:
+    """What makes the model quantized as ``label`` (QUANTIZATIONS) says; QDQ leaves the last
+    Gemm/MatMul (a classifier head) in float."""
+    kind, granularity = label.split("/")
+    per_channel = granularity == "channel"
+    if kind == "weights":
+        return partial(q.quantize_weights, model, per_channel)
+    return partial(q.quantize_qdq, model, calibration, per_channel, exclude=_last_layer(model))
 
 
 def _last_layer(model: onnx.ModelProto) -> list[str]:
@@ -277,7 +274,6 @@ def identity_gains(model: onnx.ModelProto, train: onnx.ModelProto) -> tuple[dict
     re-running the rewrite on ``train`` and matching the layers by name), with their largest gain.
     An identity BN is one whose input no Conv writes: it normalizes the block's input itself."""
     from . import api
-    train = load_model(train)
     writers = {out: node for node in train.graph.node for out in node.output}
     weights = {t.name: t for t in train.graph.initializer}
     identity = {}
@@ -285,9 +281,9 @@ def identity_gains(model: onnx.ModelProto, train: onnx.ModelProto) -> tuple[dict
         source = writers.get(node.input[0]) if node.input else None
         if node.op_type == "BatchNormalization" and (source is None or source.op_type != "Conv") \
                 and all(name in weights for name in node.input[1:5]):
-            gamma, _, _, var = (numpy_helper.to_array(weights[name]).astype(np.float64) for name in node.input[1:5])
-            epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-            identity[node.name] = np.abs(gamma) / np.sqrt(var + epsilon)
+            gamma, beta, mean, var = (numpy_helper.to_array(weights[name]) for name in node.input[1:5])
+            scale, _ = bn_affine(gamma, beta, mean, var, q.attribute(node, "epsilon", 1e-5))
+            identity[node.name] = np.abs(scale)
     if not identity:
         return {}, "the training export has no identity-branch BatchNormalization (one not after a Conv)"
     _, report = api.optimize(train, verify=False)

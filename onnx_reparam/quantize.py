@@ -20,8 +20,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .algebra import input_channels
 from .errors import ReparamError, first_line
-from .runtime import ort_module, session_options
+from .runtime import Runner
 
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 LEVELS = 127  # symmetric int8: -127..127, as onnxruntime's and TensorRT's weight quantizers use
@@ -68,7 +69,7 @@ def weight_layers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.Ten
         if node.op_type == "ConvTranspose":
             axis = 1
         elif node.op_type == "Gemm":
-            axis = 0 if _attribute(node, "transB", 0) else 1
+            axis = 0 if attribute(node, "transB", 0) else 1
         elif node.op_type == "MatMul":
             if len(weight.dims) != 2:
                 continue
@@ -79,7 +80,7 @@ def weight_layers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onnx.Ten
     return found
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
+def attribute(node: onnx.NodeProto, name: str, default):
     for attribute in node.attribute:
         if attribute.name == name:
             return onnx.helper.get_attribute_value(attribute)
@@ -118,10 +119,9 @@ def _tap(node: onnx.NodeProto, shape: tuple[int, ...], position: tuple) -> str:
         return "1x1 kernel"
     out_channel, in_index = int(position[0]), int(position[1])
     taps = tuple(int(p) for p in position[2:])
-    out_per_group = shape[0] // max(1, int(_attribute(node, "group", 1)))
-    in_channel = out_channel // out_per_group * shape[1] + in_index
+    reads = input_channels(shape[0], shape[1], max(1, int(attribute(node, "group", 1))))
     if all(2 * t + 1 == k for t, k in zip(taps, kernel)):
-        if in_channel == out_channel:
+        if reads[out_channel, in_index] == out_channel:
             return "centre tap of its own input channel (where an identity or BN branch lands)"
         return "centre tap"
     return "tap (" + ", ".join(map(str, taps)) + ")"
@@ -196,10 +196,7 @@ def _quiet_root_logger():
 
 def run(model: onnx.ModelProto, feed_sets: Sequence[Feeds], optimized: bool = True) -> list[list[np.ndarray]]:
     """Every output of ``model`` on each feed set, on the CPU, with ORT's optimizations as deployed."""
-    ort = ort_module()
-    session = ort.InferenceSession(model.SerializeToString(), session_options(ort, optimized),
-                                   providers=["CPUExecutionProvider"])
-    return [session.run(None, feeds) for feeds in feed_sets]
+    return Runner("cpu").run(model, list(feed_sets), optimized)
 
 
 def sqnr_db(reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float:
@@ -276,10 +273,11 @@ def activation_ranges(model: onnx.ModelProto, calibration: Sequence[Feeds]) -> d
     outputs = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in dict.fromkeys(wanted) if name not in outputs)
     names = [o.name for o in probe.graph.output]
+    wanted_names = set(wanted)
     ranges: dict[str, tuple[float, float]] = {}
     for values in run(probe, calibration, optimized=False):
         for name, value in zip(names, values):
-            if name not in dict.fromkeys(wanted) or not np.issubdtype(np.asarray(value).dtype, np.floating):
+            if name not in wanted_names or not np.issubdtype(np.asarray(value).dtype, np.floating):
                 continue
             low, high = float(np.min(value)), float(np.max(value))
             old = ranges.get(name, (low, high))

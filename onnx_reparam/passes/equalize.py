@@ -28,6 +28,7 @@ import numpy as np
 from .. import algebra
 from ..errors import Refused
 from ..graph import Graph, Node, Tensor, attr
+from ..linear import channel_affine
 from . import PassLog
 from .fold_affine import Linear, linear_of
 
@@ -67,9 +68,7 @@ class Member:
             return
         if self.node.op == "Conv":
             self.pairs = np.abs(weight).reshape(weight.shape[:2] + (-1,)).max(axis=2)
-            out_per_group = weight.shape[0] // int(attr(self.node, "group", 1))
-            self.reads = (np.arange(weight.shape[0])[:, None] // out_per_group) * weight.shape[1] \
-                + np.arange(weight.shape[1])
+            self.reads = algebra.input_channels(weight.shape[0], weight.shape[1], int(attr(self.node, "group", 1)))
         else:
             self.pairs = np.abs(weight.T if _out_axis(self.node) == 1 else weight)
             self.reads = np.broadcast_to(np.arange(self.pairs.shape[1]), self.pairs.shape)
@@ -351,21 +350,18 @@ def _member(graph: Graph, node: Node, members: dict[str, Member], rank: int | No
     if node.name in members:
         return members[node.name]
     if node.op == "Mul":
-        constants = [graph.constant(t) for t in node.inputs]
-        if len(node.inputs) != 2 or sum(c is not None for c in constants) != 1:
-            return None
-        data_index = 0 if constants[1] is not None else 1
-        data = node.inputs[data_index]
-        rank = Graph.rank(data) if rank is None else rank
-        const = constants[1 - data_index]
-        channels = _channels(data, rank)
-        if rank is None or channels is None or not np.issubdtype(np.asarray(const).dtype, np.floating):
+        data = next((t for t in node.inputs if graph.constant(t) is None), None)
+        rank = Graph.rank(data) if rank is None and data is not None else rank
+        channels = _channels(data, rank) if data is not None else None
+        if rank is None or channels is None:
             return None
         try:
-            vector = algebra.per_channel(np.asarray(const), channels, 1 - rank if rank > 2 else -1, rank)
+            affine = channel_affine(graph, node, channels, 1 - rank if rank > 2 else -1, rank)
         except Refused:
             return None
-        members[node.name] = Member(node, vector, None, None, data_index)
+        if affine is None or not np.issubdtype(graph.value(node.inputs[1 - affine.data_index]).dtype, np.floating):
+            return None
+        members[node.name] = Member(node, affine.scale, None, None, affine.data_index)
     else:
         linear = linear_of(graph, node)
         if linear is None:

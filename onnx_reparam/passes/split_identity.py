@@ -28,19 +28,23 @@ def run(graph: Graph, log: PassLog) -> None:
             log.attempt(node, _split, graph, node, log)
 
 
-def identity_part(weight: np.ndarray, groups: int) -> np.ndarray | None:
-    """D: per output channel, how far its own input channel's centre tap exceeds the row's other
-    weights; None where no output channel has its own input channel or the kernel has no centre."""
+def without_identity(weight: np.ndarray, groups: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(W - D e, D) in float64: D, per output channel, how far its own input channel's centre tap
+    exceeds the row's other weights; None where no output channel has its own input channel or
+    the kernel has no centre."""
     channels, per_group = weight.shape[0], weight.shape[1]
     if per_group * groups != channels or any(k % 2 == 0 for k in weight.shape[2:]):
         return None
     rows = np.arange(channels)
     own = (rows,) + (rows % per_group,) + tuple(np.full(channels, k // 2) for k in weight.shape[2:])
-    centre = np.asarray(weight, np.float64)[own]
-    others = np.abs(np.asarray(weight, np.float64))
+    rest = np.asarray(weight, np.float64).copy()
+    centre = rest[own]
+    others = np.abs(rest)
     others[own] = 0
     largest_other = others.reshape(channels, -1).max(axis=1)
-    return centre - np.clip(centre, -largest_other, largest_other)
+    part = centre - np.clip(centre, -largest_other, largest_other)
+    rest[own] -= part
+    return rest, part
 
 
 def _split(graph: Graph, node: Node, log: PassLog) -> bool:
@@ -48,13 +52,10 @@ def _split(graph: Graph, node: Node, log: PassLog) -> bool:
     if form is None:
         return False
     geometry = form.geometry
-    part = identity_part(form.weight, geometry["group"])
-    if part is None or not np.any(part):
+    split = without_identity(form.weight, geometry["group"])
+    if split is None or not np.any(split[1]):
         return False
-    weight = np.asarray(form.weight, np.float64).copy()
-    rows = np.arange(weight.shape[0])
-    own = (rows,) + (rows % weight.shape[1],) + tuple(np.full(weight.shape[0], k // 2) for k in weight.shape[2:])
-    weight[own] -= part
+    weight, part = split
     if np.abs(form.weight).max() < GAIN * np.abs(weight).max():
         return False
     spatial = len(geometry["kernel"])

@@ -11,6 +11,7 @@ self-contained model.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import sys
 import tempfile
@@ -284,8 +285,43 @@ def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     except Exception:  # noqa: BLE001 - any failure just means fewer known shapes
         return {}
     inputs = {v.name for v in model.graph.input}
-    return {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
-            if v.name not in inputs and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    found = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+             if v.name not in inputs and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
+    _name_input_sizes(light, found)
+    return found
+
+
+def _name_input_sizes(light: onnx.ModelProto, found: dict[str, onnx.ValueInfoProto]) -> None:
+    """Gives the sizes ONNX's inference lost (a Reshape to -1 on a symbolic batch, a Slice of
+    computed bounds) the names onnxruntime's symbolic inference proves they have: an input's
+    dim name ('batch') or a number. It stops at the first size it cannot prove (it is asked
+    not to assume two sizes equal): then nothing is named."""
+    names = {d.dim_param for v in light.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+    if not names or not any(_unnamed(d, names) for v in found.values() for d in v.type.tensor_type.shape.dim):
+        return
+    try:
+        from onnxruntime.tools import symbolic_shape_infer as ssi
+        level = ssi.logger.level
+        ssi.logger.setLevel(logging.CRITICAL)  # it logs where it stops: the shapes stay ONNX's then
+        try:
+            proved = ssi.SymbolicShapeInference.infer_shapes(light, auto_merge=False)
+        finally:
+            ssi.logger.setLevel(level)
+    except Exception:  # noqa: BLE001 - it stops at a size it cannot prove: ONNX's sizes stand
+        return
+    for value in list(proved.graph.value_info) + list(proved.graph.output):
+        if value.name not in found or not value.type.HasField("tensor_type"):
+            continue
+        ours, theirs = found[value.name].type.tensor_type.shape.dim, value.type.tensor_type.shape.dim
+        if len(ours) != len(theirs):
+            continue
+        for dim, proof in zip(ours, theirs):
+            if _unnamed(dim, names) and (proof.HasField("dim_value") or proof.dim_param in names):
+                dim.CopyFrom(proof)
+
+
+def _unnamed(dim: onnx.TensorShapeProto.Dimension, names: Set[str]) -> bool:
+    return not dim.HasField("dim_value") and dim.dim_param not in names
 
 
 def shape_disagreement(declared: onnx.ValueInfoProto, inferred: onnx.ValueInfoProto) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
-from onnx import helper, numpy_helper
+from onnx import ValueInfoProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from .errors import Refused, first_line, option
@@ -49,8 +49,10 @@ def pad_view(graph: Graph, tensor: Tensor) -> PadView | None:
     nodes, source = found
     in_shape, out_shape = _probe_shapes(source, tensor)
     a, b = source.shape, tensor.shape
-    if in_shape is None and a and b and len(a) == len(b) and isinstance(a[0], str) and not isinstance(b[0], int) \
+    if in_shape is None and a and b and len(a) == len(b) and isinstance(a[0], str) \
             and all(isinstance(d, int) for d in list(a[1:]) + list(b[1:])):
+        if isinstance(b[0], int):  # a symbolic batch in, a number out (a Slice of the first sample)
+            raise Refused("the ops change the batch or channel axis")
         # shape inference lost the batch's name on the way (opset 18's Pad with axes): the ops must
         # keep it, seen at two sizes (their pads, indices and shapes are constants)
         for batch in (PROBE_BATCH, PROBE_BATCH + 1):
@@ -134,7 +136,7 @@ def _numbered(graph: Graph, nodes: list[Node], source: Tensor, tensor: Tensor, i
 def _run(graph: Graph, nodes: list[Node], source: Tensor, tensor: Tensor, values: np.ndarray, ops: str) -> np.ndarray:
     """The ops run on ``values`` in place of ``source``; raises Refused where they cannot be."""
     try:
-        return _evaluate(graph, nodes, source, tensor, values)
+        return evaluate(graph, nodes, {source.name: values}, tensor, widen=source.dtype)
     except Exception as exc:  # onnx's evaluator rejects some valid ops (negative Pad), ORT others: said
         raise Refused(f"the {ops} ops could not be evaluated", f"{type(exc).__name__}: {first_line(exc)}") from exc
 
@@ -232,16 +234,19 @@ def _shapes_read(graph: Graph, tensor: Tensor) -> list[Tensor] | None:
     return shaped
 
 
-def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
-              values: np.ndarray) -> np.ndarray:
+def evaluate(graph: Graph, nodes: list[Node], feeds: dict[str, np.ndarray], output: Tensor,
+             widen: np.dtype | None = None) -> np.ndarray:
+    """``output`` of ``nodes`` (in graph order) run on ``feeds`` by name, the other tensors they
+    read being the graph's constants; constants of type ``widen`` are widened to float64 (the
+    probe runs in float64)."""
     constants, protos = {}, []
-    computed = {t.name for n in nodes for t in n.outputs} | {source.name}
+    computed = {t.name for n in nodes for t in n.outputs} | set(feeds)
     for node in nodes:
         inputs = node.inputs[:1] if node.op == "CastLike" else node.inputs
         for t in inputs:
             if t.name and t.name not in computed and t.name not in constants:
                 value = graph.value(t)
-                if value.dtype == source.dtype:  # data written into the tensor: widened with it
+                if widen is not None and value.dtype == widen:  # data written into the tensor: widened with it
                     value = value.astype(np.float64)
                 constants[t.name] = numpy_helper.from_array(value, t.name)
         if node.op == "CastLike":  # to the type the value has (_subgraph checked): a copy
@@ -249,14 +254,14 @@ def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
             continue
         protos.append(helper.make_node(node.op, [t.name for t in node.inputs],
                                        [t.name for t in node.outputs], **node.attrs))
-    elem = helper.np_dtype_to_tensor_dtype(values.dtype)
     model = helper.make_model(helper.make_graph(
-        protos, "view", [helper.make_tensor_value_info(source.name, elem, values.shape)],
-        [helper.make_tensor_value_info(output.name, elem, None)], list(constants.values())),
+        protos, "view", [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                         for name, v in feeds.items()],
+        [ValueInfoProto(name=output.name)], list(constants.values())),  # its type: whatever the ops give
         opset_imports=[helper.make_opsetid("", _opset(graph))])
     try:
         # a list of outputs: it returns a dict only when asked for intermediate values
-        return np.asarray(cast(list, ReferenceEvaluator(model).run([output.name], {source.name: values}))[0])
+        return np.asarray(cast(list, ReferenceEvaluator(model).run([output.name], feeds))[0])
     except Exception:  # noqa: BLE001 - onnx's evaluator rejects some valid ops (negative Pad): ask ORT
         import onnxruntime as ort
         options = ort.SessionOptions()
@@ -264,7 +269,7 @@ def _evaluate(graph: Graph, nodes: list[Node], source: Tensor, output: Tensor,
         model.ir_version = min(model.ir_version, 10)
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
                                        enable_fallback=0)
-        return np.asarray(session.run([output.name], {source.name: values})[0])
+        return np.asarray(session.run([output.name], feeds)[0])
 
 
 def _opset(graph: Graph) -> int:

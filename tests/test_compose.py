@@ -347,16 +347,63 @@ def test_a_pad_with_axes_before_a_conv_folds_with_a_dynamic_batch():
     assert ops(model) == {"Conv": 1} and report.verification.passed
 
 
-def test_embeddings_expanded_beyond_the_batch_are_not_taken_for_a_broadcast():
-    # (1, 1, C) expanded to (N, K, C) repeats one row K times: a real Expand, not MatMul's broadcast
-    b = GraphBuilder()
+def _batched_text(b: GraphBuilder, embeddings: np.ndarray, rows: int, mix=None) -> str:
+    """The logits of a YOLOE-like head with a dynamic batch on input x:
+    ``embeddings`` expanded to (N, rows, C), then ``mix`` (a function of the builder and the
+    expanded tensor), then MatMul over the channels of a 1x1 conv's output."""
     x = b.input("x", ["N", 4, 6, 6])
     features = b.conv(x, 4, 16, 1)
     batch = _batch_of(b, features)
     flat = b.node("Reshape", [features, b.node("Concat", [batch, b.const(np.array([16, 36], np.int64))], axis=0)])
-    text = b.node("Expand", [b.const(b.rand(1, 1, 16)),
-                             b.node("Concat", [batch, b.const(np.array([5, 16], np.int64))], axis=0)])
+    text = b.node("Expand", [b.const(embeddings), b.node("Concat", [batch, b.const(np.array([rows, 16], np.int64))],
+                                                                  axis=0)])
+    text = mix(b, text) if mix else text
     grid = b.node("Reshape", [b.node("MatMul", [text, flat]),
-                              b.node("Concat", [batch, b.const(np.array([5, 6, 6], np.int64))], axis=0)])
-    model, _ = rewrite(b.model([b.node("Sigmoid", [grid])]), input_shapes={"x": (2, 4, 6, 6)})
-    assert ops(model)["MatMul"] == 1 and ops(model)["Expand"] == 1
+                              b.node("Concat", [batch, b.const(np.array([rows, 6, 6], np.int64))], axis=0)])
+    return grid
+
+
+def _at_batch_3_as_the_input_model(model, optimized) -> None:
+    """The rewrite holds at a batch the check did not run (it runs batch 2)."""
+    import onnxruntime as ort
+    x = np.random.default_rng(1).standard_normal((3, 4, 6, 6)).astype(np.float32)
+    before, after = (ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0] for m in (model, optimized))
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
+
+
+def test_embeddings_expanded_beyond_the_batch_fold_as_the_rows_they_repeat():
+    # (1, 1, C) expanded to (N, K, C) repeats one row K times for every sample: the map is those
+    # K equal rows, the same for every sample
+    b = GraphBuilder()
+    grid = _batched_text(b, b.rand(1, 1, 16), 5)
+    model = b.model([b.node("Sigmoid", [grid])])
+    optimized, _ = rewrite(model, input_shapes={"x": (2, 4, 6, 6)})
+    assert ops(optimized) == {"Conv": 1, "Sigmoid": 1}
+    _at_batch_3_as_the_input_model(model, optimized)
+
+
+def test_normalized_embeddings_expanded_to_a_dynamic_batch_fold_into_the_class_conv():
+    # YOLOE's own export: the expanded embeddings are L2-normalized (ReduceL2, Clip, an Expand to
+    # their own shape, Div) before the MatMul: one matrix for every sample, computed from constants
+    def normalized(b: GraphBuilder, text: str) -> str:
+        norm = b.node("Clip", [b.node("ReduceL2", [text], axes=[-1], keepdims=1), b.const(np.float32(1e-12))])
+        return b.node("Div", [text, b.node("Expand", [norm, b.node("Shape", [text])])])
+
+    b = GraphBuilder()
+    grid = _batched_text(b, b.rand(1, 5, 16), 5, normalized)
+    model = b.model([b.node("Sigmoid", [grid])])
+    optimized, report = rewrite(model, input_shapes={"x": (2, 4, 6, 6)})
+    assert ops(optimized) == {"Conv": 1, "Sigmoid": 1}, report.summary(verbose=True)
+    _at_batch_3_as_the_input_model(model, optimized)
+
+
+def test_embeddings_that_differ_between_samples_stay():
+    # a running sum over the batch makes sample n's map (n + 1) times the first: no one matrix
+    b = GraphBuilder()
+    grid = _batched_text(b, b.rand(1, 5, 16), 5,
+                         lambda b, t: b.node("CumSum", [t, b.const(np.array(0, np.int64))]))
+    model = b.model([b.node("Sigmoid", [grid])])
+    optimized, report = rewrite(model, input_shapes={"x": (2, 4, 6, 6)})
+    assert ops(optimized)["MatMul"] == 1
+    assert any("the MatMul's constant operand is not one matrix repeated for every sample" in r
+               for r in refusals(report))

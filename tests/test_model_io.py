@@ -6,10 +6,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
+from conftest import GraphBuilder
 from test_cli import block_model, one_line_error, run
 
 import onnx_reparam
 from onnx_reparam.errors import ReparamError
+from onnx_reparam.graph import Graph
 from onnx_reparam.model_io import LARGE_TENSOR, load_model, load_weights, on_disk, read_array, save_model
 
 pytestmark = pytest.mark.quick  # tiny graphs: the quick tier, -m quick
@@ -223,3 +225,15 @@ def test_constant_values_in_external_data_are_read_from_the_models_folder(tmp_pa
     expected = ort.InferenceSession(str(path)).run(None, x)[0]
     actual = ort.InferenceSession(str(tmp_path / "out" / "deploy.onnx")).run(None, x)[0]
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("columns,batch", [(144, "N"), (72, None)])
+def test_a_size_onnx_inference_loses_is_named_only_where_it_is_proved(columns, batch):
+    # Reshape(x, (-1, columns)) of x (N, 4, 6, 6): ONNX's inference has no name for the -1; it is
+    # N where the columns take one sample (onnxruntime's symbolic inference proves it), 2N not
+    b = GraphBuilder()
+    x = b.input("x", ["N", 4, 6, 6])
+    flat = b.node("Reshape", [x, b.const(np.array([-1, columns], np.int64))])
+    graph = Graph(b.model([b.node("Relu", [flat])]))
+    first = graph.outputs[0].shape[0]
+    assert first == batch if batch else first != "N"

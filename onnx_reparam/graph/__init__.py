@@ -94,7 +94,15 @@ class Graph:
             tensor = tensors.get(info.name)
             if isinstance(tensor, gs.Variable) and self.static_shape(tensor) is None \
                     and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-                tensor.shape = dims(info.type.tensor_type.shape)
+                tensor.shape = self._kept_names(tensor.shape, dims(info.type.tensor_type.shape))
+
+    def _kept_names(self, known: list | None, inferred: list) -> list:
+        """``inferred``, but where it has no number for a size ``known`` gave an input's dim name
+        ('batch', proved at import): the rewrites keep every tensor's values, so its sizes too."""
+        names = {d for t in self.inputs for d in (t.shape or []) if isinstance(d, str)}
+        if not known or len(known) != len(inferred):
+            return inferred
+        return [old if not isinstance(new, int) and old in names else new for old, new in zip(known, inferred)]
 
     @contextlib.contextmanager
     def spelled_out(self):

@@ -16,10 +16,11 @@ from __future__ import annotations
 import numpy as np
 
 from .. import algebra
-from ..errors import Refused
+from ..errors import Refused, first_line
 from ..graph import Graph, Node, Tensor, attr
 from ..linear import before_layer, channel_affine, conv_chain, fc_form
-from ..routing import RESHAPES, ROUTING_OPS
+from ..routing import MAX_NODES, MAX_PROBED, PROBE_BATCH, RESHAPES, ROUTING_OPS, evaluate
+from ..truth import RANDOM_OPS
 from . import PassLog
 
 
@@ -30,7 +31,7 @@ def run(graph: Graph, log: PassLog) -> None:
             continue
         if node.op in ("Conv", "AveragePool"):
             compose = _compose_conv
-        elif node.op == "MatMul" and _left_weight(graph, node.inputs[0]) is not None:
+        elif node.op == "MatMul" and _left_operand(graph, node.inputs[0]) is not None:
             compose = _channel_matmul
         elif node.op in ("Gemm", "MatMul"):
             compose = _compose_matrix
@@ -81,48 +82,99 @@ def _channel_matmul(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     channels of y (N, C, *spatial), written as a 1x1 Conv (an einsum 'bchw,kc->bkhw' as
     TorchScript writes it: YOLOE's text embeddings applied to its class features). N may be
     symbolic, and the reshapes may read it off Shape: their static sizes fix it by the element
-    count."""
-    found, flat = _left_weight(graph, node.inputs[0]), node.inputs[1]
-    weight, expand = found if found is not None else (None, [])
+    count. W may be computed from constants and the batch size (YOLOE's embeddings expanded to
+    the batch, then normalized): it is taken when it is one matrix repeated for every sample."""
+    flat, left = node.inputs[1], _left_operand(graph, node.inputs[0])
     flatten = graph.producer(flat)
     readers = node.outputs[0].outputs
-    if weight is None or flatten is None or flatten.op != "Reshape" or len(readers) != 1 or readers[0].op != "Reshape" \
+    if left is None or flatten is None or flatten.op != "Reshape" or len(readers) != 1 or readers[0].op != "Reshape" \
             or graph.shared(flat) is not None or graph.shared(node.outputs[0]) is not None:
         return []
     unflatten, data = readers[0], flatten.inputs[0]
     shape, flat_shape, out_shape = data.shape, flat.shape, unflatten.outputs[0].shape
-    if weight.ndim == 3 and weight.shape[0] == 1:
-        weight = weight[0]  # one map for every sample
-    if weight.ndim != 2 or not shape or not flat_shape or not out_shape or len(shape) < 3 \
+    if not shape or not flat_shape or not out_shape or len(shape) < 3 \
             or not all(isinstance(d, int) for d in list(shape[1:]) + list(out_shape[1:])):
         return []
+    weight = _per_sample(graph, node.inputs[0], *left, shape[0])
+    if weight.ndim == 3 and weight.shape[0] == 1:
+        weight = weight[0]  # one map for every sample
     channels, spatial = shape[1], list(shape[2:])
-    # (N, C, S) and (N, K, *spatial) with C, S, K, spatial static: N is the input's by the count
-    if len(flat_shape) != 3 or list(flat_shape[1:]) != [channels, int(np.prod(spatial))] \
-            or list(out_shape[1:]) != [weight.shape[0]] + spatial or weight.shape[1] != channels:
+    # (N, C, S) and (N, K, *spatial) with C, S, K, spatial static: N is the input's by the count.
+    # Sizes the flatten computes (x.flatten(2) reads N and C off Shape) follow from a proved N:
+    # the MatMul takes C, and the count S.
+    sizes = [channels, int(np.prod(spatial))]
+    if weight.ndim != 2 or len(flat_shape) != 3 or list(out_shape[1:]) != [weight.shape[0]] + spatial \
+            or weight.shape[1] != channels or any(d != size and (isinstance(d, int) or flat_shape[0] != shape[0])
+                                                  for d, size in zip(flat_shape[1:], sizes)):
         return []
     kernel = weight.reshape(weight.shape + (1,) * len(spatial))
     graph.emit_layer("Conv", data, kernel, None, unflatten.outputs[0], {"kernel_shape": [1] * len(spatial)},
                      node.name)
-    replaced = [unflatten, node, flatten, *expand]
-    pattern = "Reshape+MatMul+Reshape" + ("+Expand" if expand else "")
+    replaced = [unflatten, node, flatten, *_owned(graph, left[0], node)]
+    pattern = "Reshape+MatMul+Reshape" + ("+Expand" if any(n.op == "Expand" for n in left[0]) else "")
     return replaced if log.rewrote(pattern, replaced) else []
 
 
-def _left_weight(graph: Graph, tensor: Tensor) -> tuple[np.ndarray, list[Node]] | None:
-    """The constant a MatMul multiplies by from the left, and the Expand that broadcast it along a
-    batch axis (which MatMul broadcasting does anyway: YOLOE's embeddings with a dynamic batch)."""
-    value = graph.constant(tensor)
-    if value is not None:
-        return value, []
-    expand = graph.producer(tensor)
-    if expand is None or expand.op != "Expand" or graph.shared(tensor) is not None:
-        return None
-    value, shape = graph.constant(expand.inputs[0]), tensor.shape
-    if value is None or value.ndim != 3 or value.shape[0] != 1 or shape is None or len(shape) != 3 \
-            or list(shape[1:]) != list(value.shape[1:]):
-        return None
-    return value, [expand]
+def _left_operand(graph: Graph, tensor: Tensor) -> tuple[list[Node], list[Tensor]] | None:
+    """(the nodes computing ``tensor`` from constants and the shapes of other tensors, in graph
+    order; those other tensors), or None where it reads values the graph computes."""
+    found: dict[int, Node] = {}
+    shaped: dict[str, Tensor] = {}
+    stack = [tensor]
+    while stack:
+        value = stack.pop()
+        node = graph.producer(value)
+        if graph.constant(value) is not None or (node is not None and id(node) in found):
+            continue
+        if node is None or ":" in node.op or node.op in RANDOM_OPS or len(found) == MAX_NODES:  # custom domain
+            return None
+        found[id(node)] = node
+        if node.op in ("Shape", "Size"):
+            shaped[node.inputs[0].name] = node.inputs[0]
+        else:
+            stack.extend(t for t in node.inputs if t.name)
+    computed = {t.name for n in found.values() for t in n.outputs}
+    order = {id(n): i for i, n in enumerate(graph.nodes())}
+    return sorted(found.values(), key=lambda n: order[id(n)]), [t for t in shaped.values() if t.name not in computed]
+
+
+def _per_sample(graph: Graph, tensor: Tensor, nodes: list[Node], shaped: list[Tensor], batch: int | str) -> np.ndarray:
+    """The value of ``tensor`` (computed by ``nodes`` from constants and the shapes of ``shaped``)
+    for one sample: its value at batch 1, once it is seen to be that value repeated for every
+    sample at batch sizes 2 and 3 (the sizes of ``shaped`` being batch-first, the batch of the
+    MatMul's data); raises Refused when it is not."""
+    if not nodes:
+        return graph.value(tensor)
+    for t in shaped:
+        if not t.shape or t.shape[0] != batch or not all(isinstance(d, int) for d in t.shape[1:]):
+            raise Refused("the MatMul's constant operand is computed from sizes other than the batch's",
+                          f"'{tensor.name}' reads the shape of '{t.name}' {list(t.shape or [])}")
+    values = []
+    for size in (1, PROBE_BATCH, PROBE_BATCH + 1):
+        feeds = {t.name: np.zeros((size, *t.shape[1:]), np.dtype(t.dtype)) for t in shaped}
+        try:
+            values.append(evaluate(graph, nodes, feeds, tensor))
+        except Exception as exc:  # neither evaluator runs them: said
+            raise Refused("the MatMul's constant operand could not be evaluated",
+                          f"{type(exc).__name__}: {first_line(exc)}") from exc
+    one = values[0]
+    if one.ndim == 0 or one.shape[0] != 1 or one.size > MAX_PROBED or any(
+            not np.array_equal(v, np.repeat(one, size, axis=0))
+            for v, size in zip(values[1:], (PROBE_BATCH, PROBE_BATCH + 1))):
+        raise Refused("the MatMul's constant operand is not one matrix repeated for every sample",
+                      f"'{tensor.name}' seen at batch sizes 1, {PROBE_BATCH} and {PROBE_BATCH + 1}")
+    return one
+
+
+def _owned(graph: Graph, nodes: list[Node], reader: Node) -> list[Node]:
+    """Those of ``nodes`` whose outputs only ``reader`` and each other read (they go with it)."""
+    going, owned = {id(reader)}, []
+    outputs = {t.name for t in graph.outputs}
+    for node in reversed(nodes):
+        if all(t.name not in outputs and all(id(r) in going for r in t.outputs) for t in node.outputs):
+            going.add(id(node))
+            owned.append(node)
+    return owned
 
 
 def _compose_reshapes(graph: Graph, node: Node, log: PassLog) -> list[Node]:

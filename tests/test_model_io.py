@@ -5,8 +5,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
 from conftest import GraphBuilder
+from onnx import helper, numpy_helper
 from test_cli import block_model, one_line_error, run
 
 import onnx_reparam

@@ -407,3 +407,20 @@ def test_embeddings_that_differ_between_samples_stay():
     assert ops(optimized)["MatMul"] == 1
     assert any("the MatMul's constant operand is not one matrix repeated for every sample" in r
                for r in refusals(report))
+
+
+@pytest.mark.parametrize("areas,kept", [(1, False), (4, True)])
+def test_reshapes_and_transposes_in_memory_order_are_one_reshape(areas, kept):
+    # YOLO12's area attention: (1, C, H, W) -> (1, C, HW) -> (1, HW, C) -> (areas, HW/areas, 2, C/2)
+    # -> (areas, 2, C/2, HW/areas). With one area the transposes undo each other: the memory order
+    # is x's, one Reshape; with four the positions are regrouped, and the chain stays
+    b = GraphBuilder()
+    x = b.input("x", [1, 8, 4, 4])
+    flat = b.node("Reshape", [b.conv(x, 8, 8, 1), b.const(np.array([1, 8, -1], np.int64))])
+    rows = b.node("Transpose", [flat], perm=[0, 2, 1])
+    split = b.node("Reshape", [rows, b.const(np.array([areas, 16 // areas, 2, 4], np.int64))])
+    heads = b.node("Transpose", [split], perm=[0, 2, 3, 1])
+    model, report = rewrite(b.model([b.node("Relu", [heads])]))
+    expected = {"Conv": 1, "Reshape": 2, "Transpose": 2, "Relu": 1} if kept else {"Conv": 1, "Reshape": 1, "Relu": 1}
+    assert ops(model) == expected
+    assert any(r.pattern == "data movement in memory order" for p in report.passes for r in p.rewrites) != kept

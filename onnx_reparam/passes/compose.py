@@ -19,7 +19,7 @@ from .. import algebra
 from ..errors import Refused, first_line
 from ..graph import Graph, Node, Tensor, attr
 from ..linear import before_layer, channel_affine, conv_chain, fc_form
-from ..routing import MAX_NODES, MAX_PROBED, PROBE_BATCH, RESHAPES, ROUTING_OPS, evaluate
+from ..routing import MAX_NODES, MAX_PROBED, PROBE_BATCH, RESHAPES, ROUTING_OPS, copies, evaluate
 from ..truth import RANDOM_OPS
 from . import PassLog
 
@@ -35,7 +35,7 @@ def run(graph: Graph, log: PassLog) -> None:
             compose = _channel_matmul
         elif node.op in ("Gemm", "MatMul"):
             compose = _compose_matrix
-        elif node.op in RESHAPES:
+        elif node.op in RESHAPES or node.op == "Transpose":
             compose = _compose_reshapes
         else:
             continue
@@ -178,14 +178,34 @@ def _owned(graph: Graph, nodes: list[Node], reader: Node) -> list[Node]:
 
 
 def _compose_reshapes(graph: Graph, node: Node, log: PassLog) -> list[Node]:
-    """Reshape(Reshape(x)) is one Reshape of x to the (static) final shape."""
+    """Reshape(Reshape(x)) is one Reshape of x to the (static) final shape; so is any chain of
+    reshapes and transposes that keeps x's memory order (a Transpose undone by a later one across
+    reshapes: YOLO12's area attention with a single area), seen by running the chain on x's
+    element numbers (routing.copies)."""
     prior = graph.producer(node.inputs[0])
     shape = Graph.static_shape(node.outputs[0])
-    if prior is None or prior.op not in RESHAPES or shape is None or graph.shared(node.inputs[0]):
+    if prior is None or shape is None or 0 in shape or graph.shared(node.inputs[0]):
+        return []  # (a 0 in a Reshape target copies the input's size)
+    if node.op in RESHAPES and prior.op in RESHAPES:
+        source, replaced, pattern = prior.inputs[0], [node, prior], f"{prior.op}+{node.op}"
+    elif prior.op in LAYOUT_OPS and not any(r.op in LAYOUT_OPS for r in node.outputs[0].outputs):
+        try:
+            moved = copies(graph, node.outputs[0])  # the chain ends here: it is read as a whole
+        except Refused:
+            return []  # data movement that does something: the rules that read it say why
+        if moved is None or not {n.op for n in moved.nodes} <= LAYOUT_OPS or "Transpose" not in {
+                n.op for n in moved.nodes} or not np.array_equal(moved.index.ravel(), np.arange(moved.index.size)):
+            return []
+        source, pattern = moved.source, "data movement in memory order"
+        replaced = [node, *_owned(graph, [n for n in moved.nodes if n is not node], node)]
+    else:
         return []
     target = graph.add_constant(f"{node.name}_shape", np.array(shape, np.int64))
-    graph.add_node("Reshape", [prior.inputs[0], target], [node.outputs[0]], {}, node.name)
-    return [node, prior] if log.rewrote(f"{prior.op}+{node.op}", [node, prior]) else []
+    graph.add_node("Reshape", [source, target], [node.outputs[0]], {}, node.name)
+    return replaced if log.rewrote(pattern, replaced) else []
+
+
+LAYOUT_OPS = RESHAPES | {"Transpose"}
 
 
 def _macs(graph: Graph, node: Node, weight: np.ndarray | None = None) -> int:

@@ -304,11 +304,21 @@ def _name_input_sizes(light: onnx.ModelProto, found: dict[str, onnx.ValueInfoPro
         level = ssi.logger.level
         ssi.logger.setLevel(logging.CRITICAL)  # it logs where it stops: the shapes stay ONNX's then
         try:
-            proved = ssi.SymbolicShapeInference.infer_shapes(light, auto_merge=False)
+            # SymbolicShapeInference.infer_shapes, less its way of stopping: it saves the model
+            # into the working directory (sym_shape_infer_temp.onnx and its weights) before raising
+            inference = ssi.SymbolicShapeInference(2**31 - 1, auto_merge=False, guess_output_rank=False, verbose=0)
+            inference._preprocess(light)
+            complete = False
+            while inference.run_:
+                complete = inference._infer_impl()
         finally:
             ssi.logger.setLevel(level)
     except Exception:  # noqa: BLE001 - it stops at a size it cannot prove: ONNX's sizes stand
         return
+    if not complete:
+        return
+    inference._update_output_from_vi()
+    proved = inference.out_mp_
     for value in list(proved.graph.value_info) + list(proved.graph.output):
         if value.name not in found or not value.type.HasField("tensor_type"):
             continue

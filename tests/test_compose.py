@@ -424,3 +424,59 @@ def test_reshapes_and_transposes_in_memory_order_are_one_reshape(areas, kept):
     expected = {"Conv": 1, "Reshape": 2, "Transpose": 2, "Relu": 1} if kept else {"Conv": 1, "Reshape": 1, "Relu": 1}
     assert ops(model) == expected
     assert any(r.pattern == "data movement in memory order" for p in report.passes for r in p.rewrites) != kept
+
+
+def _pre_norm_attention(b: GraphBuilder, pool_pads=(0, 0), q_bias: bool = True, extra=None) -> list[str]:
+    """NextViT's E-MHSA with a spatial reduction, as TorchScript writes it: a pre-norm BN on
+    (1, C, H, W), flattened to tokens (1, N, C) for q; the tokens transposed back, average-pooled
+    4 to 1, normalized again (BatchNorm1d) and transposed for k and v (Linear: MatMul + Add)."""
+    x = b.input("x", [1, 8, 4, 4])
+    norm = b.bn(b.node("Relu", [x]), 8)
+    tokens = b.node("Transpose", [b.node("Reshape", [norm, b.const(np.array([1, 8, 16], np.int64))])], perm=[0, 2, 1])
+
+    def linear(t: str, bias: bool = True) -> str:
+        product = b.node("MatMul", [t, b.const(b.rand(8, 8))])
+        return b.node("Add", [product, b.const(b.rand(8))]) if bias else product
+    pooled = b.node("AveragePool", [b.node("Transpose", [tokens], perm=[0, 2, 1])], kernel_shape=[4], strides=[4],
+                    pads=list(pool_pads))
+    reduced = b.node("Transpose", [b.bn(pooled, 8)], perm=[0, 2, 1])
+    outputs = [linear(tokens, q_bias), linear(reduced), linear(reduced)]
+    return outputs + ([extra(b, norm)] if extra else [])
+
+
+def test_a_pre_norm_bn_folds_into_q_and_through_the_pool_into_k_and_v():
+    # timm's merge_pre_bn(q, norm1), merge_pre_bn(k, norm1, norm): both BNs go, the pool stays a pool
+    b = GraphBuilder()
+    model, report = rewrite(b.model(_pre_norm_attention(b)))
+    assert ops(model)["BatchNormalization"] == 0 and ops(model)["AveragePool"] == 1 and ops(model)["MatMul"] == 3
+    assert "Conv" not in ops(model)
+    assert sum(r.pattern.startswith("BatchNormalization+data movement") for p in report.passes for r in p.rewrites) == 2
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("padded pool", "pads its input"),
+    ("other reader", "it also feeds Sigmoid"),
+    ("no bias", "has no bias Add to take the BatchNormalization's shift"),
+])
+def test_a_pre_norm_bn_that_cannot_fold_into_every_reader_stays_with_its_reason(case, reason):
+    b = GraphBuilder()
+    outputs = _pre_norm_attention(b, pool_pads=(1, 1) if case == "padded pool" else (0, 0), q_bias=case != "no bias",
+                                  extra=(lambda b, t: b.node("Sigmoid", [t])) if case == "other reader" else None)
+    model, report = rewrite(b.model(outputs))
+    assert ops(model)["BatchNormalization"] >= 1 and not report.dropped
+    assert any(reason in r and "BatchNormalization before several layers not folded" in r for r in refusals(report)), \
+        refusals(report)
+
+
+@pytest.mark.parametrize("pads", [0, 1])
+def test_a_bn_read_by_two_convs_folds_into_both_unless_one_reads_padding(pads):
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    norm = b.bn(b.node("Relu", [x]), 4)
+    pointwise = b.conv(norm, 4, 4, 1)
+    flat = b.node("Reshape", [b.node("Reshape", [pointwise, b.const(np.array([1, 4, 36], np.int64))]),
+                              b.const(np.array([1, 144], np.int64))])  # a rewrite after: nothing half-written
+    model, report = rewrite(b.model([flat, b.conv(norm, 4, 4, 3, pads=[pads] * 4)]))
+    assert ops(model)["BatchNormalization"] == pads and ops(model)["Reshape"] == 1 and not report.dropped
+    if pads:
+        assert any("reads zero padding, where the shift would be missing" in r for r in refusals(report))

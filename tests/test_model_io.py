@@ -237,3 +237,15 @@ def test_a_size_onnx_inference_loses_is_named_only_where_it_is_proved(columns, b
     graph = Graph(b.model([b.node("Relu", [flat])]))
     first = graph.outputs[0].shape[0]
     assert first == batch if batch else first != "N"
+
+
+def test_shape_inference_that_stops_writes_nothing_and_names_nothing(tmp_path, monkeypatch):
+    # Concat of two batches of different names: onnxruntime's symbolic inference stops there (it is
+    # not to assume N == M), where its own infer_shapes would save the model into the working
+    # directory; the -1 after it stays unnamed
+    monkeypatch.chdir(tmp_path)
+    b = GraphBuilder()
+    both = b.node("Concat", [b.input("x", ["N", 4, 6, 6]), b.input("y", ["M", 4, 6, 6])], axis=1)
+    flat = b.node("Reshape", [both, b.const(np.array([-1, 288], np.int64))])
+    graph = Graph(b.model([b.node("Relu", [flat])]))
+    assert graph.outputs[0].shape[0] not in ("N", "M") and list(tmp_path.iterdir()) == []

@@ -72,7 +72,10 @@ def test_family_exports_print_no_refusal_of_a_non_reparam_pattern(arch, tmp_path
     train_path, _ = export.export_pair(arch, tmp_path, "ts")
     code, output = cli("optimize", train_path, tmp_path / "out.onnx")
     assert code == 0 and "PASSED" in output
-    assert not [line for line in output.splitlines() if line.strip().startswith("left ")], output
+    # a BatchNormalization left is named at default verbosity (RepMLPNet's prebn1: its partitions
+    # mix its channels); nothing else is
+    assert not [line for line in output.splitlines()
+                if line.strip().startswith("left ") and "BatchNormalization" not in line], output
 
 
 def test_help_quiet_and_verbose(model_path, tmp_path):

@@ -18,13 +18,16 @@ import numpy as np
 from .. import algebra
 from ..errors import Refused, first_line
 from ..graph import Graph, Node, Tensor, attr
-from ..linear import before_layer, channel_affine, conv_chain, fc_form
+from ..linear import before_layer, channel_affine, conv_chain, conv_form, fc_form, inference_bn
 from ..routing import MAX_NODES, MAX_PROBED, PROBE_BATCH, RESHAPES, ROUTING_OPS, copies, evaluate
 from ..truth import RANDOM_OPS
 from . import PassLog
 
 
 def run(graph: Graph, log: PassLog) -> None:
+    for node in reversed(graph.nodes()):  # the last first: a BN on another's way is gone by then
+        if node.op == "BatchNormalization" and log.attempt(node, _bn_into_readers, graph, node, log):
+            graph.cleanup()  # the BN is dead: it no longer reads what an earlier BN's walk passes
     done: set[int] = set()
     for node in graph.nodes():
         if id(node) in done:
@@ -40,6 +43,132 @@ def run(graph: Graph, log: PassLog) -> None:
         else:
             continue
         done.update(id(n) for n in log.attempt(node, compose, graph, node, log) or [])
+
+
+def _bn_into_readers(graph: Graph, node: Node, log: PassLog) -> list[Node]:
+    """BN(x) = x * s + t read by several layers, or through a Transpose or a pool, folds into
+    each (timm's merge_pre_bn: NextViT's pre-norm BN before q and, pooled, k and v): W' = W s and
+    b' = b + W t along each layer's input channels, when every element a layer reads comes from
+    one BN channel per input channel (seen by running the data movement on channel numbers), the
+    pools are average pools with no padding (an average of x * s + t is avg(x) * s + t), and a
+    conv reads no zero padding. A BN after a layer is fold_affine's; one plain path, the rules
+    below take. A BN after an average pool folds forward where it can (the pool stays a pool, as
+    in timm's deploy form), else fold_affine makes the pair one depthwise conv."""
+    out, producer = node.outputs[0], graph.producer(node.inputs[0])
+    if producer is not None and producer.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        return []
+    after_pool = producer is not None and producer.op == "AveragePool"
+    movers, layers, problem, branched = [], [], None, False
+    stack = [out]
+    while stack and problem is None:
+        tensor = stack.pop()
+        branched = branched or len(tensor.outputs) > 1
+        if tensor.name in graph.output_names:
+            problem = Refused("its value is a graph output")
+        for reader in tensor.outputs:
+            if reader.inputs[0] is not tensor:
+                problem = Refused(f"it is not the data input of {reader.op} '{reader.name}'")
+            elif reader.op in LAYOUT_OPS or reader.op in POOLS:
+                movers.append(reader)
+                stack.append(reader.outputs[0])
+            elif reader.op in ("MatMul", "Gemm", "Conv"):
+                layers.append(reader)
+            else:
+                problem = Refused(f"it also feeds {reader.op} '{reader.name}'")
+    if not branched and not any(m.op == "Transpose" or m.op in POOLS for m in movers):
+        return []  # one plain path: the rules for a BN before a conv or FC take it
+    pattern = f"BatchNormalization+data movement+{len(layers)} x " + "/".join(sorted({n.op for n in layers}))
+    try:
+        if problem is not None:
+            raise problem
+        scale, shift = inference_bn(graph, node)
+        replaced = _fold_into_layers(graph, node, movers, layers, scale, shift)
+    except Refused as refused:
+        graph.discard()  # the layers written before the one that cannot take it
+        if not after_pool:  # after a pool, fold_affine takes it (or says why not)
+            log.refused(node, refused.within("BatchNormalization before several layers not folded"), pattern)
+        return []
+    graph.add_rewire(out, node.inputs[0])
+    return replaced if log.rewrote(pattern, replaced) else []
+
+
+def _fold_into_layers(graph: Graph, node: Node, movers: list[Node], layers: list[Node], scale: np.ndarray,
+                      shift: np.ndarray) -> list[Node]:
+    """Writes each layer with the BN folded into it; the nodes replaced (the BN, the layers, the
+    bias Adds of MatMuls); raises Refused where one cannot take it."""
+    shape = Graph.static_shape(node.outputs[0])
+    if shape is None or len(shape) < 2 or np.prod(shape) > MAX_PROBED:
+        raise Refused("its output's shape is not static" if shape is None else "its output is not (N, C, ...)")
+    channels = {node.outputs[0].name: np.broadcast_to(
+        np.arange(shape[1], dtype=np.float64).reshape((1, -1) + (1,) * (len(shape) - 2)), shape)}
+    order = {id(n): i for i, n in enumerate(graph.nodes())}
+    for mover in sorted(movers, key=lambda n: order[id(n)]):
+        numbers = channels[mover.inputs[0].name]
+        if mover.op in POOLS:
+            pads = attr(mover, "pads", [])
+            if any(pads) or attr(mover, "ceil_mode", 0) or attr(mover, "auto_pad", "NOTSET") not in (
+                    "NOTSET", "VALID", b"NOTSET", b"VALID"):
+                raise Refused(f"{mover.op} '{mover.name}' pads its input")
+            if numbers.ndim < 3 or np.any(numbers != numbers[(slice(None),) * 2 + (slice(0, 1),) * (numbers.ndim - 2)]):
+                raise Refused(f"{mover.op} '{mover.name}' averages over several channels of the BatchNormalization")
+        try:
+            channels[mover.outputs[0].name] = evaluate(graph, [mover], {mover.inputs[0].name: np.ascontiguousarray(
+                numbers)}, mover.outputs[0])
+        except Exception as exc:  # its shapes are computed, or the evaluators cannot run it: said
+            raise Refused(f"the data movement '{mover.name}' could not be run on channel numbers",
+                          f"{type(exc).__name__}: {first_line(exc)}") from exc
+    replaced = [node]
+    for layer in layers:
+        numbers = channels[layer.inputs[0].name]
+        axis = 1 if layer.op == "Conv" else numbers.ndim - 1
+        moved = np.moveaxis(numbers, axis, -1).reshape(-1, numbers.shape[axis])
+        if np.any(moved != moved[:1]):
+            raise Refused(f"an input channel of {layer.op} '{layer.name}' mixes channels of the BatchNormalization")
+        index = moved[0].astype(np.int64)
+        replaced += _scaled_layer(graph, layer, scale[index], shift[index])
+    return replaced
+
+
+def _scaled_layer(graph: Graph, layer: Node, scale: np.ndarray, shift: np.ndarray) -> list[Node]:
+    """Writes ``layer`` reading x * scale + shift (per input channel) from x; the nodes it replaces."""
+    if layer.op == "Conv":
+        form = conv_form(graph, layer)
+        if form is None:
+            raise Refused(f"Conv '{layer.name}' has no constant weight")
+        g = form.geometry
+        if any(g["pads"]) and np.any(shift):
+            raise Refused(f"Conv '{layer.name}' reads zero padding, where the shift would be missing")
+        in_index = algebra.input_channels(form.weight.shape[0], form.weight.shape[1], g["group"])
+        weight = np.asarray(form.weight, np.float64) * scale[in_index].reshape(
+            in_index.shape + (1,) * (form.weight.ndim - 2))
+        bias = form.bias + algebra.input_shift_bias(form.weight, g["group"], shift)
+        attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]), "dilations": list(g["dilations"]),
+                 "pads": list(g["pads"]), "group": g["group"]}
+        graph.emit_layer("Conv", layer.inputs[0], weight, bias, layer.outputs[0], attrs, layer.name, form.dtype)
+        return [layer]
+    fc = fc_form(graph, layer)
+    if fc is None:
+        raise Refused(f"{layer.op} '{layer.name}' has no constant weight")
+    matrix = fc.matrix
+    weight, bias = matrix * scale[None, :], fc.bias + matrix @ shift
+    if layer.op == "Gemm":
+        graph.emit_layer("Gemm", layer.inputs[0], weight, bias, layer.outputs[0], {"transB": 1}, layer.name, fc.dtype)
+        return [layer]
+    readers = layer.outputs[0].outputs
+    add = readers[0] if len(readers) == 1 and readers[0].op == "Add" else None
+    own = None
+    if add is not None and layer.outputs[0].name not in graph.output_names:
+        other = add.inputs[1] if add.inputs[0] is layer.outputs[0] else add.inputs[0]
+        own = graph.constant(other)
+    if np.any(bias) and (own is None or np.asarray(own).shape[-1:] != bias.shape or np.asarray(own).ndim > 1):
+        raise Refused(f"MatMul '{layer.name}' has no bias Add to take the BatchNormalization's shift")
+    graph.emit_layer("MatMul", layer.inputs[0], weight.T, None, layer.outputs[0], {}, layer.name, fc.dtype)
+    if add is None or own is None:
+        return [layer]
+    dtype = np.asarray(own).dtype
+    total = graph.add_constant(f"{add.name}_bias", (np.asarray(own, np.float64) + bias).astype(dtype))
+    graph.add_node("Add", [layer.outputs[0], total], [add.outputs[0]], {}, add.name)
+    return [layer, add]
 
 
 def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
@@ -206,6 +335,7 @@ def _compose_reshapes(graph: Graph, node: Node, log: PassLog) -> list[Node]:
 
 
 LAYOUT_OPS = RESHAPES | {"Transpose"}
+POOLS = ("AveragePool", "GlobalAveragePool")  # averages: x * s + t averaged is avg(x) * s + t
 
 
 def _macs(graph: Graph, node: Node, weight: np.ndarray | None = None) -> int:

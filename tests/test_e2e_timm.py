@@ -3,7 +3,8 @@ LeViT-128S (a quarter of its width, one block per stage: its Linear+BN through F
 BN statistics averaged over natural-image crops, exported as users export them
 (models/timm_fixtures.py): every exact rewrite is kept and the deploy structure is reached, in
 float32 and in float16 (model.half(), and float16 inside with float32 inputs and outputs), and the
-report gives both models' distances from the float64 evaluation."""
+report gives both models' distances from the float64 evaluation. And every other
+re-parameterizable timm family, small, against timm's reparameterize_model counts."""
 from __future__ import annotations
 
 from collections import Counter
@@ -27,3 +28,20 @@ def test_a_timm_export_reaches_its_deploy_structure_with_every_exact_rewrite_kep
     logits = report.verification.outputs[0]
     assert logits.ours is not None and logits.theirs is not None
     assert "from float64, the input model" in report.verification.summary()
+
+
+FAMILIES = fixture_manifest("timm_families/manifest.json")
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_other_timm_family_reaches_its_reparameterize_model_counts(name):
+    # the other re-parameterizable timm families, narrow and shallow by their own arguments
+    # (models/timm_family_fixtures.py; NextViT as its own blocks, its widths being fixed): timm's
+    # reparameterize_model export's Conv count, and no more BatchNormalization or Add (NextViT's
+    # final BN goes into the classifier through the pooling, where timm keeps it)
+    model, report = onnx_reparam.optimize(FIXTURES / "timm_families" / name)
+    ops = Counter(n.op_type for n in model.graph.node)
+    deploy = FAMILIES[name]["deploy"]
+    assert ops["Conv"] == deploy["Conv"], report.summary(verbose=True)
+    assert ops["BatchNormalization"] <= deploy["BatchNormalization"] and ops["Add"] <= deploy["Add"]
+    assert report.verification.passed and not report.dropped

@@ -51,12 +51,13 @@ def _bn_into_readers(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     b' = b + W t along each layer's input channels, when every element a layer reads comes from
     one BN channel per input channel (seen by running the data movement on channel numbers), the
     pools are average pools with no padding (an average of x * s + t is avg(x) * s + t), and a
-    conv reads no zero padding. A BN after a layer is fold_affine's; one plain path, the rules
-    below take. A BN after an average pool folds forward where it can (the pool stays a pool, as
+    conv reads no zero padding. A BN after a layer read by nothing else is fold_affine's; one
+    plain path, the rules below take. A BN after an average pool folds forward where it can (the pool stays a pool, as
     in timm's deploy form), else fold_affine makes the pair one depthwise conv."""
     out, producer = node.outputs[0], graph.producer(node.inputs[0])
-    if producer is not None and producer.op in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-        return []
+    if producer is not None and producer.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
+            and graph.shared(node.inputs[0]) is None:
+        return []  # fold_affine folds it into that layer (a layer read elsewhere too, it cannot)
     after_pool = producer is not None and producer.op == "AveragePool"
     movers, layers, problem, branched = [], [], None, False
     stack = [out]

@@ -411,18 +411,29 @@ def test_a_computed_addend_that_broadcasts_the_sum_leaves_the_merged_branch_its_
     assert ops(model)["Conv"] == 1
 
 
-def test_an_nhwc_identity_branch_beside_transposed_conv_branches_says_why_it_stays():
+@pytest.mark.parametrize("read_elsewhere", [None, "scale", "conv"])
+def test_an_nhwc_identity_branch_beside_transposed_conv_branches_merges(read_elsewhere):
     # tf2onnx without its optimizers: the convs read Transpose(x) and come back through a
-    # Transpose; the identity BN is x * s + b on x itself, in the other layout
+    # Transpose; the identity BN is x * s + b on x itself, in the other layout: written on the
+    # convs' Transpose(x), it joins them. Where its x * s is read elsewhere too, it is not a branch
+    # of x alone, and it stays; where the conv's NHWC value is read elsewhere, no Transpose moves
+    # and the merge says why
     b = GraphBuilder()
     x = b.input("x", [1, 6, 6, 4])
 
     def conv_branch(k: int) -> str:
         nchw = b.node("Transpose", [x], perm=[0, 3, 1, 2])
         return b.node("Transpose", [b.conv(nchw, 4, 4, k, pads=[k // 2] * 4)], perm=[0, 2, 3, 1])
-    identity = b.node("Add", [b.node("Mul", [x, b.const(b.rand(4) + 0.5)]), b.const(b.rand(4))])
-    y = b.node("Relu", [b.node("Add", [b.node("Add", [conv_branch(3), conv_branch(1)]), identity])])
-    model, report = rewrite(b.model([y]))
-    assert ops(model)["Conv"] == 1 and ops(model)["Mul"] == 1
-    assert any("a Mul branch is kept apart: the Conv branch of the same tensor reaches the sum through data "
-               "movement (another layout)" in r for r in refusals(report))
+    scaled = b.node("Mul", [x, b.const(b.rand(4) + 0.5)])
+    identity = b.node("Add", [scaled, b.const(b.rand(4))])
+    wide = conv_branch(3)
+    y = b.node("Relu", [b.node("Add", [b.node("Add", [wide, conv_branch(1)]), identity])])
+    extra = {None: [], "scale": [b.node("Sigmoid", [scaled])], "conv": [b.node("Sigmoid", [wide])]}[read_elsewhere]
+    model, report = rewrite(b.model([y, *extra]))
+    if read_elsewhere is None:
+        assert ops(model) == {"Transpose": 2, "Conv": 1, "Relu": 1}
+        return
+    assert ops(model)["Mul"] == 1 and report.verification.passed and not report.dropped
+    if read_elsewhere == "conv":
+        assert any("a Mul branch is kept apart: the Conv branch of the same tensor reaches the sum through data "
+                   "movement (another layout)" in r for r in refusals(report)), refusals(report)

@@ -36,14 +36,15 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     of their inputs; [] when its inputs are not so."""
     if len(node.outputs) != 1 or not node.inputs:
         return []
-    transposes, perm = [], None
+    transposes, perm, others = [], None, []
     for tensor in node.inputs:
         producer = graph.producer(tensor)
         if graph.constant(tensor) is not None:
             continue
         if producer is None or producer.op != "Transpose" \
                 or graph.shared(tensor, len([t for t in node.inputs if t is tensor])) is not None:
-            return []
+            others.append(tensor)
+            continue
         order = producer.attrs.get("perm")
         rank = len(tensor.shape) if tensor.shape is not None else None
         if order is None or rank != len(order) or perm is not None and list(order) != perm:
@@ -53,13 +54,26 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     output = node.outputs[0]
     if perm is None or output.shape is None or len(output.shape) != len(perm):
         return []
-    if len({id(t) for t in transposes}) < 2 and not _leads_to_a_meeting(graph, output, perm):
-        return []  # moving it would change nothing but where the Transpose is
     inverse = list(np.argsort(perm))
+    # an input in the other layout: elementwise ops on a tensor the graph also transposes to the
+    # inner layout (NHWC: an identity branch x * s + b beside convs reading Transpose(x))
+    chains = {}
+    for tensor in others:
+        chain = _chain_on_transposed(graph, tensor, inverse)
+        if chain is None:
+            return []
+        chains[tensor.name] = chain
+    if len({id(t) for t in transposes}) + len(chains) < 2 and not _leads_to_a_meeting(graph, output, perm):
+        return []  # moving it would change nothing but where the Transpose is
     inputs = []
+    replaced = [node]
     for tensor in node.inputs:
         value = graph.constant(tensor)
         producer = graph.producer(tensor)
+        if tensor.name in chains:
+            inputs.append(_rewritten_chain(graph, *chains[tensor.name], inverse))
+            replaced += chains[tensor.name][0]
+            continue
         if value is None and producer is not None:  # the Transposes found above
             inputs.append(producer.inputs[0])
             continue
@@ -67,14 +81,56 @@ def _sink(graph: Graph, node: Node, log: PassLog) -> list[Node]:
             return []
         if value.ndim > len(perm) or value.nbytes > LARGE_TENSOR and graph.shared(tensor) is not None:
             return []  # a transposed copy of a large constant others read would grow the model
-        full = value.reshape((1,) * (len(perm) - value.ndim) + value.shape)  # numpy broadcasting's alignment
-        inputs.append(graph.add_constant(f"{node.name}_{tensor.name}_transposed", np.transpose(full, inverse)))
+        inputs.append(_transposed_constant(graph, f"{node.name}_{tensor.name}", value, inverse))
     inner = graph.add_variable(f"{node.name}_untransposed", output, same_shape=False)
     inner.shape = [output.shape[axis] for axis in inverse]
     graph.add_node(node.op, inputs, [inner], dict(node.attrs), node.name)
     graph.add_node("Transpose", [inner], [output], {"perm": perm}, node.name)
-    replaced = [node] + list({id(t): t for t in transposes}.values())
+    replaced += list({id(t): t for t in transposes}.values())
     return replaced if log.rewrote(f"Transpose+{node.op}", replaced) else []
+
+
+def _transposed_constant(graph: Graph, name: str, value: np.ndarray, inverse: list[int]) -> Tensor:
+    full = value.reshape((1,) * (len(inverse) - value.ndim) + value.shape)  # numpy broadcasting's alignment
+    return graph.add_constant(f"{name}_transposed", np.transpose(full, inverse))
+
+
+def _chain_on_transposed(graph: Graph, tensor: Tensor, inverse: list[int]) -> tuple[list[Node], Tensor] | None:
+    """(the elementwise ops computing ``tensor`` from one computed tensor x with constants, last
+    first; the Transpose of x by ``inverse`` the graph has), when x has one and each op's value
+    is read by the next alone; None otherwise."""
+    chain: list[Node] = []
+    while len(chain) < MAX_STEPS:
+        for reader in tensor.outputs:  # the graph's Transpose of this tensor to the inner layout
+            order = reader.attrs.get("perm") if reader.op == "Transpose" else None
+            if chain and order is not None and list(order) == inverse:
+                return chain, reader.outputs[0]
+        if graph.shared(tensor) is not None:  # a value the chain computes is read elsewhere too
+            return None
+        producer = graph.producer(tensor)
+        if producer is None or producer.op not in BINARY | UNARY or len(producer.outputs) != 1:
+            return None
+        values = [graph.constant(t) for t in producer.inputs]
+        data = [t for t, value in zip(producer.inputs, values) if value is None]
+        constants = [value for value in values if value is not None]
+        if len(data) != 1 or any(c.ndim > len(inverse) or c.nbytes > LARGE_TENSOR for c in constants):
+            return None
+        chain.append(producer)
+        tensor = data[0]
+    return None
+
+
+def _rewritten_chain(graph: Graph, chain: list[Node], source: Tensor, inverse: list[int]) -> Tensor:
+    """The ops of ``chain`` (last first) written on ``source``, the inner layout's tensor, their
+    constants transposed to match; the last one's value."""
+    current = source
+    for op in reversed(chain):
+        inputs = [current if graph.constant(t) is None else
+                  _transposed_constant(graph, f"{op.name}_{t.name}", graph.value(t), inverse) for t in op.inputs]
+        out = graph.add_variable(f"{op.name}_relaid", source)
+        graph.add_node(op.op, inputs, [out], dict(op.attrs), op.name)
+        current = out
+    return current
 
 
 def _leads_to_a_meeting(graph: Graph, tensor: Tensor, perm: list[int], depth: int = MAX_STEPS) -> bool:

@@ -47,6 +47,10 @@ def with_array(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
     dict(c=3, m=3, group=3, kernel=(9, 9), pads=(4, 4, 4, 4)),  # large depthwise: by FFT
     dict(c=2, m=2, group=2, kernel=(8, 9), dilations=(2, 1), pads=(1, 5, 3, 2)),
     dict(c=2, m=2, group=2, kernel=(4, 4, 4), pads=(2, 2, 2, 1, 1, 1)),
+    dict(c=3, m=16, kernel=(3, 3), pads=(1, 1, 1, 1)),  # a stem: all taps in one product
+    dict(c=2, m=8, kernel=(3, 3), dilations=(2, 1), pads=(2, 1, 2, 1)),
+    dict(c=1, m=4, kernel=(5,), pads=(2, 2)),
+    dict(c=1, m=8, kernel=(3, 3, 3), pads=(1, 0, 1, 1, 2, 1)),
 ])
 def test_the_float64_conv_is_the_reference_evaluators(case):
     from onnx.reference.ops.op_conv import _conv_implementation

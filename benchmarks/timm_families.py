@@ -2,7 +2,7 @@
 conversion: the smallest variant, random weights, BN statistics from a few training-mode passes,
 TorchScript at batch 1, then ``optimize``; timm's ``reparameterize_model`` exported the same way.
 Prints the Conv/BatchNormalization/Add/Mul and node counts of both, and whether ours reaches the
-deploy export's Conv/BatchNormalization counts with no more Add.
+deploy export's Conv count with no more BatchNormalization or Add.
 
     pip install torch torchvision onnx && pip install --no-deps timm   # and this project
     python benchmarks/timm_families.py [NAME ...] [--keep DIR]
@@ -73,7 +73,7 @@ def main() -> int:
             train, deploy = export_pair(name, folder)
             ours, report = onnx_reparam.optimize(train)
             theirs, got = counts(onnx.load(deploy)), counts(ours)
-            same = got["Conv"] == theirs["Conv"] and got["BatchNormalization"] == theirs["BatchNormalization"] \
+            same = got["Conv"] == theirs["Conv"] and got["BatchNormalization"] <= theirs["BatchNormalization"] \
                 and got["Add"] <= theirs["Add"]
             reached += same
             check = "verified" if report.verification and report.verification.passed else "NOT VERIFIED"

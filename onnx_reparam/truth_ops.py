@@ -61,7 +61,7 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad:
     rank = w.ndim - 2
     kernel = w.shape[2:]
     begin, end, out_sizes, dilations, strides = _geometry(x.shape[2:], kernel, auto_pad, dilations, pads, strides)
-    xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
+    xp = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end))) if any(begin) or any(end) else x
     depthwise = group == x.shape[1] == w.shape[0] and w.shape[1] == 1
     if all(s == 1 for s in strides) and np.prod(kernel) == 1:  # pointwise: one product per group
         n, group_in, group_out = xp.shape[0], xp.shape[1] // group, w.shape[0] // group
@@ -69,6 +69,8 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad:
         out = np.matmul(w.reshape(group, group_out, group_in), grouped_x).reshape((n, w.shape[0]) + xp.shape[2:])
     elif all(s == 1 for s in strides) and depthwise and np.prod(kernel) >= LARGE_KERNEL:
         out = _conv_fft(xp, w, dilations, out_sizes)
+    elif all(s == 1 for s in strides) and depthwise:
+        out = _depthwise_unstrided(xp, w, dilations, out_sizes)
     elif all(s == 1 for s in strides):
         out = _conv_unstrided(xp, w, group, dilations, out_sizes)
     else:
@@ -108,6 +110,26 @@ def _conv_strided(xp: np.ndarray, w: np.ndarray, group: int, dilations, strides,
         else:
             out += np.matmul(wg[everything + tap], taken)
     return out.reshape((n, filters) + tuple(out_sizes))
+
+
+def _depthwise_unstrided(xp: np.ndarray, w: np.ndarray, dilations, out_sizes) -> np.ndarray:
+    """Stride 1, one filter per channel: each channel's padded plane is contiguous, so each tap
+    is a scale of one contiguous run of it (shifted by the tap's offset), in the layout as it is
+    (no channels-last copy there and back). Positions that straddle a padded row's end are
+    computed and dropped."""
+    n, channels = xp.shape[:2]
+    steps = [int(np.prod(xp.shape[2 + i + 1:], dtype=np.int64)) for i in range(xp.ndim - 2)]
+    rows = sum((o - 1) * step for o, step in zip(out_sizes, steps)) + 1
+    flat = np.ascontiguousarray(xp).reshape(n, channels, -1)
+    full = np.zeros((n, channels, rows), np.result_type(xp, w))
+    scratch = np.empty_like(full)
+    for tap in np.ndindex(*w.shape[2:]):
+        offset = sum(t * d * step for t, d, step in zip(tap, dilations, steps))
+        np.multiply(flat[:, :, offset:offset + rows], w[(slice(None), 0) + tap].reshape(1, -1, 1), out=scratch)
+        full += scratch
+    view = np.lib.stride_tricks.as_strided(full, (n, channels) + tuple(out_sizes),
+                                           full.strides[:2] + tuple(step * full.strides[2] for step in steps))
+    return np.ascontiguousarray(view)
 
 
 def _conv_unstrided(xp: np.ndarray, w: np.ndarray, group: int, dilations, out_sizes) -> np.ndarray:

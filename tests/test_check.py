@@ -48,6 +48,9 @@ def with_array(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
     dict(c=2, m=2, group=2, kernel=(8, 9), dilations=(2, 1), pads=(1, 5, 3, 2)),
     dict(c=2, m=2, group=2, kernel=(4, 4, 4), pads=(2, 2, 2, 1, 1, 1)),
     dict(c=3, m=16, kernel=(3, 3), pads=(1, 1, 1, 1)),  # a stem: all taps in one product
+    dict(c=5, m=5, group=5, kernel=(3, 3), dilations=(1, 2), pads=(1, 2, 0, 1)),  # depthwise, in place
+    dict(c=4, m=4, group=4, kernel=(3,), pads=(1, 1)),
+    dict(c=3, m=3, group=3, kernel=(2, 3, 3), pads=(0, 1, 1, 1, 1, 1)),
     dict(c=2, m=8, kernel=(3, 3), dilations=(2, 1), pads=(2, 1, 2, 1)),
     dict(c=1, m=4, kernel=(5,), pads=(2, 2)),
     dict(c=1, m=8, kernel=(3, 3, 3), pads=(1, 0, 1, 1, 2, 1)),

@@ -120,8 +120,7 @@ def compose_pointwise(outer: np.ndarray, outer_groups: int, inner: np.ndarray,
     if outer.shape[1] == 1 and outer_groups == middle == outer.shape[0]:  # outer depthwise
         return outer * inner.reshape(inner.shape + (1,) * (outer.ndim - 2)), inner_groups
     if inner.shape[1] == 1 and inner_groups == middle:  # inner depthwise: scales the outer's inputs
-        in_index = input_channels(outer.shape[0], outer.shape[1], outer_groups)
-        return outer * inner[in_index, 0].reshape(in_index.shape + (1,) * (outer.ndim - 2)), outer_groups
+        return scale_conv_input(outer, outer_groups, inner.reshape(-1)), outer_groups
     if outer_groups != inner_groups:
         return None
     out_per_group, mid_per_group = outer.shape[0] // outer_groups, middle // inner_groups
@@ -137,6 +136,14 @@ def pointwise_after(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     W[o, c, ...] = sum_m outer[o, m] * inner[m, c, ...]."""
     outer = np.asarray(outer, np.float64).reshape(outer.shape[:2])
     return np.einsum("om,mc...->oc...", outer, np.asarray(inner, np.float64))
+
+
+def scale_conv_input(weight: np.ndarray, groups: int, scale: np.ndarray) -> np.ndarray:
+    """The (grouped) conv weight that reads x * scale (one scale per input channel) from x, in
+    float64: each kernel column times the scale of the input channel it reads."""
+    in_index = input_channels(weight.shape[0], weight.shape[1], groups)
+    return np.asarray(weight, np.float64) * np.asarray(scale, np.float64)[in_index].reshape(
+        in_index.shape + (1,) * (weight.ndim - 2))
 
 
 def input_shift_bias(weight: np.ndarray, groups: int, shift: np.ndarray) -> np.ndarray:

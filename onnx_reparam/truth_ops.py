@@ -135,10 +135,10 @@ def _depthwise_unstrided(xp: np.ndarray, w: np.ndarray, dilations, out_sizes) ->
 def _conv_unstrided(xp: np.ndarray, w: np.ndarray, group: int, dilations, out_sizes) -> np.ndarray:
     """Stride 1: in channels-last layout, flattened over the batch and the padded spatial dims,
     every tap reads one contiguous run of rows (shifted by the tap's offset), so each tap is one
-    matrix product (a per-channel scale for depthwise) with no copy; with few input channels (a
-    stem: 3), the taps' runs side by side make one product instead (measured: 3 -> 64 channels at
-    224 px, 0.24 -> 0.08 s). Rows that straddle a padded row's end (or a sample's) are computed and
-    dropped."""
+    matrix product (a per-channel scale for a channel multiplier) with no copy; with few input
+    channels (a stem: 3), the taps' runs side by side make one product instead (measured: 3 -> 64
+    channels at 224 px, 0.24 -> 0.08 s). Rows that straddle a padded row's end (or a sample's) are
+    computed and dropped."""
     n, channels = xp.shape[:2]
     filters, kernel = w.shape[0], w.shape[2:]
     padded = (n,) + xp.shape[2:]
@@ -170,8 +170,8 @@ def _taps_summed(flat: np.ndarray, w: np.ndarray, group: int, dilations, steps, 
     for tap in np.ndindex(*kernel):
         offset = sum(t * d * step for t, d, step in zip(tap, dilations, steps[1:]))
         taken = flat[offset:offset + rows]
-        if cg == 1:  # depthwise (and channel multipliers): a scale per channel
-            np.multiply(np.repeat(taken, mg, axis=1) if mg > 1 else taken, w[(slice(None), 0) + tap], out=scratch)
+        if cg == 1:  # a channel multiplier (depthwise has _depthwise_unstrided): a scale per channel
+            np.multiply(np.repeat(taken, mg, axis=1), w[(slice(None), 0) + tap], out=scratch)
         elif group == 1:
             np.matmul(taken, w[(slice(None), slice(None)) + tap].T, out=scratch)
         else:

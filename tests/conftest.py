@@ -19,6 +19,14 @@ import onnx_reparam
 FIXTURES = Path(__file__).resolve().parent.parent / "models" / "fixtures"  # committed exports
 
 
+def verified_fixture(path: Path, **options) -> tuple[onnx.ModelProto, onnx_reparam.Report, Counter]:
+    """optimize() of a committed export, its check passed with nothing dropped; (model, report,
+    the model's op counts)."""
+    model, report = onnx_reparam.optimize(path, **options)
+    assert report.verification.passed and not report.dropped, report.summary(verbose=True)
+    return model, report, Counter(n.op_type for n in model.graph.node)
+
+
 def fixture_manifest(name: str) -> dict:
     """What a fixture script wrote beside its exports (e.g. the deploy structure's op counts)."""
     return json.loads((FIXTURES / name).read_text())

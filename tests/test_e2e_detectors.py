@@ -13,9 +13,7 @@ from collections import Counter
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import FIXTURES, fixture_manifest
-
-import onnx_reparam
+from conftest import FIXTURES, fixture_manifest, verified_fixture
 
 MANIFEST = fixture_manifest("ultralytics_e2e_manifest.json")
 YOLOE = sorted(name for name in MANIFEST if name.startswith("yoloe"))
@@ -23,11 +21,9 @@ YOLOE = sorted(name for name in MANIFEST if name.startswith("yoloe"))
 
 @pytest.mark.parametrize("name", sorted(set(MANIFEST) - set(YOLOE)))
 def test_a_detector_with_decisions_inside_is_rewritten_and_checked_through_its_floats(name):
-    model, report = onnx_reparam.optimize(FIXTURES / name)
-    ops = Counter(n.op_type for n in model.graph.node)
+    _, report, ops = verified_fixture(FIXTURES / name)
     deploy = MANIFEST[name]["deploy"]
     assert ops["Conv"] == deploy["Conv"] and ops["BatchNormalization"] == 0 and ops["Add"] <= deploy["Add"]
-    assert report.verification.passed and not report.dropped
     roles = Counter(o.role for o in report.verification.outputs)
     assert roles["decided"] == 1 and roles["decision input"] >= 1
     assert all(o.ours is not None for o in report.verification.outputs if o.role == "decision input")
@@ -38,12 +34,10 @@ def test_a_detector_with_decisions_inside_is_rewritten_and_checked_through_its_f
 def test_yoloe_text_embeddings_fold_into_its_class_convs_with_a_static_or_dynamic_batch(name):
     # each level's BN -> einsum with the (normalized, batch-expanded) text embeddings -> scale and
     # bias is one 1x1 conv, as ultralytics' exporter fuses it: its Conv and MatMul counts reached
-    model, report = onnx_reparam.optimize(FIXTURES / name)
-    ops = Counter(n.op_type for n in model.graph.node)
+    model, report, ops = verified_fixture(FIXTURES / name)
     deploy = MANIFEST[name]["deploy"]
     assert {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "MatMul")} == \
         {op: deploy[op] for op in ("Conv", "BatchNormalization", "MatMul")} and ops["Add"] <= deploy["Add"]
-    assert report.verification.passed and not report.dropped
     assert all(o.ours is not None and o.theirs is not None for o in report.verification.outputs)
     if name.endswith("dynamic.onnx"):  # the check ran batch 1: the rewrite holds at others too
         images = np.random.default_rng(0).standard_normal((3, 3, 128, 128)).astype(np.float32)
@@ -59,10 +53,8 @@ YOLOV7 = fixture_manifest("yolov7_manifest.json")
 def test_yolov7_implicit_constants_fold_as_its_own_fuse_folds_them(name):
     # yolov7-tiny from WongKinYiu/yolov7's code (models/yolov7_fixtures.py): ImplicitA, a per-channel
     # constant added before each 1x1 head conv, and ImplicitM, multiplied after it, go into the conv
-    model, report = onnx_reparam.optimize(FIXTURES / name)
-    ops = Counter(n.op_type for n in model.graph.node)
+    _, report, ops = verified_fixture(FIXTURES / name)
     assert {op: ops.get(op, 0) for op in ("Conv", "BatchNormalization", "Add", "Mul")} == YOLOV7[name]["deploy"]
-    assert report.verification.passed and not report.dropped
     assert Counter(r.pattern for p in report.passes for r in p.rewrites)["Add+Conv"] == 3
 
 
@@ -75,13 +67,10 @@ def test_yolov6_end2end_from_its_own_code_reaches_its_deploy_counts(name):
     # --end2end --ort does (NonMaxSuppression inside) but in training structure: every exact merge
     # kept, its own fuse_model + switch_to_deploy counts reached, the detections held through the
     # floats they are decided on, both distances from float64 reported
-    model, report = onnx_reparam.optimize(FIXTURES / name)
-    ops = Counter(n.op_type for n in model.graph.node)
+    _, report, ops = verified_fixture(FIXTURES / name)
     deploy = YOLOV6[name]["deploy"]
     assert {op: ops.get(op, 0) for op in deploy} == deploy
-    assert report.verification.passed and not report.dropped
     held = [o for o in report.verification.outputs if not o.integer and o.role != "decided"]
     assert held and all(o.ours is not None and o.theirs is not None for o in held)
     assert "from float64, the input model" in report.summary()
-    _, report = onnx_reparam.optimize(FIXTURES / name, int8_ready=True)
-    assert report.verification.passed and not report.dropped
+    verified_fixture(FIXTURES / name, int8_ready=True)

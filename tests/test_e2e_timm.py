@@ -7,24 +7,18 @@ report gives both models' distances from the float64 evaluation. And every other
 re-parameterizable timm family, small, against timm's reparameterize_model counts."""
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
-from conftest import FIXTURES, fixture_manifest
-
-import onnx_reparam
+from conftest import FIXTURES, fixture_manifest, verified_fixture
 
 MANIFEST = fixture_manifest("timm_manifest.json")
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))
 def test_a_timm_export_reaches_its_deploy_structure_with_every_exact_rewrite_kept(name):
-    model, report = onnx_reparam.optimize(FIXTURES / name)
-    ops = Counter(n.op_type for n in model.graph.node)
+    _, report, ops = verified_fixture(FIXTURES / name)
     deploy = MANIFEST[name]["deploy"]
     assert ops["Conv"] == deploy["Conv"] and ops["BatchNormalization"] == deploy["BatchNormalization"] == 0
     assert ops["Add"] <= deploy["Add"]  # LeViT: its folded BN shifts join the next Add, not one Add each
-    assert report.verification.passed and not report.dropped
     logits = report.verification.outputs[0]
     assert logits.ours is not None and logits.theirs is not None
     assert "from float64, the input model" in report.verification.summary()
@@ -39,9 +33,7 @@ def test_every_other_timm_family_reaches_its_reparameterize_model_counts(name):
     # (models/timm_family_fixtures.py; NextViT as its own blocks, its widths being fixed): timm's
     # reparameterize_model export's Conv count, and no more BatchNormalization or Add (NextViT's
     # final BN goes into the classifier through the pooling, where timm keeps it)
-    model, report = onnx_reparam.optimize(FIXTURES / "timm_families" / name)
-    ops = Counter(n.op_type for n in model.graph.node)
+    _, report, ops = verified_fixture(FIXTURES / "timm_families" / name)
     deploy = FAMILIES[name]["deploy"]
     assert ops["Conv"] == deploy["Conv"], report.summary(verbose=True)
     assert ops["BatchNormalization"] <= deploy["BatchNormalization"] and ops["Add"] <= deploy["Add"]
-    assert report.verification.passed and not report.dropped

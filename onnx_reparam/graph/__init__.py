@@ -90,19 +90,12 @@ class Graph:
             model = gs.export_onnx(self.gs, do_type_check=False)
         del model.graph.value_info[:]
         tensors = self.gs.tensors()
+        names = {d for t in self.inputs for d in (t.shape or []) if isinstance(d, str)}  # the inputs' dim names
         for info in inferred_value_info(model):
             tensor = tensors.get(info.name)
             if isinstance(tensor, gs.Variable) and self.static_shape(tensor) is None \
                     and info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-                tensor.shape = self._kept_names(tensor.shape, dims(info.type.tensor_type.shape))
-
-    def _kept_names(self, known: list | None, inferred: list) -> list:
-        """``inferred``, but where it has no number for a size ``known`` gave an input's dim name
-        ('batch', proved at import): the rewrites keep every tensor's values, so its sizes too."""
-        names = {d for t in self.inputs for d in (t.shape or []) if isinstance(d, str)}
-        if not known or len(known) != len(inferred):
-            return inferred
-        return [old if not isinstance(new, int) and old in names else new for old, new in zip(known, inferred)]
+                tensor.shape = _kept_names(tensor.shape, dims(info.type.tensor_type.shape), names)
 
     @contextlib.contextmanager
     def spelled_out(self):
@@ -382,6 +375,14 @@ class Graph:
             else:
                 node.doc_string = f"{RULE_KEY}: {rule}"
         return model
+
+
+def _kept_names(known: list | None, inferred: list, names: set[str]) -> list:
+    """``inferred``, but where it has no number for a size ``known`` gave one of the inputs' dim
+    ``names`` ('batch', proved at import): the rewrites keep every tensor's values, so its sizes too."""
+    if not known or len(known) != len(inferred):
+        return inferred
+    return [old if not isinstance(new, int) and old in names else new for old, new in zip(known, inferred)]
 
 
 def optional_input(node: Node, index: int) -> Tensor | None:

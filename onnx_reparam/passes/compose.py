@@ -34,9 +34,9 @@ def run(graph: Graph, log: PassLog) -> None:
             continue
         if node.op in ("Conv", "AveragePool"):
             compose = _compose_conv
-        elif node.op == "MatMul" and _left_operand(graph, node.inputs[0]) is not None:
-            compose = _channel_matmul
-        elif node.op in ("Gemm", "MatMul"):
+        elif node.op == "MatMul":
+            compose = _compose_matmul
+        elif node.op == "Gemm":
             compose = _compose_matrix
         elif node.op in RESHAPES or node.op == "Transpose":
             compose = _compose_reshapes
@@ -52,8 +52,9 @@ def _bn_into_readers(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     one BN channel per input channel (seen by running the data movement on channel numbers), the
     pools are average pools with no padding (an average of x * s + t is avg(x) * s + t), and a
     conv reads no zero padding. A BN after a layer read by nothing else is fold_affine's; one
-    plain path, the rules below take. A BN after an average pool folds forward where it can (the pool stays a pool, as
-    in timm's deploy form), else fold_affine makes the pair one depthwise conv."""
+    plain path, the rules below take. A BN after an average pool folds forward where it can (the
+    pool stays a pool, as in timm's deploy form), else fold_affine makes the pair one depthwise
+    conv."""
     out, producer = node.outputs[0], graph.producer(node.inputs[0])
     if producer is not None and producer.op in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
             and graph.shared(node.inputs[0]) is None:
@@ -139,9 +140,7 @@ def _scaled_layer(graph: Graph, layer: Node, scale: np.ndarray, shift: np.ndarra
         g = form.geometry
         if any(g["pads"]) and np.any(shift):
             raise Refused(f"Conv '{layer.name}' reads zero padding, where the shift would be missing")
-        in_index = algebra.input_channels(form.weight.shape[0], form.weight.shape[1], g["group"])
-        weight = np.asarray(form.weight, np.float64) * scale[in_index].reshape(
-            in_index.shape + (1,) * (form.weight.ndim - 2))
+        weight = algebra.scale_conv_input(form.weight, g["group"], scale)
         bias = form.bias + algebra.input_shift_bias(form.weight, g["group"], shift)
         attrs = {"kernel_shape": list(g["kernel"]), "strides": list(g["strides"]), "dilations": list(g["dilations"]),
                  "pads": list(g["pads"]), "group": g["group"]}
@@ -151,7 +150,7 @@ def _scaled_layer(graph: Graph, layer: Node, scale: np.ndarray, shift: np.ndarra
     if fc is None:
         raise Refused(f"{layer.op} '{layer.name}' has no constant weight")
     matrix = fc.matrix
-    weight, bias = matrix * scale[None, :], fc.bias + matrix @ shift
+    weight, bias = algebra.scale_matrix_weight(matrix, scale, 1), fc.bias + matrix @ shift  # (out, in): the inputs
     if layer.op == "Gemm":
         graph.emit_layer("Gemm", layer.inputs[0], weight, bias, layer.outputs[0], {"transB": 1}, layer.name, fc.dtype)
         return [layer]
@@ -207,17 +206,25 @@ def _compose_conv(graph: Graph, node: Node, log: PassLog) -> list[Node]:
     return form.nodes if log.rewrote(pattern, form.nodes) else []
 
 
-def _channel_matmul(graph: Graph, node: Node, log: PassLog) -> list[Node]:
+def _compose_matmul(graph: Graph, node: Node, log: PassLog) -> list[Node]:
+    """A MatMul whose left operand is made of constants (and sizes) maps channels; else it is an
+    FC the BN before it may fold into."""
+    left = _left_operand(graph, node.inputs[0])
+    return _compose_matrix(graph, node, log) if left is None else _channel_matmul(graph, node, log, left)
+
+
+def _channel_matmul(graph: Graph, node: Node, log: PassLog,
+                    left: tuple[list[Node], list[Tensor]]) -> list[Node]:
     """Reshape(W @ Reshape(y, (N, C, S)), (N, K, *spatial)), W a constant (K, C): a map of the
     channels of y (N, C, *spatial), written as a 1x1 Conv (an einsum 'bchw,kc->bkhw' as
     TorchScript writes it: YOLOE's text embeddings applied to its class features). N may be
     symbolic, and the reshapes may read it off Shape: their static sizes fix it by the element
     count. W may be computed from constants and the batch size (YOLOE's embeddings expanded to
     the batch, then normalized): it is taken when it is one matrix repeated for every sample."""
-    flat, left = node.inputs[1], _left_operand(graph, node.inputs[0])
+    flat = node.inputs[1]
     flatten = graph.producer(flat)
     readers = node.outputs[0].outputs
-    if left is None or flatten is None or flatten.op != "Reshape" or len(readers) != 1 or readers[0].op != "Reshape" \
+    if flatten is None or flatten.op != "Reshape" or len(readers) != 1 or readers[0].op != "Reshape" \
             or graph.shared(flat) is not None or graph.shared(node.outputs[0]) is not None:
         return []
     unflatten, data = readers[0], flatten.inputs[0]

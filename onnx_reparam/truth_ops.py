@@ -80,19 +80,33 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad:
     return out
 
 
-LARGE_KERNEL = 25  # taps from which a depthwise conv is faster by FFT (measured: 5x5 at 112 px 0.13 -> 0.07 s)
+CACHE_ELEMENTS = 1 << 15  # doubles a pass works on at a time, so that a kernel's passes stay in cache
+LARGE_KERNEL = 49  # taps from which a depthwise conv is faster by FFT (measured at 56 px: 7x7 6.6 -> 5.0 ms, 5x5 3.2 -> 3.7)
 
 
 def _conv_fft(xp: np.ndarray, w: np.ndarray, dilations, out_sizes) -> np.ndarray:
     """A stride-1 depthwise conv as a product of spectra: the circular correlation over the
-    padded extent equals the conv at every output position (no tap wraps around)."""
+    padded extent equals the conv at every output position (no tap wraps around). The extent is
+    rounded up to a product of 2, 3 and 5, which transforms fast (118 = 2 x 59 took 2.3x as long)."""
     spatial = tuple(range(2, xp.ndim))
-    extent = xp.shape[2:]
+    extent = tuple(map(_smooth, xp.shape[2:]))
     dilated = np.zeros((w.shape[0], 1) + tuple((k - 1) * d + 1 for k, d in zip(w.shape[2:], dilations)), w.dtype)
     dilated[(slice(None), slice(None)) + tuple(slice(None, None, d) for d in dilations)] = w
     spectrum = np.fft.rfftn(xp, extent, axes=spatial) * np.conj(np.fft.rfftn(dilated[:, 0][None], extent, axes=spatial))
     out = np.fft.irfftn(spectrum, extent, axes=spatial)
     return np.ascontiguousarray(out[(slice(None), slice(None)) + tuple(slice(0, o) for o in out_sizes)])
+
+
+def _smooth(size: int) -> int:
+    """The least product of 2, 3 and 5 that is at least ``size``."""
+    while True:
+        rest = size
+        for prime in (2, 3, 5):
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return size
+        size += 1
 
 
 def _conv_strided(xp: np.ndarray, w: np.ndarray, group: int, dilations, strides, out_sizes) -> np.ndarray:
@@ -116,17 +130,25 @@ def _depthwise_unstrided(xp: np.ndarray, w: np.ndarray, dilations, out_sizes) ->
     """Stride 1, one filter per channel: each channel's padded plane is contiguous, so each tap
     is a scale of one contiguous run of it (shifted by the tap's offset), in the layout as it is
     (no channels-last copy there and back). Positions that straddle a padded row's end are
-    computed and dropped."""
+    computed and dropped. A few planes at a time, so that the taps' passes stay in cache
+    (measured: 64 channels at 112 px, 3x3 12 -> 5 ms, 7x7 54 -> 22 ms; 256 channels 3x3 138 -> 20 ms)."""
     n, channels = xp.shape[:2]
     steps = [int(np.prod(xp.shape[2 + i + 1:], dtype=np.int64)) for i in range(xp.ndim - 2)]
     rows = sum((o - 1) * step for o, step in zip(out_sizes, steps)) + 1
-    flat = np.ascontiguousarray(xp).reshape(n, channels, -1)
-    full = np.zeros((n, channels, rows), np.result_type(xp, w))
-    scratch = np.empty_like(full)
-    for tap in np.ndindex(*w.shape[2:]):
-        offset = sum(t * d * step for t, d, step in zip(tap, dilations, steps))
-        np.multiply(flat[:, :, offset:offset + rows], w[(slice(None), 0) + tap].reshape(1, -1, 1), out=scratch)
-        full += scratch
+    planes = np.ascontiguousarray(xp).reshape(n * channels, -1)
+    taps = np.broadcast_to(w.reshape(1, channels, -1), (n, channels, w[0, 0].size)).reshape(n * channels, -1)
+    offsets = [sum(t * d * step for t, d, step in zip(tap, dilations, steps)) for tap in np.ndindex(*w.shape[2:])]
+    full = np.empty((n * channels, rows), np.result_type(xp, w))
+    block = max(1, CACHE_ELEMENTS // rows)
+    scratch = np.empty((min(block, n * channels), rows), full.dtype)
+    for first in range(0, n * channels, block):
+        last = min(first + block, n * channels)
+        out, tmp = full[first:last], scratch[:last - first]
+        np.multiply(planes[first:last, offsets[0]:offsets[0] + rows], taps[first:last, :1], out=out)
+        for i, offset in enumerate(offsets[1:], 1):
+            np.multiply(planes[first:last, offset:offset + rows], taps[first:last, i:i + 1], out=tmp)
+            out += tmp
+    full = full.reshape(n, channels, rows)
     view = np.lib.stride_tricks.as_strided(full, (n, channels) + tuple(out_sizes),
                                            full.strides[:2] + tuple(step * full.strides[2] for step in steps))
     return np.ascontiguousarray(view)
@@ -292,8 +314,16 @@ def _erf_table() -> np.ndarray:
 def erf(x: np.ndarray) -> np.ndarray:
     """erf to about 1e-16: a short Taylor series around the centre of the band |x| is in (Horner's
     rule, one coefficient table), the Maclaurin series near 0; +-1 from 6 on (erfc(6) is below
-    double's resolution)."""
+    double's resolution). In pieces that stay in cache (measured: 1.2M values 0.10 -> 0.023 s)."""
     x = np.asarray(x)
+    flat = x.reshape(-1)
+    out = np.empty(flat.shape, x.dtype)
+    for first in range(0, flat.size, 4 * CACHE_ELEMENTS):
+        out[first:first + 4 * CACHE_ELEMENTS] = _erf_piece(flat[first:first + 4 * CACHE_ELEMENTS])
+    return out.reshape(x.shape)
+
+
+def _erf_piece(x: np.ndarray) -> np.ndarray:
     a = np.abs(x.astype(np.float64))
     table = _erf_table()
     inside = np.where(a < ERF_TOP, a, 0.0)  # beyond, and NaN, are set below

@@ -110,6 +110,18 @@ def test_the_float64_data_ops_are_the_reference_evaluators(op, attrs, inputs):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
 
 
+def test_the_float64_kernels_worked_in_pieces_are_the_same(monkeypatch):
+    """Depthwise convs and Erf work a few planes or values at a time (to stay in cache): pieces
+    with a short last one give what one piece gives."""
+    rng = np.random.default_rng(1)
+    x, w = rng.standard_normal((2, 5, 9, 9)), rng.standard_normal((5, 1, 3, 3))
+    values = rng.standard_normal(2500) * 3
+    whole = truth_ops.conv(x, w, pads=[1, 1, 1, 1], group=5), truth_ops.erf(values)
+    monkeypatch.setattr(truth_ops, "CACHE_ELEMENTS", 300)  # 3 planes of 97 (of 10) a piece; 1200 values
+    np.testing.assert_array_equal(truth_ops.conv(x, w, pads=[1, 1, 1, 1], group=5), whole[0])
+    np.testing.assert_array_equal(truth_ops.erf(values), whole[1])
+
+
 def test_the_float64_erf_is_exact_to_double_precision():
     x = np.concatenate([np.linspace(-8, 8, 40001), np.geomspace(1e-300, 0.1, 500), -np.geomspace(1e-30, 0.1, 50)])
     expected = np.array([math.erf(v) for v in x])

@@ -8,7 +8,6 @@ computed (an op the evaluator lacks, a custom domain, random ops, weights over t
 """
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Iterable
 
@@ -120,39 +119,40 @@ def _widen_subgraph(graph: onnx.GraphProto) -> None:
     graph.node.extend(nodes)
 
 
-def evaluate(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]],
-             names: list[str], jitter: float = 0.0, budget: float | None = None) -> list[list[np.ndarray | None]]:
-    """The float64 values of ``names`` (graph outputs or intermediate tensors) on each input set;
-    None for a float tensor that did not come out in float64 (a path the widening cannot reach).
-    ``jitter``: with the weights moved as by one rounding (see ``widened``). Raises NoTruth when
-    the evaluation cannot be made, or when it has taken more than ``budget`` seconds after an
-    input set."""
-    start = time.perf_counter()
-    weight_bytes = sum(map(tensor_bytes, model.graph.initializer))
-    if weight_bytes > WEIGHT_LIMIT:
-        raise NoTruth(f"its weights ({weight_bytes / (1 << 30):.1f} GiB) are over the "
-                      f"{WEIGHT_LIMIT >> 30} GiB a float64 copy is made for")
-    from onnx.reference import ReferenceEvaluator
-    wide, weights = widened(model, jitter)
-    try:
-        evaluator = ReferenceEvaluator(wide, new_ops=FAST_OPS)
-    except Exception as exc:  # noqa: BLE001 - its message names the op it lacks
-        raise NoTruth(f"onnx's reference evaluator cannot run it: {first_line(exc)}") from None
+class Evaluation:
+    """The float64 evaluation of ``names`` (graph outputs or intermediate tensors), ready to run
+    on one input set at a time. ``jitter``: with the weights moved as by one rounding (see
+    ``widened``). Raises NoTruth when it cannot be made."""
 
-    results = []
-    for feeds in feed_sets:
-        wide_feeds = {**weights, **{k: _wide(np.asarray(v)) for k, v in feeds.items()}}
+    def __init__(self, model: onnx.ModelProto, names: list[str], jitter: float = 0.0):
+        weight_bytes = sum(map(tensor_bytes, model.graph.initializer))
+        if weight_bytes > WEIGHT_LIMIT:
+            raise NoTruth(f"its weights ({weight_bytes / (1 << 30):.1f} GiB) are over the "
+                          f"{WEIGHT_LIMIT >> 30} GiB a float64 copy is made for")
+        from onnx.reference import ReferenceEvaluator
+        wide, self.weights = widened(model, jitter)
+        self.names = names
+        try:
+            self.evaluator = ReferenceEvaluator(wide, new_ops=FAST_OPS)
+        except Exception as exc:  # noqa: BLE001 - its message names the op it lacks
+            raise NoTruth(f"onnx's reference evaluator cannot run it: {first_line(exc)}") from None
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray | None]:
+        """The values on one input set; None for a float tensor that did not come out in float64
+        (a path the widening cannot reach). Raises NoTruth when the evaluator fails."""
+        wide_feeds = {**self.weights, **{k: _wide(np.asarray(v)) for k, v in feeds.items()}}
         try:
             # inf and NaN are values like others here (the comparison handles them): no warnings
             with np.errstate(all="ignore"), warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                values = evaluator.run(names, wide_feeds)
+                values = self.evaluator.run(self.names, wide_feeds)
         except Exception as exc:  # noqa: BLE001 - an op the evaluator lacks for these types, etc.
             raise NoTruth(f"onnx's reference evaluator failed: {first_line(exc)}") from None
-        results.append([v if not is_float(v.dtype) or v.dtype == np.float64 else None
-                        for v in map(np.asarray, values)])
-        spent = time.perf_counter() - start
-        if budget is not None and spent > budget and len(results) < len(feed_sets):
-            raise NoTruth(f"it took {spent:.1f}s for {len(results)} of {len(feed_sets)} input sets, over its budget "
-                          f"of {budget:.1f}s")
-    return results
+        return [v if not is_float(v.dtype) or v.dtype == np.float64 else None for v in map(np.asarray, values)]
+
+
+def evaluate(model: onnx.ModelProto, feed_sets: list[dict[str, np.ndarray]], names: list[str],
+             jitter: float = 0.0) -> list[list[np.ndarray | None]]:
+    """The float64 values of ``names`` on each input set (see Evaluation)."""
+    evaluation = Evaluation(model, names, jitter)
+    return [evaluation.run(feeds) for feeds in feed_sets]

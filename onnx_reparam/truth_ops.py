@@ -73,6 +73,8 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad:
         out = _depthwise_unstrided(xp, w, dilations, out_sizes)
     elif all(s == 1 for s in strides):
         out = _conv_unstrided(xp, w, group, dilations, out_sizes)
+    elif depthwise:
+        out = _depthwise_strided(xp, w, dilations, strides, out_sizes)
     else:
         out = _conv_strided(xp, w, group, dilations, strides, out_sizes)
     if b is not None:
@@ -118,12 +120,32 @@ def _conv_strided(xp: np.ndarray, w: np.ndarray, group: int, dilations, strides,
     out = np.zeros((n, group, mg, int(np.prod(out_sizes, dtype=np.int64))), np.result_type(xp, w))
     everything = (slice(None),) * 3
     for tap, window in _taps(w.shape[2:], dilations, strides, out_sizes):
-        taken = xg[everything + window].reshape(n, group, cg, -1)
-        if cg == 1 and mg == 1:  # depthwise: a per-channel scale per tap
-            out += wg[everything + tap].reshape(1, group, 1, 1) * taken
-        else:
-            out += np.matmul(wg[everything + tap], taken)
+        out += np.matmul(wg[everything + tap], xg[everything + window].reshape(n, group, cg, -1))
     return out.reshape((n, filters) + tuple(out_sizes))
+
+
+def _depthwise_strided(xp: np.ndarray, w: np.ndarray, dilations, strides, out_sizes) -> np.ndarray:
+    """Strided, one filter per channel: per tap a per-channel scale of the tap's strided view, a
+    few channels at a time so that the passes stay in cache (128 channels at 112 px, stride 2:
+    15 -> 7 ms)."""
+    n, channels = xp.shape[:2]
+    out = np.empty((n, channels) + tuple(out_sizes), np.result_type(xp, w))
+    block = max(1, CACHE_ELEMENTS // int(np.prod(out_sizes, dtype=np.int64)))
+    scratch = np.empty((min(block, channels),) + tuple(out_sizes), out.dtype)
+    taps = list(_taps(w.shape[2:], dilations, strides, out_sizes))
+    spatial = (1,) * len(out_sizes)
+    for sample in range(n):
+        for first in range(0, channels, block):
+            last = min(first + block, channels)
+            piece, tmp = out[sample, first:last], scratch[:last - first]
+            for k, (tap, window) in enumerate(taps):
+                weight = w[(slice(first, last), 0) + tap].reshape((-1,) + spatial)
+                if k == 0:
+                    np.multiply(xp[(sample, slice(first, last)) + window], weight, out=piece)
+                else:
+                    np.multiply(xp[(sample, slice(first, last)) + window], weight, out=tmp)
+                    piece += tmp
+    return out
 
 
 def _depthwise_unstrided(xp: np.ndarray, w: np.ndarray, dilations, out_sizes) -> np.ndarray:
@@ -221,10 +243,29 @@ class BatchNormalization(OpRun):
         if spatial == 0 or scale.ndim != 1:
             return (reference._batchnorm_test_mode(x, scale, bias, mean, var, epsilon=eps),)
         gain = scale / np.sqrt(var + eps)
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        out = x * gain.reshape(shape)
-        out += (bias - mean * gain).reshape(shape)
-        return (out,)
+        return (scaled(x, gain, bias - mean * gain),)
+
+
+def scaled(x: np.ndarray, gain: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """x * gain + shift per channel (axis 1), a few channels at a time so that the second pass
+    stays in cache."""
+    planes = x.reshape(x.shape[0], x.shape[1], -1)
+    out = np.empty(planes.shape, np.result_type(x, gain, shift))
+    block = max(1, CACHE_ELEMENTS // max(1, planes.shape[2]))
+    for n in range(x.shape[0]):
+        for first in range(0, x.shape[1], block):
+            piece = out[n, first:first + block]
+            np.multiply(planes[n, first:first + block], gain[first:first + block, None], out=piece)
+            piece += shift[first:first + block, None]
+    return out.reshape(x.shape)
+
+
+class Relu(OpRun):
+    """max(x, 0) without the reference's copy after it."""
+    op_domain = ""
+
+    def _run(self, x):
+        return (np.maximum(x, 0),)
 
 
 class AveragePool(OpRun):
@@ -396,4 +437,4 @@ class ScatterND(OpRun):
         return (out,)
 
 
-FAST_OPS = [Conv, Erf, AveragePool, MaxPool, ScatterND, BatchNormalization, GatherElements, GridSample]
+FAST_OPS = [Conv, Erf, AveragePool, MaxPool, ScatterND, BatchNormalization, Relu, GatherElements, GridSample]

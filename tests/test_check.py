@@ -50,6 +50,8 @@ def with_array(model: onnx.ModelProto, name: str, change) -> onnx.ModelProto:
     dict(c=3, m=16, kernel=(3, 3), pads=(1, 1, 1, 1)),  # a stem: all taps in one product
     dict(c=5, m=5, group=5, kernel=(3, 3), dilations=(1, 2), pads=(1, 2, 0, 1)),  # depthwise, in place
     dict(c=4, m=4, group=4, kernel=(3,), pads=(1, 1)),
+    dict(c=4, m=4, group=4, kernel=(3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),  # depthwise, strided
+    dict(c=3, m=3, group=3, kernel=(3,), strides=(3,), dilations=(2,), pads=(0, 2)),
     dict(c=3, m=3, group=3, kernel=(2, 3, 3), pads=(0, 1, 1, 1, 1, 1)),
     dict(c=2, m=8, kernel=(3, 3), dilations=(2, 1), pads=(2, 1, 2, 1)),
     dict(c=1, m=4, kernel=(5,), pads=(2, 2)),
@@ -110,16 +112,41 @@ def test_the_float64_data_ops_are_the_reference_evaluators(op, attrs, inputs):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 7, 7), (3, 4), (1, 3, 5)])
+def test_the_float64_batchnorm_and_relu_are_the_reference_evaluators(shape):
+    rng = np.random.default_rng(2)
+    c = shape[1]
+    params = [rng.standard_normal(c), rng.standard_normal(c), rng.standard_normal(c), rng.random(c) + 0.1]
+    x = rng.standard_normal(shape)
+    x.flat[3] = np.nan
+    graph = helper.make_graph(
+        [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-3),
+         helper.make_node("Relu", ["y"], ["z"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.DOUBLE, shape)],
+        [helper.make_tensor_value_info(name, TensorProto.DOUBLE, shape) for name in ("y", "z")],
+        [numpy_helper.from_array(p, name) for p, name in zip(params, "sbmv")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    theirs = ReferenceEvaluator(model).run(None, {"x": x})
+    ours = ReferenceEvaluator(model, new_ops=[truth_ops.BatchNormalization, truth_ops.Relu]).run(None, {"x": x})
+    for a, b in zip(ours, theirs):
+        assert a.dtype == np.float64
+        np.testing.assert_allclose(a, b, rtol=1e-15, atol=1e-15)
+
+
 def test_the_float64_kernels_worked_in_pieces_are_the_same(monkeypatch):
-    """Depthwise convs and Erf work a few planes or values at a time (to stay in cache): pieces
-    with a short last one give what one piece gives."""
+    """Depthwise convs, Erf and BN's scaling work a few planes or values at a time (to stay in
+    cache): pieces with a short last one give what one piece gives."""
     rng = np.random.default_rng(1)
     x, w = rng.standard_normal((2, 5, 9, 9)), rng.standard_normal((5, 1, 3, 3))
     values = rng.standard_normal(2500) * 3
-    whole = truth_ops.conv(x, w, pads=[1, 1, 1, 1], group=5), truth_ops.erf(values)
+    strided = dict(pads=[1, 1, 1, 1], group=5, strides=[2, 2])
+    whole = (truth_ops.conv(x, w, pads=[1, 1, 1, 1], group=5), truth_ops.conv(x, w, **strided),
+             truth_ops.erf(values), truth_ops.scaled(x, w[:, 0, 0, 0], w[:, 0, 1, 1]))
     monkeypatch.setattr(truth_ops, "CACHE_ELEMENTS", 300)  # 3 planes of 97 (of 10) a piece; 1200 values
     np.testing.assert_array_equal(truth_ops.conv(x, w, pads=[1, 1, 1, 1], group=5), whole[0])
-    np.testing.assert_array_equal(truth_ops.erf(values), whole[1])
+    np.testing.assert_array_equal(truth_ops.conv(x, w, **strided), whole[1])
+    np.testing.assert_array_equal(truth_ops.erf(values), whole[2])
+    np.testing.assert_array_equal(truth_ops.scaled(x, w[:, 0, 0, 0], w[:, 0, 1, 1]), whole[3])
 
 
 def test_the_float64_erf_is_exact_to_double_precision():
@@ -363,14 +390,58 @@ def test_without_a_float64_evaluation_the_check_says_why_and_uses_the_type_bound
     assert "rtol 0.0001, atol 1e-06 for float arithmetic" in report.verification.bound
 
 
-def test_a_float64_evaluation_over_its_time_budget_is_given_up_and_says_so(monkeypatch):
+def noisy_after_the_first_set() -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(an input model that is x itself on the first input set and x rounded to 2^-7 on the others
+    (where that rounds: the constant set of ones does not),
+    by (x + c) - c in float32 with c = 0 where x's first value is the first set's and 1e5 where
+    not; the exact model, x). Its float64 evaluation is x everywhere."""
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    first = float(Checker(b.model([b.node("Identity", [x])])).feed_sets[0]["x"].flat[0])
+    b = GraphBuilder()
+    x = b.input("x", [1, 4, 6, 6])
+    head = b.node("Slice", [x, b.const(np.zeros(4, np.int64)), b.const(np.ones(4, np.int64))])
+    c = b.node("Where", [b.node("Equal", [head, b.const(np.full(1, first, np.float32))]),
+                         b.const(np.zeros(1, np.float32)), b.const(np.full(1, 1e5, np.float32))])
+    model = b.model([b.node("Sub", [b.node("Add", [x, c]), c])])
+    exact = onnx.ModelProto()
+    exact.CopyFrom(model)
+    del exact.graph.node[:], exact.graph.initializer[:]
+    exact.graph.node.append(helper.make_node("Identity", ["x"], [model.graph.output[0].name]))
+    return model, exact
+
+
+def test_an_exact_rewrite_costs_one_float64_run():
+    model = deep_classifier()
+    optimized, _ = onnx_reparam.optimize(model, verify=False)
+    checker = Checker(model)
+    result = checker.check(optimized)
+    assert result.passed and checker.runs == {"input model": 3, "float64": 1, "candidate": 3}
+    assert "on input set 1 of 3" in result.truth and "too" not in result.truth
+    assert "without one, held to the input model within that bound" in result.bound
+
+
+def test_a_set_beyond_the_bound_from_the_input_model_is_judged_by_its_own_float64_evaluation():
+    model, exact = noisy_after_the_first_set()
+    checker = Checker(model)
+    error = np.abs(checker.expected[1][0] - checker.feed_sets[1]["x"]).max()
+    assert error > 1e-3 and np.array_equal(checker.expected[0][0], checker.feed_sets[0]["x"])
+    result = checker.check(exact)  # far from the input model on set 2, and exact
+    assert result.passed and checker.runs["float64"] == 2, result.summary()
+    assert "on input set 2 too" in result.truth and "set 3" not in result.truth  # ones: 1 + 1e5 is exact
+    assert result.outputs[0].ours == 0 and result.outputs[0].theirs > 1e-4
+
+
+def test_a_set_refused_its_float64_evaluation_by_the_budget_is_held_to_rtol_atol_and_says_so(monkeypatch):
     verification = importlib.import_module("onnx_reparam.verify")
     monkeypatch.setattr(verification, "TRUTH_SECONDS", 0.0)
     monkeypatch.setattr(verification, "TRUTH_FACTOR", 0.0)
-    model = deep_classifier(classes=10)
-    _optimized, report = onnx_reparam.optimize(model)
-    assert report.verification.passed and "over its budget" in report.verification.truth
-    assert "against the input model" in report.verification.bound
+    model, exact = noisy_after_the_first_set()
+    checker = Checker(model)
+    result = checker.check(exact)
+    assert checker.runs["float64"] == 1 and "over its budget" in result.truth
+    assert "input set 2 held to rtol 0.0001, atol 1e-06 against the input model" in result.truth
+    assert not result.passed and "beyond their channel's bound" in result.outputs[0].note  # the noise is 2^-8
 
 
 def test_a_custom_op_leaves_no_float64_evaluation_and_says_so():

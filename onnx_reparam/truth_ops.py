@@ -247,16 +247,16 @@ class BatchNormalization(OpRun):
 
 
 def scaled(x: np.ndarray, gain: np.ndarray, shift: np.ndarray) -> np.ndarray:
-    """x * gain + shift per channel (axis 1), a few channels at a time so that the second pass
+    """x * gain + shift per channel (axis 1), a few planes at a time so that the second pass
     stays in cache."""
-    planes = x.reshape(x.shape[0], x.shape[1], -1)
+    planes = x.reshape(x.shape[0] * x.shape[1], -1)
+    gains, shifts = np.tile(gain, x.shape[0])[:, None], np.tile(shift, x.shape[0])[:, None]
     out = np.empty(planes.shape, np.result_type(x, gain, shift))
-    block = max(1, CACHE_ELEMENTS // max(1, planes.shape[2]))
-    for n in range(x.shape[0]):
-        for first in range(0, x.shape[1], block):
-            piece = out[n, first:first + block]
-            np.multiply(planes[n, first:first + block], gain[first:first + block, None], out=piece)
-            piece += shift[first:first + block, None]
+    block = max(1, CACHE_ELEMENTS // max(1, planes.shape[1]))
+    for first in range(0, planes.shape[0], block):
+        piece = out[first:first + block]
+        np.multiply(planes[first:first + block], gains[first:first + block], out=piece)
+        piece += shifts[first:first + block]
     return out.reshape(x.shape)
 
 

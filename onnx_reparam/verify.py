@@ -299,7 +299,7 @@ class Checker:
             pending = [i for i, values in enumerate(self.truth) if values is None and i not in self.untrue]
             beyond = sorted({i for judge in judges for i in judge.unsettled})
             if judged_by_truth and pending:
-                self._settle(pending, "its bound taken over every set, a candidate failing on one")
+                self._settle(pending, "a candidate failed by float64: the bound is the input model's distance over every set")
                 return self.check(candidate, sets, name)
             if beyond and not failing:
                 self._settle(beyond, "a candidate beyond the bound from the input model there")

@@ -432,6 +432,22 @@ def test_a_set_beyond_the_bound_from_the_input_model_is_judged_by_its_own_float6
     assert result.outputs[0].ours == 0 and result.outputs[0].theirs > 1e-4
 
 
+def test_a_candidate_failing_on_the_first_set_is_judged_over_every_sets_float64_evaluation():
+    """The input model's distance is the largest over all the sets: a candidate that rounds x
+    everywhere fails beside the first set's exact input model, and passes beside the others'."""
+    model, _ = noisy_after_the_first_set()
+    rounding = onnx.ModelProto()
+    rounding.CopyFrom(model)
+    where = next(n for n in rounding.graph.node if n.op_type == "Where")
+    rounding.graph.node.remove(where)
+    rounding.graph.initializer.append(numpy_helper.from_array(np.full(1, 1e5, np.float32), where.output[0]))
+    checker = Checker(model)
+    result = checker.check(rounding)
+    assert result.passed and checker.runs["float64"] == 3, result.summary()
+    assert "a candidate failed by float64: the bound is the input model's distance over every set" in result.truth
+    assert result.outputs[0].ours > 1e-4 and result.outputs[0].theirs > 1e-4
+
+
 def test_a_set_refused_its_float64_evaluation_by_the_budget_is_held_to_rtol_atol_and_says_so(monkeypatch):
     verification = importlib.import_module("onnx_reparam.verify")
     monkeypatch.setattr(verification, "TRUTH_SECONDS", 0.0)

@@ -333,10 +333,11 @@ class _Judge:
         held = base is not None and i not in checker.untrue
         compare.against_reference(check, expected, actual, None if held or check.role == "decided" else checker.bound)
         values = checker.truth[i] if checker.truth is not None else None
+        truth = values[self.index] if values is not None else None  # held: not None on a set evaluated
         if held and np.shape(actual) == np.shape(expected) and check.note is None:
             assert base is not None
-            if values is not None:
-                distance = compare.against_truth(base, i, values[self.index], actual)
+            if truth is not None:
+                distance = compare.against_truth(base, i, truth, actual)
                 self.ours = distance if self.ours is None else np.maximum(self.ours, distance)
                 fine = fine and not np.any(distance > base.bounds())
             elif np.any(compare.against_truth(base, i, expected, actual) > base.bounds()):

@@ -251,6 +251,9 @@ def _rewrite(original: onnx.ModelProto, passes: tuple[Pass, ...], policy=None, p
     if graph.shape_conflicts and notes is not None:
         notes.append("declared shapes that shape inference contradicts, not trusted (the rewrite uses the "
                      f"inferred ones): {'; '.join(graph.shape_conflicts)}")
+    if graph.unnamed_sizes and notes is not None:
+        notes.append(f"sizes ONNX's shape inference lost are left unknown ({graph.unnamed_sizes}); a rule that "
+                     "needs one refuses, saying so")
     reports, applied = run_passes(graph, passes, policy, progress)
     return (graph.to_model(original) if applied else original), reports, applied
 

@@ -271,10 +271,11 @@ def inferred_value_info(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [v for v in inferred.graph.value_info if v.name not in known]
 
 
-def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+def inferred_shapes(model: onnx.ModelProto) -> tuple[dict[str, onnx.ValueInfoProto], str | None]:
     """The types and shapes ONNX infers for the model's tensors (graph outputs included) from
     its inputs and weights alone: the declared value_info and output shapes are left out, since
-    onnxruntime runs a model whose declarations are wrong. Empty where inference fails."""
+    onnxruntime runs a model whose declarations are wrong. Empty where inference fails. With
+    them, why the sizes ONNX's inference lost were not named (see _name_input_sizes), or None."""
     light = _light(model)
     del light.graph.value_info[:]
     for value in light.graph.output:
@@ -283,26 +284,28 @@ def inferred_shapes(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False)
     except Exception:  # noqa: BLE001 - any failure just means fewer known shapes
-        return {}
+        return {}, None
     inputs = {v.name for v in model.graph.input}
     found = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
              if v.name not in inputs and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape")}
-    _name_input_sizes(light, found)
-    return found
+    return found, _name_input_sizes(light, found)
 
 
-def _name_input_sizes(light: onnx.ModelProto, found: dict[str, onnx.ValueInfoProto]) -> None:
+def _name_input_sizes(light: onnx.ModelProto, found: dict[str, onnx.ValueInfoProto]) -> str | None:
     """Gives the sizes ONNX's inference lost (a Reshape to -1 on a symbolic batch, a Slice of
     computed bounds) the names onnxruntime's symbolic inference proves they have: an input's
     dim name ('batch') or a number. It stops at the first size it cannot prove (it is asked
-    not to assume two sizes equal): then nothing is named."""
+    not to assume two sizes equal): then nothing is named, and the reason is returned."""
     names = {d.dim_param for v in light.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
     if not names or not any(_unnamed(d, names) for v in found.values() for d in v.type.tensor_type.shape.dim):
-        return
+        return None
+    stops = _Stops()
     try:
         from onnxruntime.tools import symbolic_shape_infer as ssi
-        level = ssi.logger.level
-        ssi.logger.setLevel(logging.CRITICAL)  # it logs where it stops: the shapes stay ONNX's then
+        level, propagate = ssi.logger.level, ssi.logger.propagate
+        ssi.logger.setLevel(logging.DEBUG)  # where it stops is a debug message: ours, not the user's log
+        ssi.logger.propagate = False
+        ssi.logger.addHandler(stops)
         try:
             # SymbolicShapeInference.infer_shapes, less its way of stopping: it saves the model
             # into the working directory (sym_shape_infer_temp.onnx and its weights) before raising
@@ -312,11 +315,13 @@ def _name_input_sizes(light: onnx.ModelProto, found: dict[str, onnx.ValueInfoPro
             while inference.run_:
                 complete = inference._infer_impl()
         finally:
+            ssi.logger.removeHandler(stops)
             ssi.logger.setLevel(level)
-    except Exception:  # noqa: BLE001 - it stops at a size it cannot prove: ONNX's sizes stand
-        return
+            ssi.logger.propagate = propagate
+    except Exception as exc:  # noqa: BLE001 - it stops at a size it cannot prove: ONNX's sizes stand
+        return f"onnxruntime's symbolic shape inference failed: {first_line(exc)}"
     if not complete:
-        return
+        return f"onnxruntime's symbolic shape inference stopped at {stops.where or 'a size it could not prove'}"
     inference._update_output_from_vi()
     proved = inference.out_mp_
     for value in list(proved.graph.value_info) + list(proved.graph.output):
@@ -328,6 +333,20 @@ def _name_input_sizes(light: onnx.ModelProto, found: dict[str, onnx.ValueInfoPro
         for dim, proof in zip(ours, theirs):
             if _unnamed(dim, names) and (proof.HasField("dim_value") or proof.dim_param in names):
                 dim.CopyFrom(proof)
+    return None
+
+
+class _Stops(logging.Handler):
+    """Where onnxruntime's symbolic shape inference stopped: the op and node its debug message names."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.where: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Stopping at") and self.where is None:
+            self.where = message.removeprefix("Stopping at incomplete shape inference at ")
 
 
 def _unnamed(dim: onnx.TensorShapeProto.Dimension, names: Set[str]) -> bool:

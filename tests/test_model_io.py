@@ -247,5 +247,13 @@ def test_shape_inference_that_stops_writes_nothing_and_names_nothing(tmp_path, m
     b = GraphBuilder()
     both = b.node("Concat", [b.input("x", ["N", 4, 6, 6]), b.input("y", ["M", 4, 6, 6])], axis=1)
     flat = b.node("Reshape", [both, b.const(np.array([-1, 288], np.int64))])
-    graph = Graph(b.model([b.node("Relu", [flat])]))
+    model = b.model([b.node("Relu", [flat])])
+    graph = Graph(model)
     assert graph.outputs[0].shape[0] not in ("N", "M") and list(tmp_path.iterdir()) == []
+    concat = model.graph.node[0].name
+    assert graph.unnamed_sizes == f"onnxruntime's symbolic shape inference stopped at Concat: {concat}"
+    _optimized, report = onnx_reparam.optimize(model, verify=False)  # and the report says so
+    assert any(note.startswith("sizes ONNX's shape inference lost are left unknown (onnxruntime's symbolic")
+               for note in report.notes), report.notes
+    plain = GraphBuilder()
+    assert Graph(plain.model([plain.node("Relu", [plain.input("z", ["N", 4])])])).unnamed_sizes is None  # none lost

@@ -54,7 +54,7 @@ class Graph:
     """A model being rewritten. ``gs`` is the onnx-graphsurgeon graph; the rest is bookkeeping."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.gs, self.shape_conflicts = import_model(model)
+        self.gs, self.shape_conflicts, self.unnamed_sizes = import_model(model)
         for tensor in self.gs.tensors().values():
             values = getattr(tensor, "_values", None)
             if isinstance(values, gs_tensor.LazyValues) and type(values) is gs_tensor.LazyValues \

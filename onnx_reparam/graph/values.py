@@ -20,12 +20,13 @@ from ..model_io import inferred_shapes, read_array, shape_disagreement
 
 DEFAULT_DOMAINS = ("", "ai.onnx", None)
 
-def import_model(model: onnx.ModelProto) -> tuple[gs.Graph, list[str]]:
-    """The onnx-graphsurgeon graph of ``model`` and the declared shapes inference contradicts.
+def import_model(model: onnx.ModelProto) -> tuple[gs.Graph, list[str], str | None]:
+    """The onnx-graphsurgeon graph of ``model``, the declared shapes inference contradicts, and
+    why sizes ONNX's inference lost are left unnamed (or None).
     Shapes come from inference, declared ones only where it has none: a rule must not trust a
     declaration onnxruntime does not check. They go into the import, then out of the caller's
     model again."""
-    inferred = inferred_shapes(model)
+    inferred, unnamed = inferred_shapes(model)
     declared = list(model.graph.value_info)
     conflicts = [d for d in (shape_disagreement(v, inferred[v.name]) for v in
                              declared + list(model.graph.output) if v.name in inferred) if d]
@@ -44,7 +45,7 @@ def import_model(model: onnx.ModelProto) -> tuple[gs.Graph, list[str]]:
             tensor.shape = dims(trusted.shape)
             if trusted.elem_type:
                 tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(trusted.elem_type)
-    return graph, conflicts
+    return graph, conflicts, unnamed
 
 
 def dims(shape: onnx.TensorShapeProto) -> list:

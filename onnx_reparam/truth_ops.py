@@ -130,7 +130,7 @@ def _depthwise_strided(xp: np.ndarray, w: np.ndarray, dilations, strides, out_si
     15 -> 7 ms)."""
     n, channels = xp.shape[:2]
     out = np.empty((n, channels) + tuple(out_sizes), np.result_type(xp, w))
-    block = max(1, CACHE_ELEMENTS // int(np.prod(out_sizes, dtype=np.int64)))
+    block = max(1, CACHE_ELEMENTS // max(1, int(np.prod(out_sizes, dtype=np.int64))))
     scratch = np.empty((min(block, channels),) + tuple(out_sizes), out.dtype)
     taps = list(_taps(w.shape[2:], dilations, strides, out_sizes))
     spatial = (1,) * len(out_sizes)
@@ -157,8 +157,8 @@ def _depthwise_unstrided(xp: np.ndarray, w: np.ndarray, dilations, out_sizes) ->
     n, channels = xp.shape[:2]
     steps = [int(np.prod(xp.shape[2 + i + 1:], dtype=np.int64)) for i in range(xp.ndim - 2)]
     rows = sum((o - 1) * step for o, step in zip(out_sizes, steps)) + 1
-    planes = np.ascontiguousarray(xp).reshape(n * channels, -1)
-    taps = np.broadcast_to(w.reshape(1, channels, -1), (n, channels, w[0, 0].size)).reshape(n * channels, -1)
+    planes = np.ascontiguousarray(xp).reshape(n * channels, int(np.prod(xp.shape[2:], dtype=np.int64)))
+    taps = np.broadcast_to(w.reshape(1, channels, -1), (n, channels, w[0, 0].size)).reshape(n * channels, w[0, 0].size)
     offsets = [sum(t * d * step for t, d, step in zip(tap, dilations, steps)) for tap in np.ndindex(*w.shape[2:])]
     full = np.empty((n * channels, rows), np.result_type(xp, w))
     block = max(1, CACHE_ELEMENTS // rows)
@@ -249,7 +249,7 @@ class BatchNormalization(OpRun):
 def scaled(x: np.ndarray, gain: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """x * gain + shift per channel (axis 1), a few planes at a time so that the second pass
     stays in cache."""
-    planes = x.reshape(x.shape[0] * x.shape[1], -1)
+    planes = x.reshape(x.shape[0] * x.shape[1], int(np.prod(x.shape[2:], dtype=np.int64)))
     gains, shifts = np.tile(gain, x.shape[0])[:, None], np.tile(shift, x.shape[0])[:, None]
     out = np.empty(planes.shape, np.result_type(x, gain, shift))
     block = max(1, CACHE_ELEMENTS // max(1, planes.shape[1]))

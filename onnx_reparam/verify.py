@@ -195,13 +195,13 @@ class Checker:
         time stays within its budget; a set refused one is held to rtol/atol against the input
         model, and the truth note says why."""
         budget = max(TRUTH_SECONDS, TRUTH_FACTOR * self.reference_seconds)
+        assert self.truth is not None and self.evaluated is not None  # called only after a first evaluation
         for i in sets:
             start = time.perf_counter()
             if self.truth_seconds > budget:
                 self.untrue[i] = f"the float64 evaluation took {self.truth_seconds:.1f}s, over its budget of {budget:.1f}s"
             else:
                 try:
-                    assert self.truth is not None and self.evaluated is not None
                     self.truth[i] = truth.Evaluation(self.evaluated, self.output_names + self.extra).run(self.feed_sets[i])
                 except truth.NoTruth as exc:
                     self.untrue[i] = str(exc)

@@ -149,6 +149,14 @@ def test_the_float64_kernels_worked_in_pieces_are_the_same(monkeypatch):
     np.testing.assert_array_equal(truth_ops.scaled(x, w[:, 0, 0, 0], w[:, 0, 1, 1]), whole[3])
 
 
+def test_the_float64_kernels_take_an_empty_batch():
+    x, w = np.zeros((0, 4, 5, 5)), np.ones((4, 1, 3, 3))
+    assert truth_ops.scaled(x, np.ones(4), np.ones(4)).shape == (0, 4, 5, 5)
+    assert truth_ops.conv(x, w, group=4, pads=[1] * 4).shape == (0, 4, 5, 5)
+    assert truth_ops.conv(x, w, group=4, pads=[1] * 4, strides=[2, 2]).shape == (0, 4, 3, 3)
+    assert truth_ops.erf(np.zeros((0, 3))).shape == (0, 3)
+
+
 def test_the_float64_erf_is_exact_to_double_precision():
     x = np.concatenate([np.linspace(-8, 8, 40001), np.geomspace(1e-300, 0.1, 500), -np.geomspace(1e-30, 0.1, 50)])
     expected = np.array([math.erf(v) for v in x])

@@ -206,8 +206,7 @@ def _subgraph(graph: Graph, tensor: Tensor) -> tuple[list[Node], Tensor, list[Te
                 shaped_by += shapes
     if len(sources) != 1:
         raise Refused(f"padding/cropping ops read {len(sources)} computed tensors")
-    order = {id(n): i for i, n in enumerate(graph.nodes())}
-    return sorted(found.values(), key=lambda n: order[id(n)]), next(iter(sources.values())), shaped_by
+    return graph.in_order(found.values()), next(iter(sources.values())), shaped_by
 
 
 # The inputs of a routing op that carry data (None: all); the others are indices, pads or shapes.

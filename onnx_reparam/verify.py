@@ -103,10 +103,10 @@ class Checker:
         self.truth: list[list[np.ndarray | None] | None] | None = None
         self.truth_seconds = 0.0
         self.untrue: dict[int, str] = {}  # input sets refused a float64 evaluation of their own, and why
-        self.evaluated: onnx.ModelProto | None = None  # the input model, for the sets evaluated when needed
+        self.evaluated: onnx.ModelProto | None = None  # the input model once evaluated: for later runs
+        self.rounding_tried = False  # the rounded-weights run is made once, when first needed
         self.rounded: list[np.ndarray | None] | None = None
         self.truth_note = ""
-        self.reference: onnx.ModelProto | None = None
         self.unheld: list[str] = []  # float outputs without a float64 value although there is an evaluation
         self.baselines: list[compare.Baseline | None] = []  # by evaluate(), one per output
         self._pending: onnx.ModelProto | None = None if given else reference  # evaluated by evaluate()
@@ -164,7 +164,6 @@ class Checker:
         which = f" on input set 1 of {len(self.feed_sets)}" if len(self.feed_sets) > 1 else ""
         self.truth_note = (f"float64 evaluation of the input model (onnx reference evaluator){which}: "
                            f"{self.truth_seconds:.2f}s")
-        self.reference = reference  # for the rounded-weights run, made when first needed
         self.evaluated = reference
         if compare.ROUNDOFF.get(self.precision, compare.LOOSEST_ROUNDOFF) >= compare.ROUNDOFF[onnx.TensorProto.FLOAT16]:
             self._evaluate_rounded()  # float16: every fused weight's rounding shows
@@ -173,14 +172,14 @@ class Checker:
         """The float64 evaluation on the first input set with every weight moved as by one
         rounding to the graph's float type (compare.py says why); False when it was made before
         or cannot be made."""
-        if self.reference is None:
+        if self.evaluated is None or self.rounding_tried:
             return False
-        reference, self.reference = self.reference, None
+        self.rounding_tried = True
         start = time.perf_counter()
         roundoff = compare.ROUNDOFF.get(self.precision, compare.LOOSEST_ROUNDOFF)
         precision = onnx.TensorProto.DataType.Name(self.precision).lower()
         try:
-            self.rounded = truth.evaluate(reference, self.feed_sets[:1], self.output_names + self.extra,
+            self.rounded = truth.evaluate(self.evaluated, self.feed_sets[:1], self.output_names + self.extra,
                                           jitter=roundoff)[0]
         except truth.NoTruth as exc:
             self.truth_note += f"; no run with its weights rounded as to {precision}: {exc}"
@@ -196,13 +195,15 @@ class Checker:
         model, and the truth note says why."""
         budget = max(TRUTH_SECONDS, TRUTH_FACTOR * self.reference_seconds)
         assert self.truth is not None and self.evaluated is not None  # called only after a first evaluation
+        evaluation: truth.Evaluation | None = None  # made once for the sets evaluated here
         for i in sets:
             start = time.perf_counter()
             if self.truth_seconds > budget:
                 self.untrue[i] = f"the float64 evaluation took {self.truth_seconds:.1f}s, over its budget of {budget:.1f}s"
             else:
                 try:
-                    self.truth[i] = truth.Evaluation(self.evaluated, self.output_names + self.extra).run(self.feed_sets[i])
+                    evaluation = evaluation or truth.Evaluation(self.evaluated, self.output_names + self.extra)
+                    self.truth[i] = evaluation.run(self.feed_sets[i])
                 except truth.NoTruth as exc:
                     self.untrue[i] = str(exc)
             self.truth_seconds += time.perf_counter() - start

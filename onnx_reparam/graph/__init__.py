@@ -113,6 +113,11 @@ class Graph:
         """A snapshot of the nodes, safe to iterate while rewriting."""
         return list(self.gs.nodes)
 
+    def in_order(self, nodes) -> list[Node]:
+        """``nodes`` (of this graph) sorted as the graph holds them."""
+        order = {id(n): i for i, n in enumerate(self.gs.nodes)}
+        return sorted(nodes, key=lambda n: order[id(n)])
+
     @property
     def inputs(self) -> list[Tensor]:
         return list(self.gs.inputs)

@@ -103,8 +103,7 @@ def _fold_into_layers(graph: Graph, node: Node, movers: list[Node], layers: list
         raise Refused("its output's shape is not static" if shape is None else "its output is not (N, C, ...)")
     channels = {node.outputs[0].name: np.broadcast_to(
         np.arange(shape[1], dtype=np.float64).reshape((1, -1) + (1,) * (len(shape) - 2)), shape)}
-    order = {id(n): i for i, n in enumerate(graph.nodes())}
-    for mover in sorted(movers, key=lambda n: order[id(n)]):
+    for mover in graph.in_order(movers):
         numbers = channels[mover.inputs[0].name]
         if mover.op in POOLS:
             pads = attr(mover, "pads", [])
@@ -271,8 +270,7 @@ def _left_operand(graph: Graph, tensor: Tensor) -> tuple[list[Node], list[Tensor
         else:
             stack.extend(t for t in node.inputs if t.name)
     computed = {t.name for n in found.values() for t in n.outputs}
-    order = {id(n): i for i, n in enumerate(graph.nodes())}
-    return sorted(found.values(), key=lambda n: order[id(n)]), [t for t in shaped.values() if t.name not in computed]
+    return graph.in_order(found.values()), [t for t in shaped.values() if t.name not in computed]
 
 
 def _per_sample(graph: Graph, tensor: Tensor, nodes: list[Node], shaped: list[Tensor], batch: int | str) -> np.ndarray:
